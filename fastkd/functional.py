@@ -1,0 +1,194 @@
+"""Public loss functions and backend dispatch.
+
+Every loss takes ``backend="auto" | "triton" | "torch" | "reference"``:
+- ``triton``: one fused kernel per loss, loss and gradient in the forward launch (CUDA tensors, or
+  CPU tensors under ``TRITON_INTERPRET=1``);
+- ``torch``: vectorised PyTorch, autograd for the gradient;
+- ``reference``: the authors' formulation, slow on purpose (the oracle).
+``auto`` is triton for CUDA tensors when triton imports, else torch; the environment variable
+``FASTKD_BACKEND`` replaces ``auto`` with a fixed choice.
+
+Losses are computed in fp32 (fp64 for fp64 logits) whatever the logits' dtype; the gradient comes
+back in the logits' dtype. The teacher never gets a gradient.
+"""
+
+import functools
+import os
+
+from . import reference, validation
+from .vectorized import dkd as vectorized_dkd
+from .vectorized import ldrld as vectorized_ldrld
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend, logits):
+    """The concrete backend a call runs on."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("FASTKD_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if logits.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package, which does not import")
+        if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                f"interpreter), got logits on {logits.device}"
+            )
+    return backend
+
+
+def _reduce(rows, reduction):
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+def _finish(loss_rows, parts, reduction, return_parts):
+    """Reduce the per-row loss (and, for logging, the detached per-row parts)."""
+    loss = _reduce(loss_rows, reduction)
+    if not return_parts:
+        return loss
+    return loss, {name: _reduce(part.detach(), reduction) for name, part in parts.items()}
+
+
+def _named_parts(part_columns, names):
+    return dict(zip(names, part_columns.unbind(dim=1)))
+
+
+def ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay):
+    """``(top_set_weight, num_groups)`` of the local term, as the authors' code counts them:
+    d(d-1)/2 pairs plus the top set; for d = 2 the top set is that pair again, weighted ADW(1, 2)."""
+    if top_d == 2:
+        top_set_weight = reference.adaptive_decay_weight(1, 2, irw_eps, erd_scale, erd_decay)
+    else:
+        top_set_weight = 1.0
+    return top_set_weight, top_d * (top_d - 1) // 2 + 1
+
+
+def ldrld_loss(
+    student_logits,
+    teacher_logits,
+    target,
+    *,
+    temperature=4.0,
+    top_d=7,
+    alpha=10.5,
+    beta=7.0,
+    ce_weight=1.0,
+    irw_eps=1.5,
+    erd_scale=2.0,
+    erd_decay=0.05,
+    reduction="mean",
+    backend="auto",
+    return_parts=False,
+):
+    """Local Dense Relational Logit Distillation (Xu et al., ICCV 2025).
+
+    With G = {pi(1..d)} the student's top-d classes (ties to the lower class index in the triton
+    backend, torch.topk's order elsewhere) and R the other classes, per sample:
+
+        L = ce_weight * CE(zs, y) + alpha * L_local + beta * L_rntk
+        L_local = (sum_{i<j<=d} ADW(i, j) KL_{pi(i), pi(j)} + KL_G) / (d(d-1)/2 + 1)
+        L_rntk = KL_R
+        ADW(r, r') = erd_scale * exp(-erd_decay (r + r')) / (|r - r'| + irw_eps)
+
+    where KL_S = T^2 KL(softmax(zt_S / T) || softmax(zs_S / T)) over the classes in S.
+    ``return_parts=True`` also returns ``{"ce", "local", "rntk"}`` (unweighted, reduced like the
+    loss, detached), so ``loss == ce_weight*ce + alpha*local + beta*rntk``.
+    """
+    validation.check_logits(student_logits, teacher_logits)
+    validation.check_target(target, student_logits)
+    validation.check_top_d(top_d, student_logits.shape[1])
+    validation.check_positive("temperature", temperature)
+    validation.check_reduction(reduction)
+    backend = resolve_backend(backend, student_logits)
+    hyperparameters = (temperature, top_d, alpha, beta, ce_weight, irw_eps, erd_scale, erd_decay)
+    if backend == "reference":
+        rows, parts = reference.ldrld_loss_reference(
+            student_logits, teacher_logits, target, *hyperparameters)
+    else:
+        group_weights = ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay)
+        if backend == "torch":
+            rows, parts = vectorized_ldrld.ldrld_rows(
+                student_logits, teacher_logits, target, *hyperparameters, *group_weights)
+        else:
+            from .kernels.ldrld import ldrld_rows
+
+            rows, part_columns = ldrld_rows(
+                student_logits, teacher_logits, target, *hyperparameters, *group_weights)
+            parts = _named_parts(part_columns, ("ce", "local", "rntk"))
+    return _finish(rows, parts, reduction, return_parts)
+
+
+def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="mean", backend="auto"):
+    """Hinton KD: per sample ``T^2 * KL(softmax(zt/T) || softmax(zs/T))``.
+
+    The plain formulation is already vectorised, so the torch backend is the reference.
+    """
+    validation.check_logits(student_logits, teacher_logits)
+    validation.check_positive("temperature", temperature)
+    validation.check_reduction(reduction)
+    backend = resolve_backend(backend, student_logits)
+    if backend == "triton":
+        from .kernels.kd import kd_rows
+
+        rows = kd_rows(student_logits, teacher_logits, temperature)
+    else:
+        rows = reference.kd_loss_reference(student_logits, teacher_logits, temperature)
+    return _reduce(rows, reduction)
+
+
+def dkd_loss(
+    student_logits,
+    teacher_logits,
+    target,
+    *,
+    alpha=1.0,
+    beta=8.0,
+    temperature=4.0,
+    reduction="mean",
+    backend="auto",
+    return_parts=False,
+):
+    """Decoupled KD (Zhao et al., CVPR 2022): per sample ``alpha * TCKD + beta * NCKD``.
+
+    TCKD = T^2 KL(b_t || b_s) on the binary split b = (p_y, 1 - p_y) of softmax(z/T);
+    NCKD = T^2 KL(q_t || q_s) on the softmax of the non-target logits. No cross-entropy term (the
+    DKD distiller adds it), as in the authors' code. ``return_parts=True`` also returns
+    ``{"tckd", "nckd"}`` (unweighted, reduced like the loss, detached).
+    """
+    validation.check_logits(student_logits, teacher_logits)
+    validation.check_target(target, student_logits)
+    validation.check_positive("temperature", temperature)
+    validation.check_reduction(reduction)
+    backend = resolve_backend(backend, student_logits)
+    hyperparameters = (alpha, beta, temperature)
+    if backend == "reference":
+        rows, parts = reference.dkd_loss_reference(
+            student_logits, teacher_logits, target, *hyperparameters)
+    elif backend == "torch":
+        rows, parts = vectorized_dkd.dkd_rows(
+            student_logits, teacher_logits, target, *hyperparameters)
+    else:
+        from .kernels.kd import dkd_rows
+
+        rows, part_columns = dkd_rows(student_logits, teacher_logits, target, *hyperparameters)
+        parts = _named_parts(part_columns, ("tckd", "nckd"))
+    return _finish(rows, parts, reduction, return_parts)

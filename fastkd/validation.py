@@ -1,0 +1,82 @@
+"""Argument checks shared by the public losses. Each error names the argument and what was expected.
+
+Checks that would force a device sync (label range on CUDA tensors) run only when the environment
+variable ``FASTKD_VALIDATE=1`` is set; on CPU tensors they always run. Without them an out-of-range
+label on CUDA gives a NaN loss from the fused kernels rather than an error.
+"""
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_logits(student_logits, teacher_logits):
+    """Both ``[B, C]`` floating tensors of one shape, dtype and device, with B >= 1 and C >= 2."""
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+        if logits.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}"
+            )
+        if logits.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, classes], got shape {tuple(logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    if teacher_logits.dtype != student_logits.dtype:
+        raise TypeError(
+            f"teacher_logits must have the dtype of student_logits ({student_logits.dtype}), "
+            f"got {teacher_logits.dtype}"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(
+            f"teacher_logits must be on the device of student_logits ({student_logits.device}), "
+            f"got {teacher_logits.device}"
+        )
+    batch, num_classes = student_logits.shape
+    if batch < 1 or num_classes < 2:
+        raise ValueError(
+            f"student_logits must have at least 1 row and 2 classes, got shape {(batch, num_classes)}"
+        )
+
+
+def check_target(target, student_logits):
+    """Integer class indices ``[B]`` in ``0..C-1`` on the logits' device."""
+    batch, num_classes = student_logits.shape
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    if target.shape != (batch,):
+        raise ValueError(f"target must have shape ({batch},), got {tuple(target.shape)}")
+    if target.device != student_logits.device:
+        raise ValueError(
+            f"target must be on the device of student_logits ({student_logits.device}), "
+            f"got {target.device}"
+        )
+    if target.device.type == "cpu" or os.environ.get("FASTKD_VALIDATE") == "1":
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"target must hold class indices in 0..{num_classes - 1}, found {bad}")
+
+
+def check_positive(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_top_d(top_d, num_classes):
+    if not isinstance(top_d, int) or isinstance(top_d, bool) or not 1 <= top_d <= num_classes:
+        raise ValueError(f"top_d must be an integer in 1..{num_classes} (the classes), got {top_d!r}")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -1,0 +1,121 @@
+"""Pieces every fused row-loss kernel shares: streamed softmax statistics, launch sizing, and the
+autograd Function whose backward only scales the gradient saved by the forward launch."""
+
+import torch
+import triton
+import triton.language as tl
+
+# Fill for masked-out lanes. Finite on purpose: -inf fills make the interpreter emit numpy
+# warnings, and any real logit (fp16 max 6.5e4) sits far above it.
+NEG_FILL = tl.constexpr(-1e30)
+
+# Rows up to this many classes stay in registers for the whole kernel (one read of the row);
+# wider rows are streamed in blocks of this size, in several passes.
+MAX_BLOCK = 4096
+
+
+def launch_config(num_classes, block_size=None):
+    """Block width, whether the row fits one block, and warps for a row of ``num_classes``.
+
+    ``block_size`` forces a width (tests use a small one to run the multi-block path).
+    """
+    block = block_size or min(triton.next_power_of_2(num_classes), MAX_BLOCK)
+    num_warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
+    return block, num_classes <= block, num_warps
+
+
+def accumulator_dtype(tensor):
+    """fp32 maths for fp16/bf16/fp32 inputs; fp64 inputs keep fp64 (used by exact tests)."""
+    return tl.float64 if tensor.dtype == torch.float64 else tl.float32
+
+
+def row_major(tensor):
+    """The kernels index rows by stride and columns contiguously."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def row_outputs(student_logits, num_parts, needs_grad):
+    """Per-row loss, per-row parts and (optionally) gradient buffers for a launch."""
+    batch = student_logits.shape[0]
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(batch, dtype=dtype, device=student_logits.device)
+    parts = torch.empty(batch, num_parts, dtype=dtype, device=student_logits.device)
+    grad = torch.empty_like(student_logits) if needs_grad else None
+    return loss, parts, grad
+
+
+@triton.jit
+def load_block(row_ptr, cols, mask, ACC: tl.constexpr):
+    """One block of a row in the accumulator dtype; masked lanes hold NEG_FILL (set after the
+    cast, since -1e30 overflows fp16)."""
+    return tl.where(mask, tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), NEG_FILL)
+
+
+@triton.jit
+def log_sigmoid(x):
+    """log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), finite for any finite x."""
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def online_logsumexp(running_max, running_sum, values, mask):
+    """One block's update of a streamed log-sum-exp over the lanes where ``mask`` holds."""
+    values = tl.where(mask, values, NEG_FILL)  # masked lanes may hold anything
+    new_max = tl.maximum(running_max, tl.max(values, axis=0))
+    exps = tl.where(mask, tl.exp(values - new_max), 0.0)
+    return new_max, running_sum * tl.exp(running_max - new_max) + tl.sum(exps, axis=0)
+
+
+@triton.jit
+def online_kl_stats(t_max, t_sum, t_dot, s_max, s_sum, teacher, student, mask):
+    """One block's update of the statistics of KL(softmax(teacher) || softmax(student)) over the
+    masked lanes: both log-sum-exps and ``t_dot = sum exp(teacher - t_max) * (teacher - student)``.
+    ``kl_from_stats`` turns them into the divergence."""
+    masked_teacher = tl.where(mask, teacher, NEG_FILL)  # masked lanes may hold anything
+    new_max = tl.maximum(t_max, tl.max(masked_teacher, axis=0))
+    rescale = tl.exp(t_max - new_max)
+    exps = tl.where(mask, tl.exp(masked_teacher - new_max), 0.0)
+    t_sum = t_sum * rescale + tl.sum(exps, axis=0)
+    t_dot = t_dot * rescale + tl.sum(tl.where(mask, exps * (teacher - student), 0.0), axis=0)
+    s_max, s_sum = online_logsumexp(s_max, s_sum, student, mask)
+    return new_max, t_sum, t_dot, s_max, s_sum
+
+
+@triton.jit
+def kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum):
+    """KL(pt || ps) = E_pt[t - s] - lse(t) + lse(s); 0 for an empty class set. Returns the
+    divergence and both log-sum-exps (for the gradient pass)."""
+    nonempty = t_sum > 0
+    t_lse = t_max + tl.log(tl.where(nonempty, t_sum, 1.0))
+    s_lse = s_max + tl.log(tl.where(nonempty, s_sum, 1.0))
+    kl = tl.where(nonempty, t_dot / tl.where(nonempty, t_sum, 1.0) - t_lse + s_lse, 0.0)
+    return kl, t_lse, s_lse
+
+
+class RowLossFunction(torch.autograd.Function):
+    """Autograd wrapper for a fused row-loss launcher.
+
+    ``launcher(student, teacher, target, *hyperparameters, needs_grad)`` returns
+    ``(loss_rows [B], parts [B, K], grad [B, C] or None)``: the forward launch already computed the
+    gradient of each row's loss w.r.t. the student logits, so backward only scales it by the
+    per-row upstream gradient. The teacher and target never get a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, launcher, student_logits, teacher_logits, target, *hyperparameters):
+        needs_grad = ctx.needs_input_grad[1]
+        loss_rows, parts, grad = launcher(
+            student_logits, teacher_logits, target, *hyperparameters, needs_grad=needs_grad
+        )
+        ctx.num_hyperparameters = len(hyperparameters)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(parts)
+        return loss_rows, parts
+
+    @staticmethod
+    def backward(ctx, grad_loss_rows, grad_parts):
+        (grad,) = ctx.saved_tensors
+        # The loss rows are fp32 (fp64 for fp64 logits), so the product is formed at that precision
+        # and 1/B does not round to bf16 before it scales the gradient.
+        student_grad = (grad * grad_loss_rows.unsqueeze(1)).to(grad.dtype)
+        return (None, student_grad, None, None) + (None,) * ctx.num_hyperparameters

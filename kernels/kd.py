@@ -1,0 +1,213 @@
+"""Fused Hinton KD and Decoupled KD (Zhao et al., CVPR 2022) losses.
+
+One program per sample; it streams the row's softmax statistics, then writes the loss and the
+gradient w.r.t. the student logits (s = zs / T, t = zt / T):
+
+    KD:   L = T^2 KL(softmax(t) || softmax(s)),             dL/dzs_c = T (ps_c - pt_c)
+    DKD:  L = alpha TCKD + beta NCKD with the binary split b = (p_y, p_rest) and the non-target
+          softmax q over c != y:
+          dTCKD/dzs_y = T (ps_y - pt_y),  dTCKD/dzs_c = T qs_c (ps_rest - pt_rest)  (c != y)
+          dNCKD/dzs_c = T (qs_c - qt_c)  (c != y),  0 at y.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    NEG_FILL,
+    RowLossFunction,
+    accumulator_dtype,
+    kl_from_stats,
+    launch_config,
+    load_block,
+    online_kl_stats,
+    row_major,
+    row_outputs,
+)
+
+
+@triton.jit
+def _kd_kernel(
+    student_ptr, teacher_ptr, loss_ptr, grad_ptr,
+    student_stride, teacher_stride, grad_stride, num_classes, temperature,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    student_row = student_ptr + row * student_stride
+    teacher_row = teacher_ptr + row * teacher_stride
+    grad_row = grad_ptr + row * grad_stride
+    cols = tl.arange(0, BLOCK)
+    inv_temperature = 1.0 / temperature
+
+    t_max = tl.full([], NEG_FILL, ACC)
+    s_max = tl.full([], NEG_FILL, ACC)
+    t_sum = tl.zeros([], ACC)
+    t_dot = tl.zeros([], ACC)
+    s_sum = tl.zeros([], ACC)
+    if SINGLE_BLOCK:
+        in_row = cols < num_classes
+        student = load_block(student_row, cols, in_row, ACC) * inv_temperature
+        teacher = load_block(teacher_row, cols, in_row, ACC) * inv_temperature
+        t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
+            t_max, t_sum, t_dot, s_max, s_sum, teacher, student, in_row)
+    else:
+        for start in range(0, num_classes, BLOCK):
+            in_row = start + cols < num_classes
+            student = load_block(student_row, start + cols, in_row, ACC)
+            teacher = load_block(teacher_row, start + cols, in_row, ACC)
+            t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
+                t_max, t_sum, t_dot, s_max, s_sum,
+                teacher * inv_temperature, student * inv_temperature, in_row)
+    kl, t_lse, s_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
+    tl.store(loss_ptr + row, temperature * temperature * kl)
+
+    if COMPUTE_GRAD:
+        if SINGLE_BLOCK:
+            grad = temperature * (tl.exp(student - s_lse) - tl.exp(teacher - t_lse))
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        else:
+            for start in range(0, num_classes, BLOCK):
+                in_row = start + cols < num_classes
+                student = load_block(student_row, start + cols, in_row, ACC)
+                teacher = load_block(teacher_row, start + cols, in_row, ACC)
+                grad = temperature * (tl.exp(student * inv_temperature - s_lse)
+                                      - tl.exp(teacher * inv_temperature - t_lse))
+                tl.store(grad_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _log_add_exp(a, b):
+    top = tl.maximum(a, b)
+    return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+
+
+@triton.jit
+def _dkd_grad(student, teacher, cols, target, temperature, s_rest_lse, t_rest_lse, target_grad,
+              rest_gap, alpha, beta):
+    """Gradient of alpha TCKD + beta NCKD at one block of classes (student, teacher already / T)."""
+    qs = tl.exp(student - s_rest_lse)
+    qt = tl.exp(teacher - t_rest_lse)
+    non_target = temperature * (alpha * qs * rest_gap + beta * (qs - qt))
+    return tl.where(cols == target, target_grad, non_target)
+
+
+@triton.jit
+def _dkd_kernel(
+    student_ptr, teacher_ptr, target_ptr, loss_ptr, parts_ptr, grad_ptr,
+    student_stride, teacher_stride, grad_stride, num_classes, alpha, beta, temperature,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    student_row = student_ptr + row * student_stride
+    teacher_row = teacher_ptr + row * teacher_stride
+    grad_row = grad_ptr + row * grad_stride
+    cols = tl.arange(0, BLOCK)
+    inv_temperature = 1.0 / temperature
+    target = tl.load(target_ptr + row).to(tl.int32)
+    valid_target = (target >= 0) & (target < num_classes)
+
+    # Non-target softmax statistics, summed over c != y directly.
+    t_max = tl.full([], NEG_FILL, ACC)
+    s_max = tl.full([], NEG_FILL, ACC)
+    t_sum = tl.zeros([], ACC)
+    t_dot = tl.zeros([], ACC)
+    s_sum = tl.zeros([], ACC)
+    if SINGLE_BLOCK:
+        in_row = cols < num_classes
+        student = load_block(student_row, cols, in_row, ACC) * inv_temperature
+        teacher = load_block(teacher_row, cols, in_row, ACC) * inv_temperature
+        t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
+            t_max, t_sum, t_dot, s_max, s_sum, teacher, student, in_row & (cols != target))
+    else:
+        for start in range(0, num_classes, BLOCK):
+            block_cols = start + cols
+            in_row = block_cols < num_classes
+            student = load_block(student_row, block_cols, in_row, ACC)
+            teacher = load_block(teacher_row, block_cols, in_row, ACC)
+            t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
+                t_max, t_sum, t_dot, s_max, s_sum, teacher * inv_temperature,
+                student * inv_temperature, in_row & (block_cols != target))
+    nckd, t_rest_lse, s_rest_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
+
+    # Binary (target, rest) split from log-sum-exps: log p_rest = lse(rest) - lse(all).
+    s_target = load_block(student_row, target, valid_target, ACC) * inv_temperature
+    t_target = load_block(teacher_row, target, valid_target, ACC) * inv_temperature
+    s_lse = _log_add_exp(s_rest_lse, s_target)
+    t_lse = _log_add_exp(t_rest_lse, t_target)
+    log_pt_target = t_target - t_lse
+    log_pt_rest = t_rest_lse - t_lse
+    log_ps_target = s_target - s_lse
+    log_ps_rest = s_rest_lse - s_lse
+    tckd = (tl.exp(log_pt_target) * (log_pt_target - log_ps_target)
+            + tl.exp(log_pt_rest) * (log_pt_rest - log_ps_rest))
+    squared = temperature * temperature
+    # An out-of-range label makes the loss NaN instead of reading out of bounds.
+    tckd = tl.where(valid_target, squared * tckd, float("nan"))
+    nckd = squared * nckd
+    tl.store(loss_ptr + row, alpha * tckd + beta * nckd)
+    tl.store(parts_ptr + row * 2 + 0, tckd)
+    tl.store(parts_ptr + row * 2 + 1, nckd)
+
+    if COMPUTE_GRAD:
+        target_grad = alpha * temperature * (tl.exp(log_ps_target) - tl.exp(log_pt_target))
+        rest_gap = tl.exp(log_ps_rest) - tl.exp(log_pt_rest)
+        if SINGLE_BLOCK:
+            grad = _dkd_grad(student, teacher, cols, target, temperature, s_rest_lse, t_rest_lse,
+                             target_grad, rest_gap, alpha, beta)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        else:
+            for start in range(0, num_classes, BLOCK):
+                block_cols = start + cols
+                in_row = block_cols < num_classes
+                student = load_block(student_row, block_cols, in_row, ACC)
+                teacher = load_block(teacher_row, block_cols, in_row, ACC)
+                grad = _dkd_grad(student * inv_temperature, teacher * inv_temperature, block_cols,
+                                 target, temperature, s_rest_lse, t_rest_lse, target_grad,
+                                 rest_gap, alpha, beta)
+                tl.store(grad_row + block_cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def kd_forward(student_logits, teacher_logits, target, temperature, needs_grad=True,
+               block_size=None):
+    """Launch the KD kernel: loss [B], no parts ([B, 0]), gradient [B, C] if ``needs_grad``.
+    ``target`` is unused (KD needs no labels); it keeps the launchers' common signature."""
+    student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
+    loss, parts, grad = row_outputs(student_logits, 0, needs_grad)
+    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size)
+    _kd_kernel[(student_logits.shape[0],)](
+        student_logits, teacher_logits, loss, grad if needs_grad else loss,
+        student_logits.stride(0), teacher_logits.stride(0), grad.stride(0) if needs_grad else 0,
+        student_logits.shape[1], float(temperature),
+        ACC=accumulator_dtype(student_logits), BLOCK=block, SINGLE_BLOCK=single_block,
+        COMPUTE_GRAD=needs_grad, num_warps=num_warps,
+    )
+    return loss, parts, grad
+
+
+def dkd_forward(student_logits, teacher_logits, target, alpha, beta, temperature, needs_grad=True,
+                block_size=None):
+    """Launch the DKD kernel: loss [B], parts [B, 2] (tckd, nckd), gradient [B, C]."""
+    student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
+    loss, parts, grad = row_outputs(student_logits, 2, needs_grad)
+    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size)
+    _dkd_kernel[(student_logits.shape[0],)](
+        student_logits, teacher_logits, target, loss, parts, grad if needs_grad else loss,
+        student_logits.stride(0), teacher_logits.stride(0), grad.stride(0) if needs_grad else 0,
+        student_logits.shape[1], float(alpha), float(beta), float(temperature),
+        ACC=accumulator_dtype(student_logits), BLOCK=block, SINGLE_BLOCK=single_block,
+        COMPUTE_GRAD=needs_grad, num_warps=num_warps,
+    )
+    return loss, parts, grad
+
+
+def kd_rows(student_logits, teacher_logits, temperature):
+    """Differentiable per-row KD loss ``[B]``."""
+    loss, _ = RowLossFunction.apply(kd_forward, student_logits, teacher_logits, None, temperature)
+    return loss
+
+
+def dkd_rows(student_logits, teacher_logits, target, alpha, beta, temperature):
+    """Differentiable per-row DKD loss ``[B]`` and parts ``[B, 2]`` (tckd, nckd)."""
+    return RowLossFunction.apply(dkd_forward, student_logits, teacher_logits, target, alpha, beta,
+                                 temperature)
