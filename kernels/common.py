@@ -58,6 +58,30 @@ def log_sigmoid(x):
 
 
 @triton.jit
+def sigmoid(x):
+    """exp(log_sigmoid(x)): no overflow for any finite x (the plain form overflows exp(-x))."""
+    return tl.exp(log_sigmoid(x))
+
+
+@triton.jit
+def binary_kl(teacher_gap, student_gap):
+    """KL(Bernoulli(sigmoid(teacher_gap)) || Bernoulli(sigmoid(student_gap))), elementwise: the
+    KL of a two-class softmax depends only on the logit gap."""
+    log_pt = log_sigmoid(teacher_gap)
+    log_pt_other = log_sigmoid(-teacher_gap)
+    log_ps = log_sigmoid(student_gap)
+    log_ps_other = log_sigmoid(-student_gap)
+    return tl.exp(log_pt) * (log_pt - log_ps) + tl.exp(log_pt_other) * (log_pt_other - log_ps_other)
+
+
+@triton.jit
+def masked_log_softmax(values, mask):
+    """log softmax over the lanes where ``mask`` holds (a block held in registers)."""
+    shifted = values - tl.max(tl.where(mask, values, NEG_FILL), axis=0)
+    return shifted - tl.log(tl.sum(tl.where(mask, tl.exp(shifted), 0.0), axis=0))
+
+
+@triton.jit
 def online_logsumexp(running_max, running_sum, values, mask):
     """One block's update of a streamed log-sum-exp over the lanes where ``mask`` holds."""
     values = tl.where(mask, values, NEG_FILL)  # masked lanes may hold anything

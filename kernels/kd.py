@@ -18,12 +18,14 @@ from .common import (
     NEG_FILL,
     RowLossFunction,
     accumulator_dtype,
+    binary_kl,
     kl_from_stats,
     launch_config,
     load_block,
     online_kl_stats,
     row_major,
     row_outputs,
+    sigmoid,
 )
 
 
@@ -77,19 +79,14 @@ def _kd_kernel(
 
 
 @triton.jit
-def _log_add_exp(a, b):
-    top = tl.maximum(a, b)
-    return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-
-
-@triton.jit
-def _dkd_grad(student, teacher, cols, target, temperature, s_rest_lse, t_rest_lse, target_grad,
-              rest_gap, alpha, beta):
-    """Gradient of alpha TCKD + beta NCKD at one block of classes (student, teacher already / T)."""
+def _dkd_grad(student, teacher, cols, target, temperature, s_rest_lse, t_rest_lse,
+              target_prob_gap, alpha, beta):
+    """Gradient of alpha TCKD + beta NCKD at one block of classes (student, teacher already / T);
+    ``target_prob_gap = ps_y - pt_y``, so ps_rest - pt_rest is its negative."""
     qs = tl.exp(student - s_rest_lse)
     qt = tl.exp(teacher - t_rest_lse)
-    non_target = temperature * (alpha * qs * rest_gap + beta * (qs - qt))
-    return tl.where(cols == target, target_grad, non_target)
+    non_target = temperature * (beta * (qs - qt) - alpha * qs * target_prob_gap)
+    return tl.where(cols == target, alpha * temperature * target_prob_gap, non_target)
 
 
 @triton.jit
@@ -130,17 +127,13 @@ def _dkd_kernel(
                 student * inv_temperature, in_row & (block_cols != target))
     nckd, t_rest_lse, s_rest_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
 
-    # Binary (target, rest) split from log-sum-exps: log p_rest = lse(rest) - lse(all).
+    # The binary (target, rest) split is a two-class softmax over (s_y, lse_rest(s)): its KL
+    # depends only on the gap g = s_y - lse_rest, never on 1 - p_y.
     s_target = load_block(student_row, target, valid_target, ACC) * inv_temperature
     t_target = load_block(teacher_row, target, valid_target, ACC) * inv_temperature
-    s_lse = _log_add_exp(s_rest_lse, s_target)
-    t_lse = _log_add_exp(t_rest_lse, t_target)
-    log_pt_target = t_target - t_lse
-    log_pt_rest = t_rest_lse - t_lse
-    log_ps_target = s_target - s_lse
-    log_ps_rest = s_rest_lse - s_lse
-    tckd = (tl.exp(log_pt_target) * (log_pt_target - log_ps_target)
-            + tl.exp(log_pt_rest) * (log_pt_rest - log_ps_rest))
+    s_gap = s_target - s_rest_lse
+    t_gap = t_target - t_rest_lse
+    tckd = binary_kl(t_gap, s_gap)
     squared = temperature * temperature
     # An out-of-range label makes the loss NaN instead of reading out of bounds.
     tckd = tl.where(valid_target, squared * tckd, float("nan"))
@@ -150,11 +143,10 @@ def _dkd_kernel(
     tl.store(parts_ptr + row * 2 + 1, nckd)
 
     if COMPUTE_GRAD:
-        target_grad = alpha * temperature * (tl.exp(log_ps_target) - tl.exp(log_pt_target))
-        rest_gap = tl.exp(log_ps_rest) - tl.exp(log_pt_rest)
+        target_prob_gap = sigmoid(s_gap) - sigmoid(t_gap)
         if SINGLE_BLOCK:
             grad = _dkd_grad(student, teacher, cols, target, temperature, s_rest_lse, t_rest_lse,
-                             target_grad, rest_gap, alpha, beta)
+                             target_prob_gap, alpha, beta)
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
         else:
             for start in range(0, num_classes, BLOCK):
@@ -163,8 +155,8 @@ def _dkd_kernel(
                 student = load_block(student_row, block_cols, in_row, ACC)
                 teacher = load_block(teacher_row, block_cols, in_row, ACC)
                 grad = _dkd_grad(student * inv_temperature, teacher * inv_temperature, block_cols,
-                                 target, temperature, s_rest_lse, t_rest_lse, target_grad,
-                                 rest_gap, alpha, beta)
+                                 target, temperature, s_rest_lse, t_rest_lse, target_prob_gap,
+                                 alpha, beta)
                 tl.store(grad_row + block_cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 

@@ -21,14 +21,16 @@ from .common import (
     NEG_FILL,
     RowLossFunction,
     accumulator_dtype,
+    binary_kl,
     kl_from_stats,
     launch_config,
     load_block,
-    log_sigmoid,
+    masked_log_softmax,
     online_kl_stats,
     online_logsumexp,
     row_major,
     row_outputs,
+    sigmoid,
 )
 
 MAX_TOP_D = 32
@@ -166,21 +168,16 @@ def _ldrld_kernel(
     adw = erd_scale * tl.exp(-erd_decay * (rank_p + rank_q)) / (tl.abs(rank_p - rank_q) + irw_eps)
     is_pair = is_slot[:, None] & is_slot[None, :] & (slots[:, None] != slots[None, :])
 
-    # Binary KL of the pair (p, q) depends only on the logit gaps.
-    log_pt = log_sigmoid(top_teacher[:, None] - top_teacher[None, :])
-    log_pt_other = log_sigmoid(top_teacher[None, :] - top_teacher[:, None])
-    log_ps = log_sigmoid(top_student[:, None] - top_student[None, :])
-    log_ps_other = log_sigmoid(top_student[None, :] - top_student[:, None])
-    pt = tl.exp(log_pt)
-    pair_kl = pt * (log_pt - log_ps) + tl.exp(log_pt_other) * (log_pt_other - log_ps_other)
+    teacher_gaps = top_teacher[:, None] - top_teacher[None, :]
+    student_gaps = top_student[:, None] - top_student[None, :]
+    pair_kl = binary_kl(teacher_gaps, student_gaps)
     # Each unordered pair appears twice in the d x d matrix.
     pair_sum = 0.5 * tl.sum(tl.sum(tl.where(is_pair, adw * pair_kl, 0.0), axis=1), axis=0)
-    pair_grad = tl.sum(tl.where(is_pair, adw * (tl.exp(log_ps) - pt), 0.0), axis=1)
+    pair_prob_gap = sigmoid(student_gaps) - sigmoid(teacher_gaps)
+    pair_grad = tl.sum(tl.where(is_pair, adw * pair_prob_gap, 0.0), axis=1)
 
-    log_ps_top = top_student - tl.max(top_student, axis=0)
-    log_ps_top = log_ps_top - tl.log(tl.sum(tl.where(is_slot, tl.exp(log_ps_top), 0.0), axis=0))
-    log_pt_top = top_teacher - tl.max(top_teacher, axis=0)
-    log_pt_top = log_pt_top - tl.log(tl.sum(tl.where(is_slot, tl.exp(log_pt_top), 0.0), axis=0))
+    log_ps_top = masked_log_softmax(top_student, is_slot)
+    log_pt_top = masked_log_softmax(top_teacher, is_slot)
     pt_top = tl.exp(log_pt_top)
     top_set_kl = tl.sum(tl.where(is_slot, pt_top * (log_pt_top - log_ps_top), 0.0), axis=0)
 

@@ -1,4 +1,4 @@
-"""Decoupled KD, with the binary split taken from log-sum-exps instead of summed probabilities."""
+"""Decoupled KD, with the binary (target, rest) split taken from logit gaps."""
 
 import math
 
@@ -6,27 +6,27 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.ldrld import masked_kl
+from .common import binary_kl_of_gaps
 
 
 def dkd_rows(student_logits, teacher_logits, target, alpha, beta, temperature):
     """Per-sample ``alpha * TCKD + beta * NCKD`` ``[B]`` and parts ``{"tckd", "nckd"}``.
 
-    log p_rest = lse(non-target logits) - lse(all logits), never log(1 - p_target), which cancels
-    to garbage when the target holds nearly all the mass.
+    The binary split is a two-class softmax over (z_y / T, lse of the other z / T), so TCKD is a
+    binary KL of the gaps g = z_y / T - lse_rest: no 1 - p_y, which cancels to garbage when the
+    target holds nearly all the mass.
     """
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     zs = student_logits.to(dtype)
     zt = teacher_logits.detach().to(dtype)
-    is_target = F.one_hot(target.long(), zs.shape[1]).to(torch.bool)
+    target = target.long()
+    is_target = F.one_hot(target, zs.shape[1]).to(torch.bool)
 
-    def log_binary_split(logits):
+    def target_gap(logits):
         scaled = logits / temperature
-        log_total = scaled.logsumexp(dim=1)
-        log_rest = scaled.masked_fill(is_target, -math.inf).logsumexp(dim=1)
-        log_target = scaled.gather(1, target.long().unsqueeze(1)).squeeze(1)
-        return torch.stack([log_target - log_total, log_rest - log_total], dim=1)
+        rest_lse = scaled.masked_fill(is_target, -math.inf).logsumexp(dim=1)
+        return scaled.gather(1, target.unsqueeze(1)).squeeze(1) - rest_lse
 
-    log_ps, log_pt = log_binary_split(zs), log_binary_split(zt)
-    tckd = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+    tckd = temperature**2 * binary_kl_of_gaps(target_gap(zt), target_gap(zs))
     nckd = masked_kl(zs, zt, ~is_target, temperature)
     return alpha * tckd + beta * nckd, {"tckd": tckd, "nckd": nckd}

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.ldrld import adaptive_decay_weight, masked_kl
+from .common import binary_kl_of_gaps
 
 
 @functools.lru_cache(maxsize=64)
@@ -16,13 +17,6 @@ def pair_weights(top_d, irw_eps, erd_scale, erd_decay):
         for j in range(i + 1, top_d):
             weights[i, j] = adaptive_decay_weight(i + 1, j + 1, irw_eps, erd_scale, erd_decay)
     return weights
-
-
-def binary_kl_of_gaps(teacher_gap, student_gap):
-    """KL(sigmoid(teacher_gap) || sigmoid(student_gap)) over the two outcomes, elementwise."""
-    log_pt, log_pt_other = F.logsigmoid(teacher_gap), F.logsigmoid(-teacher_gap)
-    log_ps, log_ps_other = F.logsigmoid(student_gap), F.logsigmoid(-student_gap)
-    return log_pt.exp() * (log_pt - log_ps) + log_pt_other.exp() * (log_pt_other - log_ps_other)
 
 
 def ldrld_rows(student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
