@@ -1,0 +1,104 @@
+"""Bad input gets a clear error naming the argument and what was expected; backend dispatch."""
+
+import pytest
+import torch
+from helpers import random_logits
+
+from fastkd import dkd_loss, kd_loss, ldrld_loss
+from fastkd.functional import resolve_backend
+
+
+@pytest.fixture
+def inputs():
+    return random_logits(4, 10, seed=31)
+
+
+# Each loss with its label argument filled in where it takes one, so a case runs against all three.
+LOSSES = {
+    "ldrld": lambda zs, zt, y, **kw: ldrld_loss(zs, zt, y, **kw),
+    "dkd": lambda zs, zt, y, **kw: dkd_loss(zs, zt, y, **kw),
+    "kd": lambda zs, zt, y, **kw: kd_loss(zs, zt, **kw),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (lambda zs, zt, y: (zs[0], zt[0], y), ValueError, r"student_logits must be 2-D \[batch, classes\], got shape \(10,\)"),
+        (lambda zs, zt, y: (zs, zt[:, :9], y), ValueError, r"teacher_logits must have the shape of student_logits \(4, 10\), got \(4, 9\)"),
+        (lambda zs, zt, y: (zs[:, :1], zt[:, :1], y), ValueError, r"at least 1 row and 2 classes, got shape \(4, 1\)"),
+        (lambda zs, zt, y: (zs.long(), zt, y), TypeError, r"student_logits must be float16, bfloat16, float32 or float64, got torch.int64"),
+        (lambda zs, zt, y: (zs, zt.half(), y), TypeError, r"teacher_logits must have the dtype of student_logits \(torch.float32\), got torch.float16"),
+        (lambda zs, zt, y: (zs, zt.to("meta"), y), ValueError, r"teacher_logits must be on the device of student_logits \(cpu\), got meta"),
+        (lambda zs, zt, y: (zs.tolist(), zt, y), TypeError, r"student_logits must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_logits(inputs, loss, change, error, message):
+    with pytest.raises(error, match=message):
+        LOSSES[loss](*change(*inputs))
+
+
+@pytest.mark.parametrize("loss", ["ldrld", "dkd"])
+@pytest.mark.parametrize(
+    "bad_target,error,message",
+    [
+        (torch.tensor([0, 1, 2, 10]), ValueError, r"target must hold class indices in 0\.\.9, found 10"),
+        (torch.tensor([0, -1, 2, 3]), ValueError, r"target must hold class indices in 0\.\.9, found -1"),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, r"target must be an integer tensor of class indices, got torch.float32"),
+        (torch.tensor([0, 1, 2]), ValueError, r"target must have shape \(4,\), got \(3,\)"),
+        (torch.tensor([[0, 1, 2, 3]]), ValueError, r"target must have shape \(4,\), got \(1, 4\)"),
+        ([0, 1, 2, 3], TypeError, r"target must be a torch.Tensor of class indices, got list"),
+        (torch.tensor([0, 1, 2, 3], device="meta"), ValueError, r"target must be on the device of student_logits \(cpu\), got meta"),
+    ],
+)
+def test_bad_target(inputs, loss, bad_target, error, message):
+    student, teacher, _ = inputs
+    with pytest.raises(error, match=message):
+        LOSSES[loss](student, teacher, bad_target)
+
+
+@pytest.mark.parametrize("top_d", [0, 11, -1, 2.0, True])
+def test_bad_top_d(inputs, top_d):
+    with pytest.raises(ValueError, match=rf"top_d must be an integer in 1\.\.10 \(the classes\), got {top_d!r}"):
+        ldrld_loss(*inputs, top_d=top_d)
+
+
+def test_top_d_above_triton_limit():
+    student, teacher, target = random_logits(2, 40, seed=32)
+    ldrld_loss(student, teacher, target, top_d=33, backend="torch")  # fine without the kernel
+    with pytest.raises(ValueError, match="top_d must be at most 32 for the triton backend, got 33"):
+        ldrld_loss(student, teacher, target, top_d=33, backend="triton")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("temperature", [0, -1.0, "4", None])
+def test_bad_temperature(inputs, loss, temperature):
+    with pytest.raises(ValueError, match=rf"temperature must be a positive number, got {temperature!r}"):
+        LOSSES[loss](*inputs, temperature=temperature)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bad_reduction_and_backend(inputs, loss):
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"):
+        LOSSES[loss](*inputs, reduction="avg")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch', 'reference'\), got 'cuda'"):
+        LOSSES[loss](*inputs, backend="cuda")
+
+
+def test_auto_backend_and_environment_override(monkeypatch):
+    cpu_logits = torch.zeros(2, 3)
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    assert resolve_backend("auto", cpu_logits) == "torch"
+    monkeypatch.setenv("FASTKD_BACKEND", "reference")
+    assert resolve_backend("auto", cpu_logits) == "reference"
+    assert resolve_backend("torch", cpu_logits) == "torch"  # an explicit choice wins
+    monkeypatch.setenv("FASTKD_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"FASTKD_BACKEND must be one of .*, got 'fast'"):
+        resolve_backend("auto", cpu_logits)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors .*got logits on cpu"):
+        resolve_backend("triton", torch.zeros(2, 3))
