@@ -74,7 +74,8 @@ def _named_parts(part_columns, names):
 
 def ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay):
     """``(top_set_weight, num_groups)`` of the local term, as the authors' code counts them:
-    d(d-1)/2 pairs plus the top set; for d = 2 the top set is that pair again, weighted ADW(1, 2)."""
+    d(d-1)/2 pairs plus the top set; for d = 2 the top set is that pair again, weighted
+    ADW(1, 2)."""
     if top_d == 2:
         top_set_weight = reference.adaptive_decay_weight(1, 2, irw_eps, erd_scale, erd_decay)
     else:

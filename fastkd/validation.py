@@ -23,7 +23,9 @@ def check_logits(student_logits, teacher_logits):
                 f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}"
             )
         if logits.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, classes], got shape {tuple(logits.shape)}")
+            raise ValueError(
+                f"{name} must be 2-D [batch, classes], got shape {tuple(logits.shape)}"
+            )
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
@@ -42,7 +44,8 @@ def check_logits(student_logits, teacher_logits):
     batch, num_classes = student_logits.shape
     if batch < 1 or num_classes < 2:
         raise ValueError(
-            f"student_logits must have at least 1 row and 2 classes, got shape {(batch, num_classes)}"
+            "student_logits must have at least 1 row and 2 classes, "
+            f"got shape {(batch, num_classes)}"
         )
 
 
@@ -50,7 +53,9 @@ def check_target(target, student_logits):
     """Integer class indices ``[B]`` in ``0..C-1`` on the logits' device."""
     batch, num_classes = student_logits.shape
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+        raise TypeError(
+            f"target must be a torch.Tensor of class indices, got {type(target).__name__}"
+        )
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
     if target.shape != (batch,):
@@ -74,7 +79,9 @@ def check_positive(name, value):
 
 def check_top_d(top_d, num_classes):
     if not isinstance(top_d, int) or isinstance(top_d, bool) or not 1 <= top_d <= num_classes:
-        raise ValueError(f"top_d must be an integer in 1..{num_classes} (the classes), got {top_d!r}")
+        raise ValueError(
+            f"top_d must be an integer in 1..{num_classes} (the classes), got {top_d!r}"
+        )
 
 
 def check_reduction(reduction):

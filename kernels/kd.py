@@ -10,7 +10,6 @@ gradient w.r.t. the student logits (s = zs / T, t = zt / T):
           dNCKD/dzs_c = T (qs_c - qt_c)  (c != y),  0 at y.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -40,6 +39,7 @@ def _kd_kernel(
     teacher_row = teacher_ptr + row * teacher_stride
     grad_row = grad_ptr + row * grad_stride
     cols = tl.arange(0, BLOCK)
+    temperature = tl.full([], temperature, ACC)  # float arguments arrive as fp32
     inv_temperature = 1.0 / temperature
 
     t_max = tl.full([], NEG_FILL, ACC)
@@ -100,6 +100,7 @@ def _dkd_kernel(
     teacher_row = teacher_ptr + row * teacher_stride
     grad_row = grad_ptr + row * grad_stride
     cols = tl.arange(0, BLOCK)
+    temperature = tl.full([], temperature, ACC)  # float arguments arrive as fp32
     inv_temperature = 1.0 / temperature
     target = tl.load(target_ptr + row).to(tl.int32)
     valid_target = (target >= 0) & (target < num_classes)

@@ -13,7 +13,6 @@ Rows of up to ``MAX_BLOCK`` classes are read once and kept in registers; wider r
 blocks: once to select, once for the remainder statistics and once to write the gradient.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -103,6 +102,7 @@ def _ldrld_kernel(
     cols = tl.arange(0, BLOCK)
     slots = tl.arange(0, TOP_BLOCK)
     is_slot = slots < top_d
+    temperature = tl.full([], temperature, ACC)  # float arguments arrive as fp32
     inv_temperature = 1.0 / temperature
     target = tl.load(target_ptr + row).to(tl.int32)
 
@@ -211,7 +211,8 @@ def _ldrld_kernel(
                                        s_lse, t_lse, rntk_scale, ce_lse, ce_weight)
                 tl.store(grad_row + block_cols, grad.to(grad_ptr.dtype.element_ty), mask=rest)
         top_set_grad = tl.exp(log_ps_top) - pt_top
-        local_grad = alpha * temperature * inv_num_groups * (pair_grad + top_set_weight * top_set_grad)
+        local_grad = (alpha * temperature * inv_num_groups
+                      * (pair_grad + top_set_weight * top_set_grad))
         top_grad = local_grad + _ce_grad(top_logits, top_cols, ce_lse, target, ce_weight)
         tl.store(grad_row + top_cols, top_grad.to(grad_ptr.dtype.element_ty), mask=is_slot)
 

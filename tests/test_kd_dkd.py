@@ -5,7 +5,15 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, FAST_BACKENDS, assert_close_scaled, distinct_logits, loss_and_grad, random_logits
+from helpers import (
+    BACKENDS,
+    DEVICE,
+    FAST_BACKENDS,
+    assert_close_scaled,
+    distinct_logits,
+    loss_and_grad,
+    random_logits,
+)
 
 from fastkd import DKDLoss, KDLoss, dkd_loss, kd_loss
 

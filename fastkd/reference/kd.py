@@ -16,7 +16,8 @@ def kd_loss_reference(student_logits, teacher_logits, temperature=4.0):
     return temperature**2 * F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(1)
 
 
-def dkd_loss_reference(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0):
+def dkd_loss_reference(student_logits, teacher_logits, target, alpha=1.0, beta=8.0,
+                       temperature=4.0):
     """Per-sample DKD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``.
 
     TCKD = T^2 * KL over the binary split (p_target, p_rest) of softmax(z/T);

@@ -69,7 +69,9 @@ def ldrld_loss_reference(
             weighted_kl.append(weight * masked_kl(zs, zt, mask_of([i, j]), temperature))
     # The authors' code treats the top set as one more group; for d = 2 it is the same pair again,
     # weighted like a pair.
-    top_set_weight = adaptive_decay_weight(1, 2, irw_eps, erd_scale, erd_decay) if top_d == 2 else 1.0
+    top_set_weight = 1.0
+    if top_d == 2:
+        top_set_weight = adaptive_decay_weight(1, 2, irw_eps, erd_scale, erd_decay)
     top_set = mask_of(list(range(top_d)))
     weighted_kl.append(top_set_weight * masked_kl(zs, zt, top_set, temperature))
     local = torch.stack(weighted_kl).sum(0) / len(weighted_kl)

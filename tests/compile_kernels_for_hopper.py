@@ -1,0 +1,74 @@
+"""Compile every fused-kernel variant for a Hopper GPU (sm_90) without a GPU; print the local
+memory (register spill) bytes of each as JSON. Run by test_kernels_compile.py in a subprocess,
+because the kernels must be imported without TRITON_INTERPRET for real code generation."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from fastkd.kernels import kd, ldrld
+from fastkd.kernels.common import launch_config
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+HOPPER = GPUTarget("cuda", 90, 32)
+SCALAR_TYPES = {  # argument name -> Triton signature type, for the non-pointer arguments
+    **{name: "i32" for name in ("student_stride", "teacher_stride", "grad_stride", "num_classes",
+                                "top_d")},
+    **{name: "fp32" for name in ("temperature", "alpha", "beta", "ce_weight", "inv_num_groups",
+                                 "top_set_weight", "irw_eps", "erd_scale", "erd_decay")},
+}
+ACCUMULATORS = {"*fp32": tl.float32, "*bf16": tl.float32, "*fp16": tl.float32, "*fp64": tl.float64}
+# Launch shapes for C = 1000 (one block), 4096 (the widest single block), 21843 (streamed).
+BLOCKS = [launch_config(num_classes) for num_classes in (1000, 4096, 21843)]
+
+
+def local_memory_bytes(kernel, logits_type, constexprs, num_warps):
+    accumulator = "*fp64" if logits_type == "*fp64" else "*fp32"
+    types = {"student_ptr": logits_type, "teacher_ptr": logits_type, "grad_ptr": logits_type,
+             "target_ptr": "*i64", "loss_ptr": accumulator, "parts_ptr": accumulator,
+             **SCALAR_TYPES}
+    signature = {name: "constexpr" if name in constexprs else types[name]
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=HOPPER, options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage",
+                                cubin.name], capture_output=True, text=True, check=True).stdout
+    return int(usage.split("LOCAL:")[1].split()[0])
+
+
+def variants():
+    """(name, kernel, logits type, constexprs, warps) for each variant worth compiling."""
+    for block, single_block, num_warps in BLOCKS:
+        shape = f"block{block}-{'single' if single_block else 'streamed'}"
+        for logits_type, accumulator in ACCUMULATORS.items():
+            constexprs = dict(ACC=accumulator, BLOCK=block, SINGLE_BLOCK=single_block,
+                              COMPUTE_GRAD=True)
+            yield (f"ldrld-{logits_type[1:]}-{shape}", ldrld._ldrld_kernel, logits_type,
+                   dict(constexprs, TOP_BLOCK=8), num_warps)
+            if logits_type in ("*bf16", "*fp32"):
+                for name, kernel in (("kd", kd._kd_kernel), ("dkd", kd._dkd_kernel)):
+                    yield (f"{name}-{logits_type[1:]}-{shape}", kernel, logits_type,
+                           constexprs, num_warps)
+    for top_d in (1, 32):  # the top_d limits, forward only
+        constexprs = dict(ACC=tl.float32, BLOCK=1024, SINGLE_BLOCK=True, COMPUTE_GRAD=False,
+                          TOP_BLOCK=max(triton.next_power_of_2(top_d), 2))
+        yield f"ldrld-top_d{top_d}-forward", ldrld._ldrld_kernel, "*bf16", constexprs, 4
+
+
+if __name__ == "__main__":
+    results = {}
+    for name, kernel, logits_type, constexprs, num_warps in variants():
+        try:
+            results[name] = local_memory_bytes(kernel, logits_type, constexprs, num_warps)
+        except Exception as error:  # reported per variant by the test
+            results[name] = f"{type(error).__name__}: {error}"
+    json.dump(results, sys.stdout)
