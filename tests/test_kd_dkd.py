@@ -199,3 +199,33 @@ def test_module_wrappers_match_functions():
                                kd_loss(student, teacher, temperature=2.0))
     torch.testing.assert_close(DKDLoss(beta=4.0)(student, teacher, target),
                                dkd_loss(student, teacher, target, beta=4.0))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_widest_rows(backend):
+    """C = 32768: eight 4096-column blocks in the kernels."""
+    student, teacher, target = random_logits(1, 32768, seed=28)
+    rows, _, grad = loss_and_grad(dkd_parts, student, teacher, target, backend=backend)
+    ref_rows, _, ref_grad = loss_and_grad(dkd_parts, student.double(), teacher.double(), target,
+                                          backend="reference")
+    assert_close_scaled(rows, ref_rows, 1e-5, "dkd loss")
+    assert_close_scaled(grad, ref_grad, 1e-5, "dkd gradient")
+    kd_rows, _, kd_grad = loss_and_grad(kd_loss, student, teacher, backend=backend)
+    ref_kd_rows, _, ref_kd_grad = loss_and_grad(kd_loss, student.double(), teacher.double(),
+                                                backend="reference")
+    assert_close_scaled(kd_rows, ref_kd_rows, 1e-5, "kd loss")
+    assert_close_scaled(kd_grad, ref_kd_grad, 1e-5, "kd gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    student, teacher, target = random_logits(4, 60, seed=29)
+    strided_student = torch.stack([student, -student], dim=2).flatten(1)[:, ::2]  # stride 2
+    transposed_teacher = teacher.t().contiguous().t()  # column-major
+    for loss_fn, labels in ((kd_loss, None), (dkd_parts, target)):
+        rows, _, grad = loss_and_grad(loss_fn, strided_student, transposed_teacher, labels,
+                                      backend=backend)
+        expected_rows, _, expected_grad = loss_and_grad(loss_fn, student, teacher, labels,
+                                                        backend=backend)
+        torch.testing.assert_close(rows, expected_rows)
+        torch.testing.assert_close(grad, expected_grad)

@@ -326,3 +326,15 @@ def test_module_wrapper_matches_function():
     assert "top_d=5" in repr(module)
     expected = ldrld_loss(student, teacher, target, top_d=5, temperature=2.0, backend="torch")
     torch.testing.assert_close(module(student, teacher, target), expected)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_widest_rows_and_largest_top_d(backend):
+    """C = 32768 (eight 4096-column blocks in the kernel) and top_d = 32, the kernel's limit."""
+    student, teacher, target = random_logits(1, 32768, seed=19)
+    rows, parts, grad = loss_and_grad(ldrld_parts, student, teacher, target, backend=backend,
+                                      top_d=32)
+    ref_rows, ref_parts, ref_grad = reference_rows(student, teacher, target, top_d=32)
+    assert_close_scaled(rows, ref_rows, 1e-5, "loss")
+    assert_close_scaled(parts["local"], ref_parts["local"], 1e-5, "local")
+    assert_close_scaled(grad, ref_grad, 1e-5, "gradient")
