@@ -91,6 +91,14 @@ def online_logsumexp(running_max, running_sum, values, mask):
 
 
 @triton.jit
+def empty_kl_stats(ACC: tl.constexpr):
+    """Initial ``(t_max, t_sum, t_dot, s_max, s_sum)`` for ``online_kl_stats``: no lanes seen."""
+    neg = tl.full([], NEG_FILL, ACC)
+    zero = tl.zeros([], ACC)
+    return neg, zero, zero, neg, zero
+
+
+@triton.jit
 def online_kl_stats(t_max, t_sum, t_dot, s_max, s_sum, teacher, student, mask):
     """One block's update of the statistics of KL(softmax(teacher) || softmax(student)) over the
     masked lanes: both log-sum-exps and ``t_dot = sum exp(teacher - t_max) * (teacher - student)``.

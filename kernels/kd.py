@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from .common import (
-    NEG_FILL,
     RowLossFunction,
     accumulator_dtype,
     binary_kl,
+    empty_kl_stats,
     kl_from_stats,
     launch_config,
     load_block,
@@ -42,11 +42,7 @@ def _kd_kernel(
     temperature = tl.full([], temperature, ACC)  # float arguments arrive as fp32
     inv_temperature = 1.0 / temperature
 
-    t_max = tl.full([], NEG_FILL, ACC)
-    s_max = tl.full([], NEG_FILL, ACC)
-    t_sum = tl.zeros([], ACC)
-    t_dot = tl.zeros([], ACC)
-    s_sum = tl.zeros([], ACC)
+    t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
     if SINGLE_BLOCK:
         in_row = cols < num_classes
         student = load_block(student_row, cols, in_row, ACC) * inv_temperature
@@ -106,11 +102,7 @@ def _dkd_kernel(
     valid_target = (target >= 0) & (target < num_classes)
 
     # Non-target softmax statistics, summed over c != y directly.
-    t_max = tl.full([], NEG_FILL, ACC)
-    s_max = tl.full([], NEG_FILL, ACC)
-    t_sum = tl.zeros([], ACC)
-    t_dot = tl.zeros([], ACC)
-    s_sum = tl.zeros([], ACC)
+    t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
     if SINGLE_BLOCK:
         in_row = cols < num_classes
         student = load_block(student_row, cols, in_row, ACC) * inv_temperature

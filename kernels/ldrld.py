@@ -21,6 +21,7 @@ from .common import (
     RowLossFunction,
     accumulator_dtype,
     binary_kl,
+    empty_kl_stats,
     kl_from_stats,
     launch_config,
     load_block,
@@ -125,12 +126,8 @@ def _ldrld_kernel(
 
     # 2. Remainder softmax statistics (summed directly, never as "all minus top") and the
     #    full-row log-sum-exp for the cross-entropy.
-    t_max = tl.full([], NEG_FILL, ACC)
-    s_max = tl.full([], NEG_FILL, ACC)
+    t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
     ce_max = tl.full([], NEG_FILL, ACC)
-    t_sum = tl.zeros([], ACC)
-    t_dot = tl.zeros([], ACC)
-    s_sum = tl.zeros([], ACC)
     ce_sum = tl.zeros([], ACC)
     if SINGLE_BLOCK:
         rest = in_row & ~_in_top_set(student, cols, last_value, last_col)
