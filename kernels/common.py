@@ -1,5 +1,5 @@
-"""Pieces every fused row-loss kernel shares: streamed softmax statistics, launch sizing, and the
-autograd Function whose backward only scales the gradient saved by the forward launch."""
+"""Pieces every fused row-loss kernel shares: streamed softmax statistics, block loads and launch
+sizing."""
 
 import torch
 import triton
@@ -35,13 +35,19 @@ def row_major(tensor):
 
 
 def row_outputs(student_logits, num_parts, needs_grad):
-    """Per-row loss, per-row parts and (optionally) gradient buffers for a launch."""
+    """Per-row loss, per-row parts and (if ``needs_grad``) student-gradient buffers for a launch."""
     batch = student_logits.shape[0]
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     loss = torch.empty(batch, dtype=dtype, device=student_logits.device)
     parts = torch.empty(batch, num_parts, dtype=dtype, device=student_logits.device)
     grad = torch.empty_like(student_logits) if needs_grad else None
     return loss, parts, grad
+
+
+def optional_output(tensor, placeholder):
+    """``(pointer, row stride)`` kernel arguments for an output that may be skipped (None): the
+    placeholder is passed instead and never written, the kernel's COMPUTE_GRAD being off."""
+    return (placeholder, 0) if tensor is None else (tensor, tensor.stride(0))
 
 
 @triton.jit
@@ -122,32 +128,3 @@ def kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum):
     s_lse = s_max + tl.log(tl.where(nonempty, s_sum, 1.0))
     kl = tl.where(nonempty, t_dot / tl.where(nonempty, t_sum, 1.0) - t_lse + s_lse, 0.0)
     return kl, t_lse, s_lse
-
-
-class RowLossFunction(torch.autograd.Function):
-    """Autograd wrapper for a fused row-loss launcher.
-
-    ``launcher(student, teacher, target, *hyperparameters, needs_grad)`` returns
-    ``(loss_rows [B], parts [B, K], grad [B, C] or None)``: the forward launch already computed the
-    gradient of each row's loss w.r.t. the student logits, so backward only scales it by the
-    per-row upstream gradient. The teacher and target never get a gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, launcher, student_logits, teacher_logits, target, *hyperparameters):
-        needs_grad = ctx.needs_input_grad[1]
-        loss_rows, parts, grad = launcher(
-            student_logits, teacher_logits, target, *hyperparameters, needs_grad=needs_grad
-        )
-        ctx.num_hyperparameters = len(hyperparameters)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(parts)
-        return loss_rows, parts
-
-    @staticmethod
-    def backward(ctx, grad_loss_rows, grad_parts):
-        (grad,) = ctx.saved_tensors
-        # The loss rows are fp32 (fp64 for fp64 logits), so the product is formed at that precision
-        # and 1/B does not round to bf16 before it scales the gradient.
-        student_grad = (grad * grad_loss_rows.unsqueeze(1)).to(grad.dtype)
-        return (None, student_grad, None, None) + (None,) * ctx.num_hyperparameters

@@ -13,8 +13,8 @@ gradient w.r.t. the student logits (s = zs / T, t = zt / T):
 import triton
 import triton.language as tl
 
+from .autograd import RowLossFunction
 from .common import (
-    RowLossFunction,
     accumulator_dtype,
     binary_kl,
     empty_kl_stats,
@@ -22,6 +22,7 @@ from .common import (
     launch_config,
     load_block,
     online_kl_stats,
+    optional_output,
     row_major,
     row_outputs,
     sigmoid,
@@ -153,37 +154,39 @@ def _dkd_kernel(
                 tl.store(grad_row + block_cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def kd_forward(student_logits, teacher_logits, target, temperature, needs_grad=True,
+def kd_forward(student_logits, teacher_logits, target, temperature, needs_grad=(True,),
                block_size=None):
     """Launch the KD kernel: loss [B], no parts ([B, 0]), gradient [B, C] if ``needs_grad``.
     ``target`` is unused (KD needs no labels); it keeps the launchers' common signature."""
     student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
-    loss, parts, grad = row_outputs(student_logits, 0, needs_grad)
+    loss, parts, grad = row_outputs(student_logits, 0, needs_grad[0])
+    grad_ptr, grad_stride = optional_output(grad, loss)
     block, single_block, num_warps = launch_config(student_logits.shape[1], block_size)
     _kd_kernel[(student_logits.shape[0],)](
-        student_logits, teacher_logits, loss, grad if needs_grad else loss,
-        student_logits.stride(0), teacher_logits.stride(0), grad.stride(0) if needs_grad else 0,
+        student_logits, teacher_logits, loss, grad_ptr,
+        student_logits.stride(0), teacher_logits.stride(0), grad_stride,
         student_logits.shape[1], float(temperature),
         ACC=accumulator_dtype(student_logits), BLOCK=block, SINGLE_BLOCK=single_block,
-        COMPUTE_GRAD=needs_grad, num_warps=num_warps,
+        COMPUTE_GRAD=grad is not None, num_warps=num_warps,
     )
-    return loss, parts, grad
+    return loss, parts, (grad,)
 
 
-def dkd_forward(student_logits, teacher_logits, target, alpha, beta, temperature, needs_grad=True,
-                block_size=None):
+def dkd_forward(student_logits, teacher_logits, target, alpha, beta, temperature,
+                needs_grad=(True,), block_size=None):
     """Launch the DKD kernel: loss [B], parts [B, 2] (tckd, nckd), gradient [B, C]."""
     student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
-    loss, parts, grad = row_outputs(student_logits, 2, needs_grad)
+    loss, parts, grad = row_outputs(student_logits, 2, needs_grad[0])
+    grad_ptr, grad_stride = optional_output(grad, loss)
     block, single_block, num_warps = launch_config(student_logits.shape[1], block_size)
     _dkd_kernel[(student_logits.shape[0],)](
-        student_logits, teacher_logits, target, loss, parts, grad if needs_grad else loss,
-        student_logits.stride(0), teacher_logits.stride(0), grad.stride(0) if needs_grad else 0,
+        student_logits, teacher_logits, target, loss, parts, grad_ptr,
+        student_logits.stride(0), teacher_logits.stride(0), grad_stride,
         student_logits.shape[1], float(alpha), float(beta), float(temperature),
         ACC=accumulator_dtype(student_logits), BLOCK=block, SINGLE_BLOCK=single_block,
-        COMPUTE_GRAD=needs_grad, num_warps=num_warps,
+        COMPUTE_GRAD=grad is not None, num_warps=num_warps,
     )
-    return loss, parts, grad
+    return loss, parts, (grad,)
 
 
 def kd_rows(student_logits, teacher_logits, temperature):

@@ -16,9 +16,9 @@ blocks: once to select, once for the remainder statistics and once to write the 
 import triton
 import triton.language as tl
 
+from .autograd import RowLossFunction
 from .common import (
     NEG_FILL,
-    RowLossFunction,
     accumulator_dtype,
     binary_kl,
     empty_kl_stats,
@@ -28,6 +28,7 @@ from .common import (
     masked_log_softmax,
     online_kl_stats,
     online_logsumexp,
+    optional_output,
     row_major,
     row_outputs,
     sigmoid,
@@ -216,7 +217,7 @@ def _ldrld_kernel(
 
 def ldrld_forward(student_logits, teacher_logits, target, temperature, top_d, alpha, beta,
                   ce_weight, irw_eps, erd_scale, erd_decay, top_set_weight, num_groups,
-                  needs_grad=True, block_size=None):
+                  needs_grad=(True,), block_size=None):
     """Launch the fused kernel: per-row loss [B], parts [B, 3] (ce, local, rntk) and, when
     ``needs_grad``, the gradient [B, C] in the logits' dtype. Inputs are assumed validated."""
     if top_d > MAX_TOP_D:
@@ -224,21 +225,21 @@ def ldrld_forward(student_logits, teacher_logits, target, temperature, top_d, al
     student_logits = row_major(student_logits)
     teacher_logits = row_major(teacher_logits)
     batch, num_classes = student_logits.shape
-    loss, parts, grad = row_outputs(student_logits, 3, needs_grad)
+    loss, parts, grad = row_outputs(student_logits, 3, needs_grad[0])
+    grad_ptr, grad_stride = optional_output(grad, loss)
     block, single_block, num_warps = launch_config(num_classes, block_size)
     _ldrld_kernel[(batch,)](
-        student_logits, teacher_logits, target, loss, parts,
-        grad if needs_grad else loss,  # unused pointer when no gradient is wanted
-        student_logits.stride(0), teacher_logits.stride(0), grad.stride(0) if needs_grad else 0,
+        student_logits, teacher_logits, target, loss, parts, grad_ptr,
+        student_logits.stride(0), teacher_logits.stride(0), grad_stride,
         num_classes, top_d,
         float(temperature), float(alpha), float(beta), float(ce_weight),
         1.0 / num_groups, float(top_set_weight), float(irw_eps), float(erd_scale),
         float(erd_decay),
         ACC=accumulator_dtype(student_logits), BLOCK=block, SINGLE_BLOCK=single_block,
-        TOP_BLOCK=max(triton.next_power_of_2(top_d), 2), COMPUTE_GRAD=needs_grad,
+        TOP_BLOCK=max(triton.next_power_of_2(top_d), 2), COMPUTE_GRAD=grad is not None,
         num_warps=num_warps,
     )
-    return loss, parts, grad
+    return loss, parts, (grad,)
 
 
 def ldrld_rows(student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,

@@ -134,7 +134,7 @@ def test_gradcheck_float64(backend):
 
 def test_triton_multi_block_rows():
     """Rows of 100 classes streamed in 16-column blocks, target in a middle block."""
-    from fastkd.kernels.common import RowLossFunction
+    from fastkd.kernels.autograd import RowLossFunction
     from fastkd.kernels.kd import dkd_forward, kd_forward
 
     student, teacher, _ = random_logits(3, 100, seed=24, dtype=torch.float64)

@@ -272,7 +272,7 @@ def test_triton_breaks_ties_by_lower_class_index():
 def test_triton_multi_block_selection(where):
     """Rows of 110 classes streamed in 16-column blocks: the top-d classes spread over blocks, all
     in the last (partial) block, or all in the first."""
-    from fastkd.kernels.common import RowLossFunction
+    from fastkd.kernels.autograd import RowLossFunction
     from fastkd.kernels.ldrld import ldrld_forward
 
     student, teacher, target = random_logits(3, 110, seed=15, dtype=torch.float64)
