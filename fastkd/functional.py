@@ -16,7 +16,9 @@ import functools
 import os
 
 from . import reference, validation
+from .reference.hcd import hcd_logit_loss_reference
 from .vectorized import dkd as vectorized_dkd
+from .vectorized import hcd as vectorized_hcd
 from .vectorized import ldrld as vectorized_ldrld
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -192,4 +194,62 @@ def dkd_loss(
 
         rows, part_columns = dkd_rows(student_logits, teacher_logits, target, *hyperparameters)
         parts = _named_parts(part_columns, ("tckd", "nckd"))
+    return _finish(rows, parts, reduction, return_parts)
+
+
+def hcd_logit_loss(
+    shared_logits,
+    teacher_logits,
+    student_logits,
+    target,
+    *,
+    num_sub=4,
+    temperature=1.0,
+    label_smoothing=0.0,
+    theta=0.5,
+    w_gt=1.0,
+    w_sdd=6.0,
+    w_ol=1.0,
+    lam_s=1.0,
+    lam_t=1.0,
+    detach_target=False,
+    reduction="mean",
+    backend="auto",
+    return_parts=False,
+):
+    """One stage of Heterogeneous Complementary Distillation (Xu et al., AAAI 2026): the shared
+    logits ``S [B, n*C]`` split into n sub-logits, fused with the teacher and trained three ways.
+
+    Per sample, with F_j = lam_s * S[:, jC:(j+1)C] + lam_t * zt and u_j the unit vector of F_j
+    with its true-class entry set to 0:
+
+        L_sce = (1/n) sum_j CE_eps(F_j, y)
+        L_sdd = (1/n) sum_j T^2 KL(softmax(F_j/T) || softmax(zs/T))
+        L_ol  = 1/(n(n-1)) sum_{j != k} relu(u_j . u_k - theta)^2     (0 for n = 1)
+        L     = w_gt L_sce + w_sdd L_sdd + w_ol L_ol
+
+    Gradients reach ``shared_logits`` and ``student_logits`` (the KL's target side too, unless
+    ``detach_target``); never the teacher. ``return_parts=True`` also returns
+    ``{"sce", "sdd", "ol"}`` (unweighted, reduced like the loss, detached).
+    """
+    validation.check_logits(student_logits, teacher_logits)
+    validation.check_target(target, student_logits)
+    validation.check_shared_logits(shared_logits, student_logits, num_sub)
+    validation.check_positive("temperature", temperature)
+    validation.check_probability("label_smoothing", label_smoothing)
+    validation.check_reduction(reduction)
+    backend = resolve_backend(backend, student_logits)
+    options = (num_sub, temperature, label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t,
+               detach_target)
+    if backend == "reference":
+        rows, parts = hcd_logit_loss_reference(
+            shared_logits, teacher_logits, student_logits, target, *options)
+    else:
+        if backend == "torch":
+            hcd_rows = vectorized_hcd.hcd_rows
+        else:
+            from .kernels.hcd import hcd_rows
+        rows, part_columns = hcd_rows(shared_logits, teacher_logits, student_logits, target,
+                                      *options)
+        parts = _named_parts(part_columns, ("sce", "sdd", "ol"))
     return _finish(rows, parts, reduction, return_parts)

@@ -53,3 +53,22 @@ class DKDLoss(_ConfiguredLoss):
 
     def forward(self, student_logits, teacher_logits, target):
         return functional.dkd_loss(student_logits, teacher_logits, target, **self.options)
+
+
+class HCDLogitLoss(_ConfiguredLoss):
+    """``HCDLogitLoss(num_sub=4)(shared_logits, teacher_logits, student_logits, target)``: one
+    stage of HCD's sub-logit loss; options as :func:`fastkd.functional.hcd_logit_loss`."""
+
+    def __init__(self, *, num_sub=4, temperature=1.0, label_smoothing=0.0, theta=0.5, w_gt=1.0,
+                 w_sdd=6.0, w_ol=1.0, lam_s=1.0, lam_t=1.0, detach_target=False,
+                 reduction="mean", backend="auto", return_parts=False):
+        super().__init__(
+            num_sub=num_sub, temperature=temperature, label_smoothing=label_smoothing,
+            theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t,
+            detach_target=detach_target, reduction=reduction, backend=backend,
+            return_parts=return_parts,
+        )
+
+    def forward(self, shared_logits, teacher_logits, student_logits, target):
+        return functional.hcd_logit_loss(shared_logits, teacher_logits, student_logits, target,
+                                         **self.options)

@@ -72,6 +72,45 @@ def check_target(target, student_logits):
             raise ValueError(f"target must hold class indices in 0..{num_classes - 1}, found {bad}")
 
 
+def check_shared_logits(shared_logits, student_logits, num_sub):
+    """HCD's shared logits ``[B, num_sub * C]``, like the student logits in dtype and device."""
+    if not isinstance(num_sub, int) or isinstance(num_sub, bool) or num_sub < 1:
+        raise ValueError(f"num_sub must be a positive integer, got {num_sub!r}")
+    if not isinstance(shared_logits, torch.Tensor):
+        raise TypeError(f"shared_logits must be a torch.Tensor, got {type(shared_logits).__name__}")
+    batch, num_classes = student_logits.shape
+    if shared_logits.dim() != 2 or shared_logits.shape[0] != batch:
+        raise ValueError(
+            f"shared_logits must be 2-D [{batch}, num_sub * classes], "
+            f"got shape {tuple(shared_logits.shape)}"
+        )
+    width = shared_logits.shape[1]
+    if width != num_sub * num_classes:
+        if width % num_classes == 0:
+            holds = f"{width} = {width // num_classes} sub-logits of {num_classes} classes"
+        else:
+            holds = f"{width}, not a multiple of {num_classes} classes"
+        raise ValueError(
+            f"shared_logits must have num_sub * classes = {num_sub} * {num_classes} = "
+            f"{num_sub * num_classes} columns, got {holds}"
+        )
+    if shared_logits.dtype != student_logits.dtype:
+        raise TypeError(
+            f"shared_logits must have the dtype of student_logits ({student_logits.dtype}), "
+            f"got {shared_logits.dtype}"
+        )
+    if shared_logits.device != student_logits.device:
+        raise ValueError(
+            f"shared_logits must be on the device of student_logits ({student_logits.device}), "
+            f"got {shared_logits.device}"
+        )
+
+
+def check_probability(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
 def check_positive(name, value):
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
