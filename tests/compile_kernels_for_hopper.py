@@ -10,7 +10,7 @@ import tempfile
 
 import triton
 import triton.language as tl
-from fastkd.kernels import kd, ldrld
+from fastkd.kernels import hcd, kd, ldrld
 from fastkd.kernels.common import launch_config
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -19,9 +19,12 @@ NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia"
 HOPPER = GPUTarget("cuda", 90, 32)
 SCALAR_TYPES = {  # argument name -> Triton signature type, for the non-pointer arguments
     **{name: "i32" for name in ("student_stride", "teacher_stride", "grad_stride", "num_classes",
-                                "top_d")},
+                                "top_d", "shared_stride", "grad_shared_stride",
+                                "grad_student_stride", "num_sub")},
     **{name: "fp32" for name in ("temperature", "alpha", "beta", "ce_weight", "inv_num_groups",
-                                 "top_set_weight", "irw_eps", "erd_scale", "erd_decay")},
+                                 "top_set_weight", "irw_eps", "erd_scale", "erd_decay",
+                                 "label_smoothing", "theta", "w_gt", "w_sdd", "w_ol", "lam_s",
+                                 "lam_t")},
 }
 ACCUMULATORS = {"*fp32": tl.float32, "*bf16": tl.float32, "*fp16": tl.float32, "*fp64": tl.float64}
 # Launch shapes for C = 1000 (one block), 4096 (the widest single block), 21843 (streamed).
@@ -31,8 +34,9 @@ BLOCKS = [launch_config(num_classes) for num_classes in (1000, 4096, 21843)]
 def local_memory_bytes(kernel, logits_type, constexprs, num_warps):
     accumulator = "*fp64" if logits_type == "*fp64" else "*fp32"
     types = {"student_ptr": logits_type, "teacher_ptr": logits_type, "grad_ptr": logits_type,
-             "target_ptr": "*i64", "loss_ptr": accumulator, "parts_ptr": accumulator,
-             **SCALAR_TYPES}
+             "shared_ptr": logits_type, "grad_shared_ptr": logits_type,
+             "grad_student_ptr": logits_type, "target_ptr": "*i64", "loss_ptr": accumulator,
+             "parts_ptr": accumulator, **SCALAR_TYPES}
     signature = {name: "constexpr" if name in constexprs else types[name]
                  for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
@@ -58,6 +62,15 @@ def variants():
                 for name, kernel in (("kd", kd._kd_kernel), ("dkd", kd._dkd_kernel)):
                     yield (f"{name}-{logits_type[1:]}-{shape}", kernel, logits_type,
                            constexprs, num_warps)
+    hcd_variants = [(1000, "*bf16", False), (1000, "*fp32", True), (1000, "*fp64", False),
+                    (100, "*fp16", False), (21843, "*bf16", False)]
+    for num_classes, logits_type, detach_target in hcd_variants:
+        block, single_block, num_warps = hcd.hcd_launch_config(num_classes)
+        constexprs = dict(ACC=ACCUMULATORS[logits_type], SUBS=hcd.SUB_BLOCK, BLOCK=block,
+                          SINGLE_BLOCK=single_block, DETACH_TARGET=detach_target,
+                          COMPUTE_GRAD=True)
+        yield (f"hcd-{logits_type[1:]}-C{num_classes}-detach{detach_target}", hcd._hcd_kernel,
+               logits_type, constexprs, num_warps)
     for top_d in (1, 32):  # the top_d limits, forward only
         constexprs = dict(ACC=tl.float32, BLOCK=1024, SINGLE_BLOCK=True, COMPUTE_GRAD=False,
                           TOP_BLOCK=max(triton.next_power_of_2(top_d), 2))
@@ -67,6 +80,8 @@ def variants():
 if __name__ == "__main__":
     results = {}
     for name, kernel, logits_type, constexprs, num_warps in variants():
+        if len(sys.argv) > 1 and not name.startswith(sys.argv[1]):
+            continue
         try:
             results[name] = local_memory_bytes(kernel, logits_type, constexprs, num_warps)
         except Exception as error:  # reported per variant by the test
