@@ -1,0 +1,1 @@
+"""Model-side helpers: feature and embedding taps for any timm model."""
