@@ -73,23 +73,40 @@ def _online_row_kl_dot(row_max, row_sum, row_dot, fused_scaled, student_scaled, 
 
 
 @triton.jit
+def _tile_stats(q_max, q_sum, pf_max, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum,
+                fused, student, in_row, in_tile, block_cols, target, inv_temperature):
+    """Fold one tile into the per-sub-logit statistics: log-sum-exp of F_j (q) and of F_j / T
+    with the KL dot product (pf), the sum of F_j, the Gram matrix of the v_j, and the student's
+    log-sum-exp at T (s)."""
+    q_max, q_sum = _online_row_logsumexp(q_max, q_sum, fused, in_tile)
+    pf_max, pf_sum, pf_dot = _online_row_kl_dot(pf_max, pf_sum, pf_dot, fused * inv_temperature,
+                                                student * inv_temperature, in_tile)
+    s_max, s_sum = online_logsumexp(s_max, s_sum, student * inv_temperature, in_row)
+    without_target = tl.where((block_cols == target)[None, :], 0.0, fused)
+    gram += tl.dot(without_target, tl.trans(without_target), input_precision="ieee")
+    return (q_max, q_sum, pf_max, pf_sum, pf_dot, fused_sum + tl.sum(fused, axis=1), gram,
+            s_max, s_sum)
+
+
+@triton.jit
 def _tile_grads(fused, student, in_tile, block_cols, target, q_lse, pf_lse, s_lse, kl, inv_norm,
-                coupling, along, inv_temperature, ce_scale, label_smoothing, num_classes,
-                sdd_scale, lam_s, DETACH_TARGET: tl.constexpr):
-    """dL/dS for one [SUB_BLOCK, BLOCK] tile, and the student's part sum_j pf_j."""
+                coupling, along, inv_temperature, temperature, ce_scale, label_smoothing,
+                num_classes, num_sub, w_sdd, lam_s, DETACH_TARGET: tl.constexpr):
+    """dL/dS [SUB_BLOCK, BLOCK] and dL/dzs [BLOCK] for one tile of classes."""
     is_target = (block_cols == target)[None, :]
     q = tl.exp(fused - q_lse[:, None])
     smoothed = label_smoothing / num_classes + tl.where(is_target, 1.0 - label_smoothing, 0.0)
     grad = ce_scale * (q - smoothed)
     log_pf = fused * inv_temperature - pf_lse[:, None]
     pf = tl.where(in_tile, tl.exp(log_pf), 0.0)
+    log_ps = student * inv_temperature - s_lse
     if not DETACH_TARGET:
-        log_ps = student * inv_temperature - s_lse
-        grad += sdd_scale * pf * (log_pf - log_ps[None, :] - kl[:, None])
+        grad += (w_sdd * temperature / num_sub) * pf * (log_pf - log_ps[None, :] - kl[:, None])
     directions = tl.where(in_tile & ~is_target, fused, 0.0) * inv_norm[:, None]
     pulled = tl.dot(coupling, directions, input_precision="ieee")
     grad += (pulled - directions * along[:, None]) * inv_norm[:, None]
-    return lam_s * grad, tl.sum(pf, axis=0)
+    grad_student = w_sdd * temperature * (tl.exp(log_ps) - tl.sum(pf, axis=0) / num_sub)
+    return lam_s * grad, grad_student
 
 
 @triton.jit
@@ -134,28 +151,18 @@ def _hcd_kernel(
         in_row, in_tile, fused, student = _load_tile(
             shared_row, teacher_row, student_row, subs, is_sub, cols, num_classes, lam_s, lam_t,
             ACC)
-        q_max, q_sum = _online_row_logsumexp(q_max, q_sum, fused, in_tile)
-        pf_max, pf_sum, pf_dot = _online_row_kl_dot(pf_max, pf_sum, pf_dot,
-                                                    fused * inv_temperature,
-                                                    student * inv_temperature, in_tile)
-        s_max, s_sum = online_logsumexp(s_max, s_sum, student * inv_temperature, in_row)
-        fused_sum += tl.sum(fused, axis=1)
-        without_target = tl.where((cols == target)[None, :], 0.0, fused)
-        gram += tl.dot(without_target, tl.trans(without_target), input_precision="ieee")
+        q_max, q_sum, pf_max, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _tile_stats(
+            q_max, q_sum, pf_max, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum,
+            fused, student, in_row, in_tile, cols, target, inv_temperature)
     else:
         for start in range(0, num_classes, BLOCK):
             block_cols = start + cols
             in_row, in_tile, fused, student = _load_tile(
                 shared_row, teacher_row, student_row, subs, is_sub, block_cols, num_classes,
                 lam_s, lam_t, ACC)
-            q_max, q_sum = _online_row_logsumexp(q_max, q_sum, fused, in_tile)
-            pf_max, pf_sum, pf_dot = _online_row_kl_dot(pf_max, pf_sum, pf_dot,
-                                                        fused * inv_temperature,
-                                                        student * inv_temperature, in_tile)
-            s_max, s_sum = online_logsumexp(s_max, s_sum, student * inv_temperature, in_row)
-            fused_sum += tl.sum(fused, axis=1)
-            without_target = tl.where((block_cols == target)[None, :], 0.0, fused)
-            gram += tl.dot(without_target, tl.trans(without_target), input_precision="ieee")
+            q_max, q_sum, pf_max, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _tile_stats(
+                q_max, q_sum, pf_max, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum,
+                fused, student, in_row, in_tile, block_cols, target, inv_temperature)
 
     # 2. The three terms.
     # Padding rows (j >= num_sub) get finite stand-ins so no exp() overflows on them.
@@ -195,16 +202,13 @@ def _hcd_kernel(
         coupling = (4.0 * w_ol / num_pairs) * excess
         along = tl.sum(coupling * cosines, axis=1)  # u_j . g_j
         ce_scale = w_gt / num_sub
-        sdd_scale = w_sdd * temperature / num_sub
         if SINGLE_BLOCK:
-            grad, pf_total = _tile_grads(
+            grad, grad_student = _tile_grads(
                 fused, student, in_tile, cols, target, q_lse, pf_lse, s_lse, kl, inv_norm,
-                coupling, along, inv_temperature, ce_scale, label_smoothing, num_classes,
-                sdd_scale, lam_s, DETACH_TARGET)
+                coupling, along, inv_temperature, temperature, ce_scale, label_smoothing,
+                num_classes, num_sub, w_sdd, lam_s, DETACH_TARGET)
             tl.store(grad_shared_row + subs[:, None] * num_classes + cols[None, :],
                      grad.to(grad_shared_ptr.dtype.element_ty), mask=in_tile)
-            ps = tl.exp(student * inv_temperature - s_lse)
-            grad_student = w_sdd * temperature * (ps - pf_total / num_sub)
             tl.store(grad_student_row + cols, grad_student.to(grad_student_ptr.dtype.element_ty),
                      mask=in_row)
         else:
@@ -213,14 +217,12 @@ def _hcd_kernel(
                 in_row, in_tile, fused, student = _load_tile(
                     shared_row, teacher_row, student_row, subs, is_sub, block_cols, num_classes,
                     lam_s, lam_t, ACC)
-                grad, pf_total = _tile_grads(
+                grad, grad_student = _tile_grads(
                     fused, student, in_tile, block_cols, target, q_lse, pf_lse, s_lse, kl,
-                    inv_norm, coupling, along, inv_temperature, ce_scale, label_smoothing,
-                    num_classes, sdd_scale, lam_s, DETACH_TARGET)
+                    inv_norm, coupling, along, inv_temperature, temperature, ce_scale,
+                    label_smoothing, num_classes, num_sub, w_sdd, lam_s, DETACH_TARGET)
                 tl.store(grad_shared_row + subs[:, None] * num_classes + block_cols[None, :],
                          grad.to(grad_shared_ptr.dtype.element_ty), mask=in_tile)
-                ps = tl.exp(student * inv_temperature - s_lse)
-                grad_student = w_sdd * temperature * (ps - pf_total / num_sub)
                 tl.store(grad_student_row + block_cols,
                          grad_student.to(grad_student_ptr.dtype.element_ty), mask=in_row)
 
