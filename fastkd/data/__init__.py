@@ -1,0 +1,101 @@
+"""Training and evaluation input: one loader interface over DALI and torchvision.
+
+``create_loaders(dataset, data_dir, ...)`` returns ``(train_loader, val_loader)``. Iterating a
+loader yields ``(images [B, 3, H, W] float normalised, labels [B] int64)`` on the training device;
+each has ``len()`` (batches this rank reads per epoch), ``set_epoch(epoch)``, ``num_classes`` and
+``dataset_size`` (samples across all ranks). Every sample is read exactly once per epoch across
+ranks, by both loaders: training takes a shard of one seeded permutation per epoch, evaluation a
+shard of the sorted list.
+"""
+
+import functools
+import logging
+
+from .cifar import CIFAR100, cifar_transform
+from .common import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from .demo import build_demo_dataset, default_demo_root
+from .folders import scan_split_folders
+from .torch_loader import FileDataset, TorchLoader, image_transform
+
+DATASETS = ("demo", "imagenet", "folder", "cifar100")
+LOADERS = ("auto", "dali", "torch")
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def dali_available():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_loader(loader, dataset):
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    if dataset == "cifar100":
+        if loader == "dali":
+            raise ValueError("loader='dali' does not read CIFAR-100 (already-decoded arrays); "
+                             "use loader='torch' or 'auto'")
+        return "torch"
+    if loader == "auto":
+        if dali_available():
+            return "dali"
+        logger.warning("DALI is not installed (pip install 'fastkd[dali]'): using the "
+                       "torchvision loader")
+        return "torch"
+    if loader == "dali" and not dali_available():
+        raise ValueError("loader='dali' needs nvidia-dali (pip install 'fastkd[dali]')")
+    return loader
+
+
+def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loader="auto",
+                   eval_batch_size=None, rank=0, world_size=1, device="cpu", workers=4,
+                   channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO):
+    """``(train_loader, val_loader)`` for ``dataset``:
+
+    - ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``;
+    - ``"demo"``: the bundled digits, written as JPEGs under ``data_dir`` (default: the user
+      cache) on first use;
+    - ``"cifar100"``: the python archive under ``data_dir`` (torchvision loader).
+    ``image_size`` defaults to 224 for folders and 32 for demo and CIFAR-100.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if dataset != "demo" and not data_dir:
+        raise ValueError(f"dataset {dataset!r} needs data_dir (the dataset's root directory)")
+    kind = resolve_loader(loader, dataset)
+    common = dict(rank=rank, world_size=world_size, device=device, workers=workers,
+                  channels_last=channels_last, seed=seed)
+    sizes = {"train": batch_size, "val": eval_batch_size or batch_size}
+
+    if dataset == "cifar100":
+        image_size = image_size or 32
+        return tuple(
+            TorchLoader(CIFAR100(data_dir, split, cifar_transform(split == "train", image_size)),
+                        100, training=split == "train", batch_size=sizes[split], **common)
+            for split in ("train", "val"))
+
+    if dataset == "demo":
+        data_dir = build_demo_dataset(data_dir or default_demo_root())
+        image_size = image_size or 32
+    image_size = image_size or 224
+    folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/val")
+    loaders = []
+    for split, folder in zip(("train", "val"), folders):
+        training = split == "train"
+        if kind == "dali":
+            from .dali import DaliLoader
+
+            loaders.append(DaliLoader(
+                folder.samples, folder.num_classes, training=training,
+                batch_size=sizes[split], image_size=image_size, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD, crop_ratio=crop_ratio, **common))
+        else:
+            transform = image_transform(training, image_size, IMAGENET_MEAN, IMAGENET_STD,
+                                        crop_ratio)
+            loaders.append(TorchLoader(FileDataset(folder.samples, transform),
+                                       folder.num_classes, training=training,
+                                       batch_size=sizes[split], **common))
+    return tuple(loaders)

@@ -1,0 +1,38 @@
+"""What both loaders share: normalisation constants, eval resize rule, the per-epoch shard order
+and the batch hand-off to the training device."""
+
+import math
+
+import torch
+
+from .folders import shard_bounds
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+DEFAULT_CROP_RATIO = 224 / 256  # eval: resize the shorter side to crop / ratio, centre crop
+
+
+def eval_resize(image_size, crop_ratio=DEFAULT_CROP_RATIO):
+    return int(math.floor(image_size / crop_ratio))
+
+
+def epoch_order(size, rank, world_size, shuffle, seed, epoch):
+    """Indices this rank reads in ``epoch``: one permutation of the whole dataset (seeded by
+    seed + epoch, the same on every rank) cut into contiguous shards, so every sample is read
+    exactly once per epoch across ranks. Without ``shuffle`` the order is the dataset's."""
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(size, generator=generator)
+    else:
+        order = torch.arange(size)
+    start, stop = shard_bounds(size, rank, world_size)
+    return order[start:stop].tolist()
+
+
+def to_device(images, labels, device, channels_last):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True).long().view(-1)

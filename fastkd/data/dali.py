@@ -1,0 +1,87 @@
+"""The DALI loader: JPEG decoding and augmentation in DALI, on the GPU when there is one.
+
+With CUDA, decoding is ``device="mixed"`` (nvJPEG) and the augmentations run on
+``device_id=local_rank``; without CUDA the same pipeline runs CPU-only (``device_id=None``). The
+file list of each epoch is this rank's shard of one global permutation (``epoch_order``), given to
+``fn.readers.file`` with ``pad_last_batch=True``, and the iterator drops the padding
+(``LastBatchPolicy.PARTIAL``): every sample is read exactly once per epoch across ranks.
+"""
+
+import math
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from .common import epoch_order, eval_resize, to_device
+from .folders import shard_bounds
+
+READER = "reader"
+
+
+@pipeline_def
+def image_pipeline(files, labels, training, image_size, resize_size, mean, std, gpu):
+    jpegs, labels = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                    pad_last_batch=True, name=READER)
+    decode_device = "mixed" if gpu else "cpu"
+    if training:
+        images = fn.decoders.image_random_crop(
+            jpegs, device=decode_device, output_type=types.RGB,
+            random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=resize_size)
+        mirror = False
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", crop=(image_size, image_size),
+        mean=[255 * value for value in mean], std=[255 * value for value in std], mirror=mirror)
+    return images, labels
+
+
+class DaliLoader:
+    """Batches ``(images [B, 3, H, W] float, labels [B] int64)`` on ``device``."""
+
+    def __init__(self, samples, num_classes, *, training, batch_size, image_size, mean, std,
+                 crop_ratio, rank=0, world_size=1, device="cpu", workers=4,
+                 channels_last=False, seed=0):
+        self.samples, self.num_classes, self.dataset_size = samples, num_classes, len(samples)
+        self.training, self.batch_size = training, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.pipeline_options = dict(
+            training=training, image_size=image_size,
+            resize_size=eval_resize(image_size, crop_ratio),
+            mean=mean, std=std, gpu=self.device.type == "cuda", batch_size=batch_size,
+            num_threads=max(workers, 1),
+            device_id=(self.device.index or 0) if self.device.type == "cuda" else None)
+        self.epoch, self.iterator = 0, None
+
+    def set_epoch(self, epoch):
+        if epoch != self.epoch:
+            self.epoch, self.iterator = epoch, None
+
+    def _build(self):
+        """A pipeline over this epoch's shard (rebuilt per epoch: the order changes)."""
+        order = epoch_order(self.dataset_size, self.rank, self.world_size, self.training,
+                            self.seed, self.epoch)
+        files = [self.samples[index][0] for index in order]
+        labels = [self.samples[index][1] for index in order]
+        pipeline = image_pipeline(files=files, labels=labels,
+                                  seed=self.seed + 1000 * self.epoch + self.rank,
+                                  **self.pipeline_options)
+        pipeline.build()
+        return DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER,
+                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+
+    def __len__(self):
+        start, stop = shard_bounds(self.dataset_size, self.rank, self.world_size)
+        return math.ceil((stop - start) / self.batch_size)
+
+    def __iter__(self):
+        if self.iterator is None:
+            self.iterator = self._build()
+        for batch in self.iterator:
+            yield to_device(batch[0]["images"], batch[0]["labels"], self.device,
+                            self.channels_last)

@@ -1,0 +1,190 @@
+"""Data loaders on real JPEG trees: DALI (CPU pipeline) and torchvision, sharding, CIFAR-100,
+the demo dataset and bad input."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastkd import data
+from fastkd.data import create_loaders
+from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD, epoch_order
+from fastkd.data.demo import build_demo_dataset
+
+needs_dali = pytest.mark.skipif(not data.dali_available(), reason="nvidia-dali is not installed")
+LOADERS = [pytest.param("dali", marks=needs_dali), "torch"]
+
+
+def smooth_image(height, width, phase):
+    y, x = np.mgrid[0:height, 0:width]
+    channels = [128 + 100 * np.sin(x / 7 + phase), 128 + 100 * np.cos(y / 9 + phase),
+                128 + 60 * np.sin((x + y) / 11)]
+    return Image.fromarray(np.stack(channels, -1).clip(0, 255).astype(np.uint8))
+
+
+def write_tree(root, classes, train_per_class, val_per_class):
+    """``root/{train,val}/<class>/<i>.jpeg`` with smooth images of varying sizes."""
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label, name in enumerate(classes):
+            os.makedirs(root / split / name, exist_ok=True)
+            for index in range(count):
+                image = smooth_image(40 + 8 * index, 60 - 4 * index, label + index / 3)
+                image.save(root / split / name / f"{index}.jpeg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_tree(tmp_path_factory.mktemp("tree"), ["cat", "dog", "emu"], 7, 4)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_loader_batches(tree, kind):
+    train, val = create_loaders("folder", str(tree), batch_size=4, image_size=32, loader=kind,
+                                workers=1)
+    assert (train.num_classes, train.dataset_size, val.dataset_size) == (3, 21, 12)
+    assert (len(train), len(val)) == (6, 3)
+    lowest = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    highest = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    seen = 0
+    for images, labels in train:
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+        assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
+        assert images.min() >= lowest - 1e-4 and images.max() <= highest + 1e-4
+        seen += len(labels)
+    assert seen == 21
+    first = [(images.clone(), labels.clone()) for images, labels in val]
+    second = list(val)
+    labels = torch.cat([labels for _, labels in first])
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # folder order, deterministic
+    for (images_a, labels_a), (images_b, labels_b) in zip(first, second):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+
+
+def test_channels_last(tree):
+    train, _ = create_loaders("folder", str(tree), batch_size=4, image_size=32, loader="torch",
+                              workers=0, channels_last=True)
+    images, _ = next(iter(train))
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_dali
+def test_dali_and_torchvision_agree_on_evaluation(tree):
+    """Same images, same decode-resize-crop-normalise recipe. They differ in JPEG decoder and
+    resize kernel, which on these smooth 40-64 px images moves values by 0.05 on average and up
+    to ~0.3 (normalised units, i.e. up to ~18/255): the bounds below allow for that, no more."""
+    outputs = {}
+    for kind in ("dali", "torch"):
+        _, val = create_loaders("folder", str(tree), batch_size=5, image_size=32, loader=kind,
+                                workers=1)
+        outputs[kind] = torch.cat([images for images, _ in val])
+    difference = (outputs["dali"] - outputs["torch"]).abs()
+    assert difference.mean() < 0.08
+    assert torch.quantile(difference.flatten(), 0.99) < 0.45
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_two_shards_cover_each_epoch_exactly_once(tmp_path, kind):
+    """13 one-image classes, so a label names its sample; batch 4 does not divide the 6/7-image
+    shards (the pad_last_batch trap)."""
+    root = write_tree(tmp_path, [f"c{index:02d}" for index in range(13)], 1, 1)
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            train, _ = create_loaders("folder", str(root), batch_size=4, image_size=16,
+                                      loader=kind, rank=rank, world_size=2, workers=1, seed=3)
+            train.set_epoch(epoch)
+            labels = torch.cat([labels for _, labels in train]).tolist()
+            assert len(labels) == [6, 7][rank]
+            seen.append(labels)
+        assert sorted(seen[0] + seen[1]) == list(range(13))
+    assert epoch_order(13, 0, 2, True, 3, 0) != epoch_order(13, 0, 2, True, 3, 1)
+
+
+def test_cifar100_reader(tmp_path):
+    archive = tmp_path / "cifar-100-python"
+    archive.mkdir()
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("test", 6)):
+        entry = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 "fine_labels": list(rng.integers(0, 100, count)), "coarse_labels": [0] * count}
+        with open(archive / split, "wb") as handle:
+            pickle.dump(entry, handle)
+    with open(archive / "meta", "wb") as handle:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, handle)
+    train, val = create_loaders("cifar100", str(tmp_path), batch_size=4, workers=0)
+    assert (train.dataset_size, val.dataset_size, train.num_classes) == (10, 6, 100)
+    images, labels = next(iter(val))
+    assert images.shape == (4, 3, 32, 32)
+    with open(archive / "test", "rb") as handle:
+        expected = pickle.load(handle)
+    assert labels.tolist() == [int(label) for label in expected["fine_labels"][:4]]
+    first = expected["data"][0].reshape(3, 32, 32).astype(np.float32) / 255
+    mean, std = data.common.CIFAR100_MEAN, data.common.CIFAR100_STD
+    normalised = (first - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    torch.testing.assert_close(images[0], torch.from_numpy(normalised).float(), rtol=0, atol=1e-5)
+    train224, _ = create_loaders("cifar100", str(tmp_path), batch_size=2, image_size=224,
+                                 workers=0)
+    assert next(iter(train224))[0].shape == (2, 3, 224, 224)
+
+
+def test_demo_dataset_build_reuse_and_rebuild(tmp_path):
+    root = str(tmp_path / "digits")
+    build_demo_dataset(root)
+    train_files = sorted(os.path.join(d, f) for d, _, fs in os.walk(f"{root}/train") for f in fs)
+    val_files = sorted(os.path.join(d, f) for d, _, fs in os.walk(f"{root}/val") for f in fs)
+    assert len(train_files) + len(val_files) == 1797
+    assert len(os.listdir(f"{root}/train")) == 10 and len(val_files) == 355
+    with Image.open(train_files[0]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+    stamp = os.path.getmtime(train_files[0])
+    build_demo_dataset(root)
+    assert os.path.getmtime(train_files[0]) == stamp  # complete: reused as is
+    os.remove(val_files[3])
+    build_demo_dataset(root)
+    assert os.path.isfile(val_files[3])  # incomplete: rebuilt
+    train, val = create_loaders("demo", root, batch_size=64, loader="torch", workers=0)
+    assert (train.dataset_size, val.dataset_size, train.num_classes) == (1442, 355, 10)
+
+
+def test_auto_falls_back_to_torchvision_with_one_log_line(tree, monkeypatch, caplog):
+    monkeypatch.setattr(data, "dali_available", lambda: False)
+    with caplog.at_level("WARNING", logger="fastkd.data"):
+        train, _ = create_loaders("folder", str(tree), batch_size=4, image_size=32, workers=0)
+    assert isinstance(train, data.TorchLoader)
+    assert [record.message for record in caplog.records] == [
+        "DALI is not installed (pip install 'fastkd[dali]'): using the torchvision loader"]
+    with pytest.raises(ValueError, match=r"loader='dali' needs nvidia-dali"):
+        create_loaders("folder", str(tree), batch_size=4, loader="dali")
+
+
+def test_bad_input(tmp_path, tree):
+    with pytest.raises(FileNotFoundError, match=f"image folder {tmp_path}/nowhere/train does not exist"):
+        create_loaders("folder", str(tmp_path / "nowhere"), batch_size=4)
+    empty = write_tree(tmp_path / "empty", ["a", "b"], 2, 2)
+    for path in (empty / "val" / "b").iterdir():
+        path.unlink()
+    with pytest.raises(ValueError, match=f"class folders with no images \\(1\\): {empty}/val/b"):
+        create_loaders("folder", str(empty), batch_size=4)
+    (tmp_path / "bare" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="has no class sub-directories"):
+        create_loaders("folder", str(tmp_path / "bare"), batch_size=4)
+    mismatch = write_tree(tmp_path / "mismatch", ["a", "b"], 1, 1)
+    (mismatch / "val" / "b").rename(mismatch / "val" / "c")
+    with pytest.raises(ValueError, match=r"have different classes: only in train \['b'\], only in val \['c'\]"):
+        create_loaders("folder", str(mismatch), batch_size=4)
+    broken = write_tree(tmp_path / "broken", ["a"], 2, 1)
+    (broken / "train" / "a" / "1.jpeg").write_text("not an image")
+    with pytest.raises(ValueError, match=f"1 file\\(s\\) are not images \\(bad header\\), e.g. {broken}/train/a/1.jpeg"):
+        create_loaders("folder", str(broken), batch_size=4)
+    with pytest.raises(FileNotFoundError, match=f"no CIFAR-100 archive at {tmp_path}"):
+        create_loaders("cifar100", str(tmp_path), batch_size=4)
+    with pytest.raises(ValueError, match="dataset 'imagenet' needs data_dir"):
+        create_loaders("imagenet", None, batch_size=4)
+    with pytest.raises(ValueError, match=r"dataset must be one of .*, got 'mnist'"):
+        create_loaders("mnist", str(tree), batch_size=4)
+    with pytest.raises(ValueError, match="loader='dali' does not read CIFAR-100"):
+        create_loaders("cifar100", str(tmp_path), batch_size=4, loader="dali")
