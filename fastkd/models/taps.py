@@ -32,32 +32,32 @@ def _feature_info(model, role):
 
 
 def stage_taps(model, stages=(1, 2, 3, 4)):
-    """The taps of the requested stages (1..4) of ``model``.
+    """The taps of the requested stages (1-based) of ``model``.
 
-    A pyramid (CNN, Swin) has four stages at four resolutions: stage i is the last feature at the
-    i-th of its four coarsest reductions (ResNet: layer1..layer4). An isotropic model (ViT, DeiT)
-    has one resolution: stage i is the block that ends the i-th quarter of its depth, read as
-    tokens.
+    A pyramid (CNN, Swin) has a stage per resolution: stage i is the last feature at the i-th of
+    its (at most four) coarsest reductions (ImageNet ResNet: layer1..layer4; CIFAR ResNet: its
+    three stages). An isotropic model (ViT, DeiT) has one resolution: stage i is the block that
+    ends the i-th quarter of its depth, read as tokens.
     """
     info = _feature_info(model, "student")
-    bad = [stage for stage in stages if stage not in range(1, NUM_STAGES + 1)]
-    if not stages or bad:
-        raise ValueError(f"stages must be a non-empty subset of (1, 2, 3, 4), got {tuple(stages)}")
     reductions = [entry["reduction"] for entry in info]
     distinct = sorted(set(reductions))
-    if len(distinct) >= NUM_STAGES:
+    if len(distinct) >= 2:
         last_at = {reduction: index for index, reduction in enumerate(reductions)}
         indices = [last_at[reduction] for reduction in distinct[-NUM_STAGES:]]
         tokens = False
-    elif len(distinct) == 1 and len(info) >= NUM_STAGES:
+    elif len(info) >= NUM_STAGES:
         indices = [round(quarter * len(info) / NUM_STAGES) - 1
                    for quarter in range(1, NUM_STAGES + 1)]
         tokens = True
     else:
         raise ValueError(
-            f"student {type(model).__name__} has feature reductions {reductions}: expected four "
-            "stages at four resolutions, or an isotropic model with at least four blocks"
-        )
+            f"student {type(model).__name__} has feature reductions {reductions}: expected a "
+            "pyramid of stages, or an isotropic model with at least four blocks")
+    available = tuple(range(1, len(indices) + 1))
+    if not stages or any(stage not in available for stage in stages):
+        raise ValueError(f"stages must be a non-empty subset of {available} for "
+                         f"{type(model).__name__}, got {tuple(stages)}")
     return [StageTap(stage, indices[stage - 1], info[indices[stage - 1]]["num_chs"],
                      info[indices[stage - 1]]["reduction"], tokens) for stage in stages]
 

@@ -1,0 +1,70 @@
+"""The CIFAR-style nets: parameter counts against the published ones, output shapes, timm
+registration and the feature interface HCD relies on."""
+
+import pytest
+import timm
+import torch
+
+import fastkd.models  # noqa: F401  (registers the nets)
+from fastkd.distillers import HCD
+from fastkd.models.taps import stage_taps
+
+# Parameters (millions, 100 classes) as published for the CIFAR-100 KD benchmark (CRD, Tian et
+# al., ICLR 2020, and the papers that reuse it), to their two decimals.
+PUBLISHED_MILLIONS = {
+    "resnet8x4": 1.23, "resnet32x4": 7.43, "resnet20": 0.28, "resnet56": 0.86, "resnet110": 1.73,
+    "wrn_16_2": 0.70, "wrn_40_2": 2.26, "vgg8": 3.96, "vgg13_cifar": 9.46,
+}
+# (stem/stage channels) per feature_info entry, for 32x32 inputs.
+FEATURE_SHAPES = {
+    "resnet8x4": [(32, 32), (64, 32), (128, 16), (256, 8)],
+    "resnet20": [(16, 32), (16, 32), (32, 16), (64, 8)],
+    "wrn_40_2": [(16, 32), (32, 32), (64, 16), (128, 8)],
+    "vgg8": [(64, 32), (128, 16), (256, 8), (512, 4), (512, 4)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MILLIONS))
+def test_parameter_count_and_logits(name):
+    model = timm.create_model(name, num_classes=100)
+    millions = sum(parameter.numel() for parameter in model.parameters()) / 1e6
+    assert millions == pytest.approx(PUBLISHED_MILLIONS[name], abs=0.01)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_SHAPES))
+def test_feature_interface(name):
+    model = timm.create_model(name, num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    final, maps = model.forward_intermediates(images)
+    assert [(m.shape[1], m.shape[2]) for m in maps] == FEATURE_SHAPES[name]
+    assert [(entry["num_chs"], 32 // entry["reduction"]) for entry in model.feature_info] == \
+        FEATURE_SHAPES[name]
+    embedding = model.forward_head(final, pre_logits=True)
+    assert embedding.shape == (2, model.num_features)
+    torch.testing.assert_close(model.forward_head(final), model(images))
+    last_two = model.forward_intermediates(images, indices=2, intermediates_only=True)
+    assert [m.shape for m in last_two] == [m.shape for m in maps[-2:]]
+
+
+def test_stage_taps_and_hcd_with_cifar_students():
+    resnet8x4 = timm.create_model("resnet8x4")
+    assert [tap.feature_index for tap in stage_taps(resnet8x4, stages=(1, 2, 3))] == [1, 2, 3]
+    assert [tap.feature_index for tap in stage_taps(timm.create_model("vgg8"))] == [0, 1, 2, 4]
+    teacher = timm.create_model("resnet32x4", num_classes=100)
+    student = timm.create_model("resnet8x4", num_classes=100)
+    with pytest.raises(ValueError, match=r"subset of \(1, 2, 3\) for CifarNet, got \(1, 2, 3, 4\)"):
+        HCD(student, teacher, 100)
+    distiller = HCD(student, teacher, 100, stages=(1, 2, 3)).train()
+    logits, losses = distiller(torch.randn(2, 3, 32, 32), torch.tensor([3, 99]))
+    sum(losses.values()).backward()
+    assert logits.shape == (2, 100)
+    assert all(parameter.grad is not None for parameter in distiller.extra_parameters())
+
+
+def test_registration_errors():
+    with pytest.raises(ValueError, match="resnet8x4 has no pretrained weights"):
+        timm.create_model("resnet8x4", pretrained=True)
+    with pytest.raises(ValueError, match=r"resnet8x4 takes no options \['drop_rate'\]"):
+        timm.create_model("resnet8x4", drop_rate=0.1)
+    assert "vgg13_cifar" in timm.list_models("vgg13*")
