@@ -1,0 +1,1 @@
+"""The training engine behind ``train/main.py``: options, checkpoints, the distributed loop."""

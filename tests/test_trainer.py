@@ -1,0 +1,188 @@
+"""The trainer end to end: real torchrun processes on the demo JPEGs, checkpoints, signals,
+resume, options."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from fastkd.data.demo import build_demo_dataset
+from fastkd.engine.config import parse_args
+
+MAIN = os.path.join(os.path.dirname(__file__), os.pardir, "train", "main.py")
+FAST = ["--epochs", "1", "--batch-size", "128", "--workers", "0", "--loader", "torch",
+        "--model", "resnet20"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return build_demo_dataset(str(tmp_path_factory.mktemp("digits")))
+
+
+def run_main(args, processes=1, timeout=300):
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={processes}", MAIN] if processes > 1 else [sys.executable, MAIN])
+    return subprocess.run(command + args, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_folder(output, name):
+    return os.path.join(output, name)
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(demo_dir, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("teacher"))
+    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
+                       "--output", output, "--experiment", "teacher", *FAST])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return os.path.join(output, "teacher", "best.pth")
+
+
+@pytest.mark.parametrize("distiller", ["kd", "dkd", "ldrld", "hcd"])
+def test_two_process_run_of_each_distiller(demo_dir, teacher_checkpoint, tmp_path, distiller):
+    extra = ["--hcd-stages", "1", "2", "3"] if distiller == "hcd" else []
+    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", distiller,
+                       "--teacher", "resnet20", "--teacher-checkpoint", teacher_checkpoint,
+                       "--output", str(tmp_path), "--experiment", "run", *FAST, *extra],
+                      processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "run"
+    assert {"args.yaml", "summary.csv", "last.pth", "best.pth", "curves.png"} <= set(
+        os.listdir(folder))
+    with open(folder / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and 0 <= float(rows[0]["eval_top1"]) <= 100
+    assert {"train_loss", "train_ce", "train_kd" if distiller != "hcd" else "train_sce"} <= set(
+        rows[0])
+    state = torch.load(folder / "last.pth", weights_only=False)
+    assert state["epoch"] == 1 and state["args"]["distiller"] == distiller
+    assert yaml.safe_load(open(folder / "args.yaml"))["distiller"] == distiller
+    assert "teacher   resnet20" in result.stdout and "student   resnet20" in result.stdout
+
+
+def wait_for(path, process, seconds=240):
+    deadline = time.time() + seconds
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.5)
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, MAIN, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path):
+    args = ["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce", "--output",
+            str(tmp_path), "--experiment", "run", *FAST, "--epochs", "3"]
+    process = start(args)
+    last = tmp_path / "run" / "last.pth"
+    wait_for(last, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(last, weights_only=False)
+    assert saved["epoch"] >= 1
+
+    from fastkd.engine.trainer import Run, World  # the resumed state, checked in process
+
+    resumed_args = parse_args(args + ["--resume", str(last)])
+    from fastkd.data import create_loaders
+
+    loaders = create_loaders("demo", demo_dir, batch_size=128, loader="torch", workers=0)
+    run = Run(resumed_args, World(), loaders, str(tmp_path / "run"))
+    run.resume(str(last))
+    assert run.start_epoch == saved["epoch"]
+    restored = run.optimizer.state_dict()
+    for key, value in saved["optimizer"]["state"].items():
+        assert torch.equal(restored["state"][key]["momentum_buffer"], value["momentum_buffer"])
+
+    result = run_main(args + ["--resume", str(last)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at epoch {saved['epoch']}" in result.stdout
+    with open(tmp_path / "run" / "summary.csv") as handle:
+        assert [int(float(row["epoch"])) for row in csv.DictReader(handle)] == [0, 1, 2]
+    assert torch.load(last, weights_only=False)["epoch"] == 3
+
+
+def test_sigterm_saves_a_loadable_checkpoint(demo_dir, tmp_path):
+    process = start(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
+                     "--output", str(tmp_path), "--experiment", "run", *FAST,
+                     "--epochs", "5", "--batch-size", "16", "--log-interval", "5"])
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training steps are running
+        line = process.stderr.readline()
+        if line.startswith("epoch 0 ["):
+            break
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0
+    assert "SIGTERM: saved" in stdout
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=False)
+    assert state["epoch"] == 0 and "model" in state and "optimizer" in state
+
+
+def test_resume_refuses_changed_settings(demo_dir, tmp_path, teacher_checkpoint):
+    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
+                       "--output", str(tmp_path), *FAST, "--model", "resnet8x4",
+                       "--resume", teacher_checkpoint])
+    assert result.returncode != 0
+    assert "--resume refuses a run with different settings: --model 'resnet20' -> 'resnet8x4'" \
+        in result.stderr
+
+
+def test_non_finite_loss_stops_the_run(demo_dir, tmp_path):
+    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
+                       "--output", str(tmp_path), "--experiment", "run", *FAST,
+                       "--lr", "1e30", "--batch-size", "16"])
+    assert result.returncode != 0
+    assert "error: non-finite loss at epoch 0" in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "best.pth")
+
+
+def test_config_file_and_command_line(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model: resnet8x4\nteacher: resnet32x4\nlr: 0.5\nepochs: 3\n"
+                      "decay-epochs: [1, 2]\n")
+    args = parse_args(["--config", str(config), "--lr", "0.1"])
+    assert (args.model, args.teacher, args.lr, args.epochs) == ("resnet8x4", "resnet32x4", 0.1, 3)
+    assert list(args.decay_epochs) == [1, 2]
+    config.write_text("learning_rate: 0.1\n")
+    with pytest.raises(SystemExit, match="unknown option 'learning_rate'"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--distiller", "fitnet"], "invalid choice: 'fitnet'"),
+    (["--dataset", "imagenet", "--model", "resnet18", "--teacher", "resnet50"],
+     "--dataset imagenet needs --data-dir"),
+    (["--dataset", "imagenet", "--data-dir", "/no/such/dir", "--model", "resnet18",
+      "--teacher", "resnet50"], "--data-dir /no/such/dir does not exist"),
+    (["--teacher-checkpoint", "/no/such.pth"], "--teacher-checkpoint /no/such.pth does not exist"),
+    (["--epochs", "0"], "--epochs must be positive, got 0"),
+    (["--distiller", "kd", "--dataset", "cifar100", "--data-dir", "/", "--model", "resnet8x4"],
+     "--distiller kd needs --teacher"),
+])
+def test_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_presets_parse():
+    folder = os.path.join(os.path.dirname(__file__), os.pardir, "train", "configs")
+    presets = sorted(name for name in os.listdir(folder) if name.endswith(".yaml"))
+    assert len(presets) >= 5
+    for name in presets:
+        args = parse_args(["--config", os.path.join(folder, name), "--data-dir", "/"])
+        assert args.model and args.epochs > 0
