@@ -185,7 +185,9 @@ class Run:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "best_top1": self.best_top1, "args": vars(self.args),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()}}
+                        "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                        else None}}
 
     def resume(self, path):
         state = checkpoint.load(path)
@@ -200,6 +202,8 @@ class Run:
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.world.log(f"resumed {path} at epoch {self.start_epoch}")
 
     def save(self, epoch, top1=None):

@@ -1,0 +1,40 @@
+"""Training-step time of each distiller against CE alone, on the same models: ``pytest bench/``.
+
+One SGD step (forward of student and frozen teacher, loss, backward, update) at batch 64 on
+32x32 inputs with the demo run's models (student resnet20, teacher wrn_16_2; HCD on the
+student's three stages). The difference to CE is what distillation costs per step: the teacher's
+forward pass plus the loss (and HCD's projectors and mappers).
+"""
+
+import pytest
+import timm
+import torch
+
+import fastkd.models  # noqa: F401  (registers the CIFAR nets)
+from fastkd.distillers import build_distiller
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPTIONS = {"ce": {}, "kd": {}, "dkd": {}, "ldrld": {},
+           "hcd": {"num_classes": 10, "stages": (1, 2, 3)}}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def bench_distiller_step(benchmark, name):
+    torch.manual_seed(0)
+    student = timm.create_model("resnet20", num_classes=10)
+    teacher = None if name == "ce" else timm.create_model("wrn_16_2", num_classes=10)
+    distiller = build_distiller(name, student, teacher, **OPTIONS[name]).to(DEVICE).train()
+    optimizer = torch.optim.SGD([*student.parameters(), *distiller.extra_parameters()], lr=0.01)
+    images = torch.randn(64, 3, 32, 32, device=DEVICE)
+    target = torch.randint(0, 10, (64,), device=DEVICE)
+    benchmark.group = f"training step, resnet20 <- wrn_16_2, batch 64, 32x32, {DEVICE}"
+
+    def step():
+        _, losses = distiller(images, target)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark(step)
