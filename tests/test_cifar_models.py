@@ -14,6 +14,7 @@ from fastkd.models.taps import stage_taps
 PUBLISHED_MILLIONS = {
     "resnet8x4": 1.23, "resnet32x4": 7.43, "resnet20": 0.28, "resnet56": 0.86, "resnet110": 1.73,
     "wrn_16_2": 0.70, "wrn_40_2": 2.26, "vgg8": 3.96, "vgg13_cifar": 9.46,
+    "mobilenetv2_cifar": 0.81, "shufflenetv1_cifar": 0.95, "shufflenetv2_cifar": 1.36,
 }
 # (stem/stage channels) per feature_info entry, for 32x32 inputs.
 FEATURE_SHAPES = {
@@ -21,6 +22,9 @@ FEATURE_SHAPES = {
     "resnet20": [(16, 32), (16, 32), (32, 16), (64, 8)],
     "wrn_40_2": [(16, 32), (32, 32), (64, 16), (128, 8)],
     "vgg8": [(64, 32), (128, 16), (256, 8), (512, 4), (512, 4)],
+    "mobilenetv2_cifar": [(12, 16), (16, 8), (48, 4), (1280, 2)],
+    "shufflenetv1_cifar": [(24, 32), (240, 16), (480, 8), (960, 4)],
+    "shufflenetv2_cifar": [(24, 32), (116, 16), (232, 8), (1024, 4)],
 }
 
 

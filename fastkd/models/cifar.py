@@ -5,10 +5,11 @@ Architectures follow the common KD benchmark definitions (CRD, mdistiller): CIFA
 three stages of basic blocks, pre-activation wide ResNets, and VGG with batch norm. Each model
 has timm's interface (``forward_features``, ``forward_head(pre_logits=)``,
 ``forward_intermediates``, ``feature_info``, ``num_features``), so every distiller, HCD's stage
-taps included, works with them. ``vgg13`` is registered as ``vgg13_cifar``: timm's ``vgg13`` is
-the ImageNet network.
+taps included, works with them. Names timm already uses for ImageNet networks get a ``_cifar``
+suffix: ``vgg13_cifar``, ``mobilenetv2_cifar``, ``shufflenetv1_cifar``, ``shufflenetv2_cifar``.
 """
 
+import torch
 from timm.models import register_model
 from torch import nn
 
@@ -55,6 +56,82 @@ class PreActBlock(nn.Module):
         activated = self.pre(x)
         shortcut = x if self.projection is None else self.projection(activated)
         return self.body(activated) + shortcut
+
+
+def channel_shuffle(x, groups):
+    batch, channels, height, width = x.shape
+    return (x.view(batch, groups, channels // groups, height, width).transpose(1, 2)
+            .reshape(batch, channels, height, width))
+
+
+def conv_bn(in_channels, out_channels, kernel, stride=1, groups=1, relu=True):
+    layers = [nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2,
+                        groups=groups, bias=False), nn.BatchNorm2d(out_channels)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand (always, t = 1 included), 3x3 depthwise, 1x1 project;
+    residual when the shape is kept."""
+
+    def __init__(self, in_channels, out_channels, stride, expansion):
+        super().__init__()
+        hidden = in_channels * expansion
+        self.body = nn.Sequential(
+            conv_bn(in_channels, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            conv_bn(hidden, out_channels, 1, relu=False))
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class ShuffleUnitV1(nn.Module):
+    """ShuffleNet unit: grouped 1x1, channel shuffle, 3x3 depthwise, grouped 1x1; the shortcut
+    is added, or (stride 2) average-pooled and concatenated."""
+
+    def __init__(self, in_channels, out_channels, stride, groups):
+        super().__init__()
+        middle = out_channels // 4
+        self.first_groups = 1 if in_channels == 24 else groups
+        self.reduce = conv_bn(in_channels, middle, 1, groups=self.first_groups)
+        self.depthwise = conv_bn(middle, middle, 3, stride, groups=middle)
+        self.expand = conv_bn(middle, out_channels, 1, groups=groups, relu=False)
+        self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else None
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.expand(self.depthwise(channel_shuffle(self.reduce(x), self.first_groups)))
+        if self.shortcut is None:
+            return self.relu(out + x)
+        return self.relu(torch.cat([out, self.shortcut(x)], 1))
+
+
+class ShuffleUnitV2(nn.Module):
+    """ShuffleNetV2 unit: stride 1 splits the channels and transforms one half; stride 2
+    transforms two copies (depthwise-pointwise and pointwise-depthwise-pointwise); concatenate
+    and shuffle."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        half = out_channels // 2
+        self.stride = stride
+        source = in_channels if stride == 2 else half
+        self.right = nn.Sequential(conv_bn(source, half, 1),
+                                   conv_bn(half, half, 3, stride, groups=half, relu=False),
+                                   conv_bn(half, half, 1))
+        if stride == 2:
+            self.left = nn.Sequential(
+                conv_bn(in_channels, in_channels, 3, 2, groups=in_channels, relu=False),
+                conv_bn(in_channels, half, 1))
+
+    def forward(self, x):
+        if self.stride == 2:
+            out = torch.cat([self.left(x), self.right(x)], 1)
+        else:
+            kept, changed = x.chunk(2, dim=1)
+            out = torch.cat([kept, self.right(changed)], 1)
+        return channel_shuffle(out, 2)
 
 
 def block_stage(block, in_channels, out_channels, count, stride):
@@ -155,6 +232,50 @@ def vgg(layout, num_classes):
     return CifarNet(nn.Identity(), stages, channels, (1, 2, 4, 8, 8), num_classes)
 
 
+def mobilenet_v2_half(num_classes):
+    """MobileNetV2 at width 0.5 with expansion 6 (the KD benchmark's "MobileNetV2"): stride-2 stem,
+    inverted residual stages grouped by resolution, 1x1 conv to 1280 closing the last stage."""
+    layout = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+              (6, 160, 3, 2), (6, 320, 1, 1)]
+    blocks, in_channels = [], 16
+    for expansion, width, count, stride in layout:
+        for index in range(count):
+            blocks.append(InvertedResidual(in_channels, width // 2, stride if index == 0 else 1,
+                                           expansion))
+            in_channels = width // 2
+    stages = [nn.Sequential(*blocks[:3]), nn.Sequential(*blocks[3:6]),
+              nn.Sequential(*blocks[6:13]), nn.Sequential(*blocks[13:], conv_bn(160, 1280, 1))]
+    return CifarNet(conv_bn(3, 16, 3, 2), stages, (12, 16, 48, 1280), (2, 4, 8, 16),
+                    num_classes)
+
+
+def shufflenet_v1(num_classes, widths=(240, 480, 960), counts=(4, 8, 4), groups=3):
+    """ShuffleNet (g = 3): 1x1 stem to 24, three stages whose first unit halves the resolution
+    and concatenates its pooled input."""
+    stages, in_channels = [], 24
+    for width, count in zip(widths, counts):
+        units = [ShuffleUnitV1(in_channels, width - in_channels, 2, groups)]
+        units += [ShuffleUnitV1(width, width, 1, groups) for _ in range(count - 1)]
+        stages.append(nn.Sequential(*units))
+        in_channels = width
+    return CifarNet(conv_bn(3, 24, 1), stages, widths, (2, 4, 8), num_classes, stem_tap=24)
+
+
+def shufflenet_v2(num_classes, widths=(116, 232, 464), counts=(3, 7, 3), last=1024):
+    """ShuffleNetV2 1x: 3x3 stem to 24, three stages of one stride-2 unit and ``counts`` stride-1
+    units, a 1x1 conv to 1024 closing the last stage."""
+    stages, in_channels = [], 24
+    for index, (width, count) in enumerate(zip(widths, counts)):
+        units = [ShuffleUnitV2(in_channels, width, 2)]
+        units += [ShuffleUnitV2(width, width, 1) for _ in range(count)]
+        if index == len(widths) - 1:
+            units.append(conv_bn(width, last, 1))
+        stages.append(nn.Sequential(*units))
+        in_channels = width
+    return CifarNet(conv_bn(3, 24, 3), stages, (*widths[:-1], last), (2, 4, 8), num_classes,
+                    stem_tap=24)
+
+
 CIFAR_MODELS = {
     "resnet8x4": lambda classes: cifar_resnet(8, (32, 64, 128, 256), classes),
     "resnet32x4": lambda classes: cifar_resnet(32, (32, 64, 128, 256), classes),
@@ -166,6 +287,9 @@ CIFAR_MODELS = {
     "vgg8": lambda classes: vgg(((64,), (128,), (256,), (512,), (512,)), classes),
     "vgg13_cifar": lambda classes: vgg(((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
                                        classes),
+    "mobilenetv2_cifar": mobilenet_v2_half,
+    "shufflenetv1_cifar": shufflenet_v1,
+    "shufflenetv2_cifar": shufflenet_v2,
 }
 
 
