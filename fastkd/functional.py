@@ -12,10 +12,10 @@ Losses are computed in fp32 (fp64 for fp64 logits) whatever the logits' dtype; t
 back in the logits' dtype. The teacher never gets a gradient.
 """
 
-import functools
 import os
 
 from . import reference, validation
+from .optional import importable
 from .reference.hcd import hcd_logit_loss_reference
 from .vectorized import dkd as vectorized_dkd
 from .vectorized import hcd as vectorized_hcd
@@ -24,13 +24,8 @@ from .vectorized import ldrld as vectorized_ldrld
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("triton")
 
 
 def resolve_backend(backend, logits):

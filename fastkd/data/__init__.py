@@ -8,9 +8,9 @@ ranks, by both loaders: training takes a shard of one seeded permutation per epo
 shard of the sorted list.
 """
 
-import functools
 import logging
 
+from ..optional import importable
 from .cifar import CIFAR100, cifar_transform
 from .common import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .demo import build_demo_dataset, default_demo_root
@@ -22,13 +22,8 @@ LOADERS = ("auto", "dali", "torch")
 logger = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=1)
 def dali_available():
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("nvidia.dali")
 
 
 def resolve_loader(loader, dataset):
