@@ -236,21 +236,21 @@ class Run:
             finite, stopping = world.sum([float(torch.isfinite(loss).item()),
                                           float(self.stop_signal is not None)])
             if finite < world.world_size:
+                values = {name: value.detach().item() for name, value in losses.items()}
                 raise SystemExit(
-                    f"error: non-finite loss at epoch {epoch} step {step} "
-                    f"({ {name: float(value) for name, value in losses.items()} }); the last "
+                    f"error: non-finite loss at epoch {epoch} step {step} ({values}); the last "
                     f"good checkpoint is {os.path.join(self.run_dir, 'last.pth')}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             for name, value in {"loss": loss, **losses}.items():
-                totals[name] = totals.get(name, 0.0) + float(value) * len(target)
+                totals[name] = totals.get(name, 0.0) + value.detach().item() * len(target)
             seen += len(target)
             if show or (world.main and (step + 1) % args.log_interval == 0):
                 rate = seen * world.world_size / (time.perf_counter() - started)
                 end = "\r" if show else "\n"
-                print(f"epoch {epoch} [{step + 1}/{steps}] loss {float(loss):.4f} "
+                print(f"epoch {epoch} [{step + 1}/{steps}] loss {loss.detach().item():.4f} "
                       f"{rate:.0f} img/s", end=end, file=sys.stderr, flush=True)
             if stopping:
                 raise Stop()
@@ -268,7 +268,6 @@ class Run:
             signal.signal(number, self._on_signal)
         summary_path = os.path.join(self.run_dir, "summary.csv")
         rows = read_summary(summary_path)
-        top1 = None
         for epoch in range(self.start_epoch, args.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
             try:
