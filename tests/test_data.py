@@ -92,15 +92,17 @@ def test_two_shards_cover_each_epoch_exactly_once(tmp_path, kind):
     shards (the pad_last_batch trap)."""
     root = write_tree(tmp_path, [f"c{index:02d}" for index in range(13)], 1, 1)
     for epoch in range(2):
-        seen = []
+        seen, evaluated = [], []
         for rank in range(2):
-            train, _ = create_loaders("folder", str(root), batch_size=4, image_size=16,
-                                      loader=kind, rank=rank, world_size=2, workers=1, seed=3)
+            train, val = create_loaders("folder", str(root), batch_size=4, image_size=16,
+                                        loader=kind, rank=rank, world_size=2, workers=1, seed=3)
             train.set_epoch(epoch)
             labels = torch.cat([labels for _, labels in train]).tolist()
             assert len(labels) == [6, 7][rank]
             seen.append(labels)
+            evaluated += torch.cat([labels for _, labels in val]).tolist()
         assert sorted(seen[0] + seen[1]) == list(range(13))
+        assert sorted(evaluated) == list(range(13))  # evaluation: each image once, no padding
     assert epoch_order(13, 0, 2, True, 3, 0) != epoch_order(13, 0, 2, True, 3, 1)
 
 

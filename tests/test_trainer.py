@@ -32,15 +32,11 @@ def run_main(args, processes=1, timeout=300):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def run_folder(output, name):
-    return os.path.join(output, name)
-
-
 @pytest.fixture(scope="module")
 def teacher_checkpoint(demo_dir, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("teacher"))
     result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
-                       "--output", output, "--experiment", "teacher", *FAST])
+                       "--output", output, "--experiment", "teacher", *FAST], processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return os.path.join(output, "teacher", "best.pth")
 

@@ -56,6 +56,13 @@ class World:
             dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def min(self, value):
+        """Smallest ``value`` over ranks."""
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor.item()
+
     def broadcast(self, value):
         box = [value]
         if self.world_size > 1:
@@ -224,9 +231,11 @@ class Run:
         self.train_loader.set_epoch(epoch)
         self.model.train()
         totals, seen, started = {}, 0, time.perf_counter()
-        steps = len(self.train_loader)
+        # Shards differ by at most one sample, which can give one rank one more (partial) batch:
+        # every rank takes the same number of steps, or DDP would wait for the missing one.
+        steps = int(world.min(len(self.train_loader)))
         show = world.main and sys.stderr.isatty()
-        for step, (images, target) in enumerate(self.train_loader):
+        for step, (images, target) in zip(range(steps), self.train_loader):
             with torch.autocast(world.device.type, dtype=self.autocast[1],
                                 enabled=self.autocast[0]):
                 _, losses = self.model(images, target, epoch=epoch + step / steps)
