@@ -29,6 +29,7 @@ from .common import (
     online_logsumexp,
     optional_output,
     row_major,
+    row_outputs,
 )
 
 MAX_NUM_SUB = 16
@@ -245,12 +246,9 @@ def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, 
     shared_logits, teacher_logits, student_logits = (
         row_major(shared_logits), row_major(teacher_logits), row_major(student_logits))
     batch, num_classes = student_logits.shape
-    dtype = torch.float64 if shared_logits.dtype == torch.float64 else torch.float32
-    loss = torch.empty(batch, dtype=dtype, device=shared_logits.device)
-    parts = torch.empty(batch, 3, dtype=dtype, device=shared_logits.device)
     compute_grad = needs_grad[0] or needs_grad[2]
+    loss, parts, grad_student = row_outputs(student_logits, 3, compute_grad)
     grad_shared = torch.empty_like(shared_logits) if compute_grad else None
-    grad_student = torch.empty_like(student_logits) if compute_grad else None
     grad_shared_ptr, grad_shared_stride = optional_output(grad_shared, loss)
     grad_student_ptr, grad_student_stride = optional_output(grad_student, loss)
     block, single_block, num_warps = hcd_launch_config(num_classes, block_size)

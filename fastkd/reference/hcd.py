@@ -6,6 +6,8 @@ The oracle for the fast backends; autograd provides the gradients.
 import torch
 import torch.nn.functional as F
 
+from ..precision import compute_dtype
+
 
 def orthogonality_loss(fused, target, theta):
     """Per sample: mean over the n(n-1) ordered pairs j != k of relu(cos(v_j, v_k) - theta)^2,
@@ -42,7 +44,7 @@ def hcd_logit_loss_reference(
     L_sdd = mean_j T^2 KL(softmax(F_j/T) || softmax(zs/T));  L_ol as ``orthogonality_loss``.
     Returns ``(loss [B], {"sce": [B], "sdd": [B], "ol": [B]})``.
     """
-    dtype = torch.float64 if shared_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(shared_logits)
     shared = shared_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
     student = student_logits.to(dtype)

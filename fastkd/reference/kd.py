@@ -3,14 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-
-def _compute_dtype(logits):
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+from ..precision import compute_dtype
 
 
 def kd_loss_reference(student_logits, teacher_logits, temperature=4.0):
     """Per-sample ``T^2 * KL(softmax(zt/T) || softmax(zs/T))``, shape [B]."""
-    dtype = _compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits)
     log_ps = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
     log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
     return temperature**2 * F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(1)
@@ -25,7 +23,7 @@ def dkd_loss_reference(student_logits, teacher_logits, target, alpha=1.0, beta=8
     subtracting 1000 from its scaled logit, as the authors' code does.
     Returns ``(loss [B], {"tckd": [B], "nckd": [B]})``.
     """
-    dtype = _compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits)
     zs = student_logits.to(dtype) / temperature
     zt = teacher_logits.detach().to(dtype) / temperature
     gt_mask = F.one_hot(target, zs.shape[1]).to(torch.bool)

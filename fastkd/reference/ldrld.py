@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..precision import compute_dtype
+
 
 def adaptive_decay_weight(rank_a, rank_b, irw_eps=1.5, erd_scale=2.0, erd_decay=0.05):
     """ADW(r, r') = 1 / (|r - r'| + eps) * scale * exp(-decay * (r + r')), ranks 1-based."""
@@ -51,9 +53,9 @@ def ldrld_loss_reference(
     Returns ``(loss [B], {"ce": [B], "local": [B], "rntk": [B]})``. Inputs of any floating dtype;
     the maths runs in float64 for float64 inputs, else in float32.
     """
-    compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    zs = student_logits.to(compute_dtype)
-    zt = teacher_logits.detach().to(compute_dtype)
+    dtype = compute_dtype(student_logits)
+    zs = student_logits.to(dtype)
+    zt = teacher_logits.detach().to(dtype)
     num_classes = zs.shape[1]
 
     ranked = zs.topk(top_d, dim=1).indices  # [B, d]; column r-1 holds pi(r)

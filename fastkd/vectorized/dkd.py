@@ -5,6 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..precision import compute_dtype
 from ..reference.ldrld import masked_kl
 from .common import binary_kl_of_gaps
 
@@ -16,7 +17,7 @@ def dkd_rows(student_logits, teacher_logits, target, alpha, beta, temperature):
     binary KL of the gaps g = z_y / T - lse_rest: no 1 - p_y, which cancels to garbage when the
     target holds nearly all the mass.
     """
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student_logits)
     zs = student_logits.to(dtype)
     zt = teacher_logits.detach().to(dtype)
     target = target.long()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.autograd import RowLossFunction
+from ..precision import compute_dtype
 
 
 def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
@@ -17,7 +18,7 @@ def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, 
                 needs_grad=(True, False, True)):
     """Per-row loss ``[B]``, parts ``[B, 3]`` (sce, sdd, ol) and gradients w.r.t. the shared and
     student logits (None where not needed)."""
-    dtype = torch.float64 if shared_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(shared_logits)
     batch, num_classes = student_logits.shape
     shared = shared_logits.to(dtype).reshape(batch, num_sub, num_classes)
     teacher = (lam_t * teacher_logits.to(dtype)).unsqueeze(1)

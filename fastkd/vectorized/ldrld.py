@@ -5,6 +5,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..precision import compute_dtype
 from ..reference.ldrld import adaptive_decay_weight, masked_kl
 from .common import binary_kl_of_gaps
 
@@ -22,7 +23,7 @@ def pair_weights(top_d, irw_eps, erd_scale, erd_decay):
 def ldrld_rows(student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
                irw_eps, erd_scale, erd_decay, top_set_weight, num_groups):
     """Per-sample LDRLD loss ``[B]`` and parts ``{"ce", "local", "rntk"}`` (each ``[B]``)."""
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student_logits)
     zs = student_logits.to(dtype)
     zt = teacher_logits.detach().to(dtype)
     ranked = zs.detach().topk(top_d, dim=1).indices  # [B, d], rank order
