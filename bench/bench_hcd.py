@@ -1,41 +1,49 @@
-"""HCD per-stage logit loss speed, providers side by side in one run: ``pytest bench/``.
+"""HCD per-stage logit loss (num_sub = 4, label smoothing 0.1) speed and memory, providers side by
+side: ``pytest bench/bench_hcd.py``.
 
-reference = the spec written term by term, one sub-logit at a time (autograd), torch = the
-vectorised closed-form backend, triton = the fused kernel (CUDA only). Forward + backward of the
-mean loss w.r.t. the shared and student logits, num_sub = 4, label smoothing 0.1.
+``reference`` is the spec written term by term, one sub-logit at a time (autograd).
 """
 
 import pytest
 import torch
+from harness import DEVICE, LossSuite, check_provider, random_inputs, time_loss
 
 from fastkd import hcd_logit_loss
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = [(256, 1000)]  # (batch, classes)
-PROVIDERS = ["reference", "torch", "triton"]
 NUM_SUB = 4
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: f"B{shape[0]}-C{shape[1]}")
-def bench_hcd_forward_backward(benchmark, provider, shape):
-    if provider == "triton" and DEVICE != "cuda":
-        pytest.skip("triton is timed on CUDA only (interpreter timings mean nothing)")
-    batch, num_classes = shape
-    generator = torch.Generator().manual_seed(0)
-    shared = torch.randn(batch, NUM_SUB * num_classes, generator=generator).to(DEVICE)
-    teacher = (torch.randn(batch, num_classes, generator=generator) * 3).to(DEVICE)
-    student = (torch.randn(batch, num_classes, generator=generator) * 3).to(DEVICE)
-    target = torch.randint(0, num_classes, (batch,), generator=generator).to(DEVICE)
-    shared.requires_grad_()
-    student.requires_grad_()
-    benchmark.group = f"hcd fwd+bwd {batch}x{num_classes} num_sub={NUM_SUB} {DEVICE}"
+def hcd_inputs(batch, classes, dtype, seed=0):
+    """Shared logits [B, n*C], teacher, student logits and labels on DEVICE."""
+    generator = torch.Generator(DEVICE).manual_seed(seed)
+    shared = torch.randn(batch, NUM_SUB * classes, generator=generator, device=DEVICE)
+    student, teacher, target = random_inputs(batch, classes, dtype, seed=seed + 1)
+    return shared.to(dtype), student, teacher, target
 
-    def step():
-        shared.grad = student.grad = None
-        hcd_logit_loss(shared, teacher, student, target, num_sub=NUM_SUB, label_smoothing=0.1,
-                       backend=provider).backward()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
 
-    benchmark(step)
+def hcd_loss(shared, student, teacher, target, backend):
+    """``hcd_logit_loss`` with the differentiable inputs (shared, student) first."""
+    return hcd_logit_loss(shared, teacher, student, target, num_sub=NUM_SUB, label_smoothing=0.1,
+                          backend=backend)
+
+
+SUITE = LossSuite(
+    name="hcd",
+    loss=hcd_loss,
+    make_inputs=hcd_inputs,
+    num_differentiable=2,
+    providers=("reference", "torch", "compiled", "triton"),
+    # Reads shared, teacher and student logits; writes the shared and student gradients.
+    floor_elements=lambda batch, classes: ((NUM_SUB + 2) * batch * classes,
+                                           (NUM_SUB + 1) * batch * classes),
+)
+
+
+@pytest.mark.parametrize("provider", SUITE.timed_providers())
+def bench_hcd(benchmark, provider, shape, dtype, mode):
+    time_loss(benchmark, SUITE, provider, shape, dtype, mode)
+
+
+@pytest.mark.parametrize("provider", SUITE.providers)
+def test_hcd_provider_matches_reference(provider):
+    check_provider(SUITE, provider)

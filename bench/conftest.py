@@ -1,4 +1,45 @@
+import pytest
 import torch
+from harness import DEVICE, MATRICES, synchronized_timer
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-matrix", choices=sorted(MATRICES),
+                     default="full" if DEVICE == "cuda" else "small",
+                     help="loss benchmark shapes/dtypes/modes: 'small' (the CPU default) or "
+                          "'full' (B in 64, 256, 1024 x C in 100, 1000, 21843, fp32 and bf16)")
+
+
+def pytest_generate_tests(metafunc):
+    """Loss benchmarks take ``shape``, ``dtype`` and ``mode`` from the chosen matrix."""
+    matrix = MATRICES[metafunc.config.getoption("bench_matrix")]
+    if "shape" in metafunc.fixturenames:
+        metafunc.parametrize("shape", matrix["shapes"],
+                             ids=lambda shape: f"B{shape[0]}-C{shape[1]}")
+    if "dtype" in metafunc.fixturenames:
+        metafunc.parametrize("dtype", matrix["dtypes"])
+    if "mode" in metafunc.fixturenames:
+        metafunc.parametrize("mode", matrix["modes"])
+
+
+def pytest_collection_modifyitems(config, items):
+    """A plain ``pytest`` (the test suite, collected from testpaths) runs the benchmark files'
+    correctness checks but not the timings: those run when bench/ is named."""
+    if getattr(config, "args_source", None) != pytest.Config.ArgsSource.TESTPATHS:
+        return
+    timings = [item for item in items if "benchmark" in getattr(item, "fixturenames", ())]
+    if timings:
+        config.hook.pytest_deselected(items=timings)
+        items[:] = [item for item in items if item not in timings]
+
+
+@pytest.fixture
+def benchmark(benchmark):
+    """pytest-benchmark's fixture with a timer that waits for the device, so a round of calls is
+    timed from the host end to end. (pytest-benchmark has no public way to set the timer from a
+    conftest; its command-line option needs an importable dotted path.)"""
+    benchmark._timer = synchronized_timer
+    return benchmark
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -2,8 +2,10 @@
 
 One table per benchmark group: the median of each provider and its speed against the
 ``reference``, ``compiled`` and ``copy-floor`` providers of the same case (same parameters but
-the provider), when those ran (a ratio above 1 means faster than that baseline). The machine
-heading names CPU, GPU, torch and triton.
+the provider), when those ran (a ratio above 1 means faster than that baseline; against the copy
+floor it is below 1, the fraction of the bandwidth limit reached). Where the benchmarks recorded
+them, also the peak extra memory of one call (with the gradient's size) and the first call's
+time (compile or JIT included). The machine heading names CPU, GPU, torch and triton.
 """
 
 import argparse
@@ -19,11 +21,29 @@ def provider_of(benchmark):
     return params.get("provider") or params.get("loader") or params.get("name") or ""
 
 
+# Row order within a case; other providers follow in name order.
+PROVIDER_ORDER = ("reference", "torch", "compiled", "triton", "copy-floor")
+
+
 def case_of(benchmark):
-    """The benchmark's parameters other than the provider, as a hashable key."""
+    """The benchmark's parameters other than the provider, as a sortable, hashable key."""
     params = {key: value for key, value in (benchmark.get("params") or {}).items()
               if key not in ("provider", "loader", "name")}
-    return tuple(sorted((key, str(value)) for key, value in params.items()))
+    return tuple(sorted((key, tuple(value) if isinstance(value, list) else str(value))
+                        for key, value in params.items()))
+
+
+def row_order(key):
+    case, provider = key
+    rank = PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
+    return case, rank, provider
+
+
+def case_text(case, shared):
+    """The parameters that vary within the table (the group name carries the others)."""
+    text = ", ".join(f"{key}={'x'.join(map(str, value)) if isinstance(value, tuple) else value}"
+                     for key, value in case if (key, value) not in shared)
+    return text or "-"
 
 
 def format_time(seconds):
@@ -45,6 +65,14 @@ def machine_heading(machine):
     return ", ".join(parts)
 
 
+def memory_text(extra_info):
+    """Peak extra memory and, for a loss with a gradient, the gradient's size beside it."""
+    text = f"{extra_info['peak_extra_mib']:.1f} MiB"
+    if extra_info.get("gradient_mib"):
+        text += f" (grad {extra_info['gradient_mib']:.1f})"
+    return text
+
+
 def report(results):
     """Markdown for a list of loaded pytest-benchmark JSON documents."""
     lines = []
@@ -54,19 +82,35 @@ def report(results):
         for benchmark in result["benchmarks"]:
             groups.setdefault(benchmark.get("group") or "", []).append(benchmark)
         for group, benchmarks in groups.items():
-            medians = {(case_of(b), provider_of(b)): b["stats"]["median"] for b in benchmarks}
+            rows = {(case_of(b), provider_of(b)): b for b in benchmarks}
+            medians = {key: b["stats"]["median"] for key, b in rows.items()}
             present = [name for name in BASELINES
                        if any(provider == name for _, provider in medians)]
-            columns = ["case", "provider", "median", *(f"vs {name}" for name in present)]
+            extras = [column for column in ("peak_extra_mib", "first_call_s")
+                      if any(column in b.get("extra_info", {}) for b in benchmarks)]
+            headings = {"peak_extra_mib": "peak extra memory", "first_call_s": "first call"}
+            columns = ["case", "provider", "median", *(f"vs {name}" for name in present),
+                       *(headings[column] for column in extras)]
             lines += [f"**{group}**", "", "| " + " | ".join(columns) + " |",
                       "|" + "---|" * len(columns)]
-            for (case, provider), median in sorted(medians.items()):
+            shared = set.intersection(*(set(case) for case, _ in medians))
+            for (case, provider), median in sorted(medians.items(),
+                                                   key=lambda item: row_order(item[0])):
                 ratios = []
                 for name in present:
                     baseline = medians.get((case, name))
                     ratios.append(f"{baseline / median:.2f}x" if baseline else "-")
-                case_text = ", ".join(f"{key}={value}" for key, value in case) or "-"
-                cells = [case_text, provider, format_time(median), *ratios]
+                extra_info = rows[case, provider].get("extra_info", {})
+                extra_cells = []
+                for column in extras:
+                    if column not in extra_info:
+                        extra_cells.append("-")
+                    elif column == "peak_extra_mib":
+                        extra_cells.append(memory_text(extra_info))
+                    else:
+                        extra_cells.append(format_time(extra_info[column]))
+                cells = [case_text(case, shared), provider, format_time(median), *ratios,
+                         *extra_cells]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)

@@ -20,15 +20,23 @@ class RowLossFunction(torch.autograd.Function):
     def forward(ctx, launcher, *inputs):
         loss_rows, parts, grads = launcher(*inputs, needs_grad=ctx.needs_input_grad[1:])
         ctx.num_inputs = len(inputs)
+        ctx.backward_done = False
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(parts)
         return loss_rows, parts
 
     @staticmethod
     def backward(ctx, grad_loss_rows, grad_parts):
-        # The loss rows are fp32 (fp64 for fp64 inputs), so the product is formed at that precision
-        # and 1/B does not round to bf16 before it scales the gradient.
+        # The saved gradients are scaled in place and handed on, so the loss costs no memory
+        # beyond one gradient. That consumes them: a second backward (retain_graph) cannot work.
+        if ctx.backward_done:
+            raise RuntimeError(
+                "fastkd's fused losses support one backward pass per forward (their saved "
+                "gradients are scaled in place); recompute the loss instead of retain_graph=True"
+            )
+        ctx.backward_done = True
+        # The loss rows are fp32 (fp64 for fp64 inputs): mul_ forms the product at that precision
+        # and rounds once, so 1/B does not round to bf16 before it scales the gradient.
         scale = grad_loss_rows.unsqueeze(1)
-        grads = tuple(None if grad is None else (grad * scale).to(grad.dtype)
-                      for grad in ctx.saved_tensors)
+        grads = tuple(None if grad is None else grad.mul_(scale) for grad in ctx.saved_tensors)
         return (None, *grads) + (None,) * (ctx.num_inputs - len(grads))

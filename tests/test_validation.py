@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import random_logits
 
-from fastkd import dkd_loss, kd_loss, ldrld_loss
+from fastkd import dkd_loss, hcd_logit_loss, kd_loss, ldrld_loss
 from fastkd.functional import resolve_backend
 
 
@@ -102,3 +102,25 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors .*got logits on cpu"):
         resolve_backend("triton", torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_gradient_serves_one_backward(backend):
+    """The fused paths scale their saved gradient in place: a second backward of the same graph
+    must fail loudly, not return a gradient scaled twice."""
+    student = torch.randn(3, 5, requires_grad=True)
+    shared = torch.randn(3, 10, requires_grad=True)
+    loss = hcd_logit_loss(shared, torch.randn(3, 5), student, torch.tensor([0, 4, 2]),
+                          num_sub=2, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        loss.backward()
+
+
+def test_compiled_loss_skips_the_label_check():
+    """Under torch.compile the CPU label-range check (a graph break) is left out; eager keeps it."""
+    student, teacher = torch.randn(4, 6), torch.randn(4, 6)
+    target = torch.tensor([0, 5, 1, 2])
+    compiled = torch.compile(ldrld_loss, fullgraph=True, backend="eager")  # dynamo alone
+    eager = ldrld_loss(student, teacher, target, top_d=3, backend="torch")
+    torch.testing.assert_close(compiled(student, teacher, target, top_d=3, backend="torch"), eager)

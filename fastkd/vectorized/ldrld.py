@@ -1,23 +1,21 @@
 """LDRLD, vectorised: all d(d-1)/2 pairs as one [B, d, d] tensor of logit gaps."""
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from ..precision import compute_dtype
-from ..reference.ldrld import adaptive_decay_weight, masked_kl
+from ..reference.ldrld import masked_kl
 from .common import binary_kl_of_gaps
 
 
-@functools.lru_cache(maxsize=64)
-def pair_weights(top_d, irw_eps, erd_scale, erd_decay):
-    """``W[i, j] = ADW(i+1, j+1)`` for i < j, zero elsewhere (each unordered pair counted once)."""
-    weights = torch.zeros(top_d, top_d, dtype=torch.float64)
-    for i in range(top_d):
-        for j in range(i + 1, top_d):
-            weights[i, j] = adaptive_decay_weight(i + 1, j + 1, irw_eps, erd_scale, erd_decay)
-    return weights
+def pair_weights(top_d, irw_eps, erd_scale, erd_decay, device, dtype):
+    """``W[i, j] = ADW(i+1, j+1)`` for i < j, zero elsewhere (each unordered pair counted once),
+    built on the logits' device: a cached host tensor would cost a host-to-device copy per call."""
+    ranks = torch.arange(1, top_d + 1, device=device, dtype=dtype)
+    rank_a, rank_b = ranks.unsqueeze(1), ranks.unsqueeze(0)
+    weights = erd_scale * torch.exp(-erd_decay * (rank_a + rank_b)) / (
+        (rank_a - rank_b).abs() + irw_eps)
+    return weights.triu(diagonal=1)
 
 
 def ldrld_rows(student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
@@ -32,7 +30,7 @@ def ldrld_rows(student_logits, teacher_logits, target, temperature, top_d, alpha
 
     gaps_s = top_s.unsqueeze(2) - top_s.unsqueeze(1)  # [B, d, d]: zs_pi(i) - zs_pi(j), over T
     gaps_t = top_t.unsqueeze(2) - top_t.unsqueeze(1)
-    weights = pair_weights(top_d, irw_eps, erd_scale, erd_decay).to(zs.device, dtype)
+    weights = pair_weights(top_d, irw_eps, erd_scale, erd_decay, zs.device, dtype)
     pair_sum = (binary_kl_of_gaps(gaps_t, gaps_s) * weights).sum(dim=(1, 2))
     log_pt_top = F.log_softmax(top_t, dim=1)
     top_set_kl = (log_pt_top.exp() * (log_pt_top - F.log_softmax(top_s, dim=1))).sum(dim=1)

@@ -1,0 +1,166 @@
+"""What the loss benchmarks share: the shape matrix, the providers, timing and memory.
+
+A ``LossSuite`` names one loss and how to make its inputs. Its providers are the loss's backends
+(``reference``, ``torch``, ``triton``) plus:
+- ``compiled``: ``torch.compile(loss, backend="torch", dynamic=True)``, one graph per dtype and
+  mode shared by all shapes; the first call (the compile) is recorded apart as ``first_call_s``;
+- ``copy-floor`` (CUDA only): one device copy moving the bytes the fused kernel must move at
+  least (each input read once, each gradient written once), the memory-bandwidth limit.
+
+On CUDA, ``peak_extra_mib`` records the memory one call allocates beyond its inputs at its peak
+(the gradient included), next to ``gradient_mib``.
+"""
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("fwd", "fwd+bwd")
+# The default on CPU stays under 10 minutes (the compiles take most of it); --bench-matrix=full
+# is the default on CUDA.
+MATRICES = {
+    "small": {"shapes": [(64, 100), (256, 1000)], "dtypes": ["fp32"], "modes": list(MODES)},
+    # B in {64, 256, 1024} x C in {100, 1000, 21843}, the headline shapes first: they run first,
+    # and the first shape is the one torch.compile tunes its dynamic-shape kernels for.
+    "full": {"shapes": [(256, 1000), (1024, 21843), (64, 100), (64, 1000), (64, 21843),
+                        (256, 100), (256, 21843), (1024, 100), (1024, 1000)],
+             "dtypes": list(DTYPES), "modes": list(MODES)},
+}
+CHECK_SHAPE = (6, 37)  # the tiny correctness check of every provider
+
+
+@dataclass(frozen=True)
+class LossSuite:
+    """One loss to time. ``make_inputs(batch, classes, dtype)`` returns the loss's positional
+    tensors, the first ``num_differentiable`` of which get gradients; ``loss(*inputs, backend=)``
+    returns the mean loss; ``floor_elements(batch, classes)`` counts the elements the fused kernel
+    reads in forward and additionally writes in backward."""
+
+    name: str
+    loss: Callable
+    make_inputs: Callable
+    num_differentiable: int
+    providers: tuple
+    floor_elements: Callable
+
+    def timed_providers(self):
+        return (*self.providers, "copy-floor")
+
+    def run(self, provider, inputs):
+        if provider == "compiled":
+            return compiled_loss(self.loss)(*inputs)
+        return self.loss(*inputs, backend=provider)
+
+
+@functools.cache
+def compiled_loss(loss):
+    return torch.compile(functools.partial(loss, backend="torch"), dynamic=True)
+
+
+def random_inputs(batch, classes, dtype, seed=0):
+    """Student logits, teacher logits (both ~N(0, 3^2)) and labels on DEVICE."""
+    generator = torch.Generator(DEVICE).manual_seed(seed)
+    student = torch.randn(batch, classes, generator=generator, device=DEVICE) * 3
+    teacher = torch.randn(batch, classes, generator=generator, device=DEVICE) * 3
+    target = torch.randint(0, classes, (batch,), generator=generator, device=DEVICE)
+    return student.to(dtype), teacher.to(dtype), target
+
+
+def synchronize():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def synchronized_timer():
+    """perf_counter after the device has finished: a round of many calls is timed end to end."""
+    synchronize()
+    return time.perf_counter()
+
+
+def loss_step(suite, provider, inputs, mode):
+    """A callable running one forward (and backward) of the mean loss."""
+    differentiable = inputs[:suite.num_differentiable] if mode == "fwd+bwd" else ()
+    for tensor in differentiable:
+        tensor.requires_grad_()
+
+    def step():
+        for tensor in differentiable:
+            tensor.grad = None
+        loss = suite.run(provider, inputs)
+        if differentiable:
+            loss.backward()
+
+    return step
+
+
+def copy_floor_step(suite, shape, dtype, mode):
+    """One copy moving as many bytes as the fused kernel's minimum traffic (a copy reads and
+    writes each element, so it copies half the elements)."""
+    read, written = suite.floor_elements(*shape)
+    elements = (read + (written if mode == "fwd+bwd" else 0)) // 2
+    source = torch.randn(elements, device=DEVICE).to(dtype)
+    destination = torch.empty_like(source)
+    return functools.partial(destination.copy_, source)
+
+
+def peak_extra_mib(step):
+    """Memory one call allocates beyond what is live before it, at its peak (CUDA)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def time_loss(benchmark, suite, provider, shape, dtype, mode):
+    """Time one provider on one case with pytest-benchmark, after a first (warm-up) call.
+
+    Past the time in ``FASTKD_BENCH_DEADLINE`` (seconds since the epoch) the remaining cases are
+    skipped, so a time-limited run still ends normally and saves what it measured.
+    """
+    deadline = os.environ.get("FASTKD_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("past FASTKD_BENCH_DEADLINE")
+    if DEVICE != "cuda" and provider == "triton":
+        pytest.skip("triton is timed on CUDA only (interpreter timings mean nothing)")
+    if DEVICE != "cuda" and provider == "copy-floor":
+        pytest.skip("copy-floor is the GPU memory-bandwidth bound of the fused kernels (CUDA only)")
+    if provider == "copy-floor":
+        step = copy_floor_step(suite, shape, DTYPES[dtype], mode)
+    else:
+        inputs = suite.make_inputs(*shape, DTYPES[dtype])
+        step = loss_step(suite, provider, inputs, mode)
+        gradient_bytes = sum(tensor.numel() * tensor.element_size()
+                             for tensor in inputs[:suite.num_differentiable])
+        benchmark.extra_info["gradient_mib"] = gradient_bytes / 2**20 if mode == "fwd+bwd" else 0
+    benchmark.group = f"{suite.name} {mode} {dtype} {DEVICE}"
+    start = synchronized_timer()
+    step()
+    benchmark.extra_info["first_call_s"] = synchronized_timer() - start
+    if DEVICE == "cuda":
+        benchmark.extra_info["peak_extra_mib"] = peak_extra_mib(step)
+    benchmark(step)
+
+
+def check_provider(suite, provider):
+    """The provider's loss and gradients match the reference's on a tiny fp32 case."""
+    inputs = suite.make_inputs(*CHECK_SHAPE, torch.float32)
+    results = []
+    for name in (provider, "reference"):
+        copies = [tensor.detach().clone() for tensor in inputs]
+        differentiable = copies[:suite.num_differentiable]
+        for tensor in differentiable:
+            tensor.requires_grad_()
+        loss = suite.run(name, copies)
+        loss.backward()
+        results.append([loss.detach(), *(tensor.grad for tensor in differentiable)])
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
