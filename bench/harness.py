@@ -8,7 +8,9 @@ A ``LossSuite`` names one loss and how to make its inputs. Its providers are the
   least (each input read once, each gradient written once), the memory-bandwidth limit.
 
 On CUDA, ``peak_extra_mib`` records the memory one call allocates beyond its inputs at its peak
-(the gradient included), next to ``gradient_mib``.
+(the gradient included), next to ``gradient_mib``, and ``device_time_s`` the GPU time of one
+call (its kernels' summed durations): the pytest-benchmark median is the host's wall time per
+call, which small calls spend mostly launching.
 """
 
 import functools
@@ -111,13 +113,27 @@ def copy_floor_step(suite, shape, dtype, mode):
 
 
 def peak_extra_mib(step):
-    """Memory one call allocates beyond what is live before it, at its peak (CUDA)."""
+    """Memory one call allocates beyond what is live before it, at its peak (CUDA). The caller
+    frees the previous call's gradients first."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def device_seconds(step, calls=3):
+    """GPU time of one call: the summed durations of the kernels (and copies) it runs, read with
+    torch.profiler. Free of the host's launch overhead, which dominates small calls."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    return sum(event.device_time_total for event in profile.events()
+               if event.device_type == torch.autograd.DeviceType.CUDA) / calls / 1e6
 
 
 def time_loss(benchmark, suite, provider, shape, dtype, mode):
@@ -133,20 +149,27 @@ def time_loss(benchmark, suite, provider, shape, dtype, mode):
         pytest.skip("triton is timed on CUDA only (interpreter timings mean nothing)")
     if DEVICE != "cuda" and provider == "copy-floor":
         pytest.skip("copy-floor is the GPU memory-bandwidth bound of the fused kernels (CUDA only)")
+    differentiable = ()
     if provider == "copy-floor":
         step = copy_floor_step(suite, shape, DTYPES[dtype], mode)
     else:
         inputs = suite.make_inputs(*shape, DTYPES[dtype])
         step = loss_step(suite, provider, inputs, mode)
-        gradient_bytes = sum(tensor.numel() * tensor.element_size()
-                             for tensor in inputs[:suite.num_differentiable])
-        benchmark.extra_info["gradient_mib"] = gradient_bytes / 2**20 if mode == "fwd+bwd" else 0
+        differentiable = inputs[:suite.num_differentiable] if mode == "fwd+bwd" else ()
+        benchmark.extra_info["gradient_mib"] = sum(
+            tensor.numel() * tensor.element_size() for tensor in differentiable) / 2**20
     benchmark.group = f"{suite.name} {mode} {dtype} {DEVICE}"
     start = synchronized_timer()
     step()
     benchmark.extra_info["first_call_s"] = synchronized_timer() - start
     if DEVICE == "cuda":
+        for tensor in differentiable:
+            tensor.grad = None
         benchmark.extra_info["peak_extra_mib"] = peak_extra_mib(step)
+        try:
+            benchmark.extra_info["device_time_s"] = device_seconds(step)
+        except RuntimeError as error:  # no profiler (CUPTI) on this machine: keep the timing
+            benchmark.extra_info["device_time_error"] = str(error)[:200]
     benchmark(step)
 
 

@@ -4,8 +4,9 @@ One table per benchmark group: the median of each provider and its speed against
 ``reference``, ``compiled`` and ``copy-floor`` providers of the same case (same parameters but
 the provider), when those ran (a ratio above 1 means faster than that baseline; against the copy
 floor it is below 1, the fraction of the bandwidth limit reached). Where the benchmarks recorded
-them, also the peak extra memory of one call (with the gradient's size) and the first call's
-time (compile or JIT included). The machine heading names CPU, GPU, torch and triton.
+them, also the GPU time of one call (its kernels' summed durations) and its ratio to the copy
+floor's, the peak extra memory of one call (with the gradient's size) and the first call's time
+(compile or JIT included). The machine heading names CPU, GPU, torch and triton.
 """
 
 import argparse
@@ -21,6 +22,9 @@ def provider_of(benchmark):
     return params.get("provider") or params.get("loader") or params.get("name") or ""
 
 
+# Measurements the loss benchmarks add to extra_info, and their column headings.
+EXTRA_COLUMNS = {"device_time_s": "GPU time", "peak_extra_mib": "peak extra memory",
+                 "first_call_s": "first call"}
 # Row order within a case; other providers follow in name order.
 PROVIDER_ORDER = ("reference", "torch", "compiled", "triton", "copy-floor")
 
@@ -86,11 +90,14 @@ def report(results):
             medians = {key: b["stats"]["median"] for key, b in rows.items()}
             present = [name for name in BASELINES
                        if any(provider == name for _, provider in medians)]
-            extras = [column for column in ("peak_extra_mib", "first_call_s")
+            extras = [column for column in EXTRA_COLUMNS
                       if any(column in b.get("extra_info", {}) for b in benchmarks)]
-            headings = {"peak_extra_mib": "peak extra memory", "first_call_s": "first call"}
+            gpu_times = {key: b["extra_info"]["device_time_s"] for key, b in rows.items()
+                         if "device_time_s" in b.get("extra_info", {})}
+            gpu_floor = any(provider == "copy-floor" for _, provider in gpu_times)
             columns = ["case", "provider", "median", *(f"vs {name}" for name in present),
-                       *(headings[column] for column in extras)]
+                       *(EXTRA_COLUMNS[column] for column in extras),
+                       *(["GPU time vs copy-floor"] if gpu_floor else [])]
             lines += [f"**{group}**", "", "| " + " | ".join(columns) + " |",
                       "|" + "---|" * len(columns)]
             shared = set.intersection(*(set(case) for case, _ in medians))
@@ -109,6 +116,10 @@ def report(results):
                         extra_cells.append(memory_text(extra_info))
                     else:
                         extra_cells.append(format_time(extra_info[column]))
+                if gpu_floor:
+                    floor = gpu_times.get((case, "copy-floor"))
+                    time = gpu_times.get((case, provider))
+                    extra_cells.append(f"{floor / time:.2f}x" if floor and time else "-")
                 cells = [case_text(case, shared), provider, format_time(median), *ratios,
                          *extra_cells]
                 lines.append("| " + " | ".join(cells) + " |")

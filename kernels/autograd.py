@@ -20,23 +20,28 @@ class RowLossFunction(torch.autograd.Function):
     def forward(ctx, launcher, *inputs):
         loss_rows, parts, grads = launcher(*inputs, needs_grad=ctx.needs_input_grad[1:])
         ctx.num_inputs = len(inputs)
-        ctx.backward_done = False
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(parts)
         return loss_rows, parts
 
     @staticmethod
     def backward(ctx, grad_loss_rows, grad_parts):
-        # The saved gradients are scaled in place and handed on, so the loss costs no memory
-        # beyond one gradient. That consumes them: a second backward (retain_graph) cannot work.
-        if ctx.backward_done:
-            raise RuntimeError(
-                "fastkd's fused losses support one backward pass per forward (their saved "
-                "gradients are scaled in place); recompute the loss instead of retain_graph=True"
-            )
-        ctx.backward_done = True
-        # The loss rows are fp32 (fp64 for fp64 inputs): mul_ forms the product at that precision
-        # and rounds once, so 1/B does not round to bf16 before it scales the gradient.
+        # The loss rows are fp32 (fp64 for fp64 inputs): the product is formed at that precision
+        # and rounded once, so 1/B does not round to bf16 before it scales the gradient.
         scale = grad_loss_rows.unsqueeze(1)
-        grads = tuple(None if grad is None else grad.mul_(scale) for grad in ctx.saved_tensors)
+        if graph_is_kept():
+            grads = tuple(None if grad is None else (grad * scale).to(grad.dtype)
+                          for grad in ctx.saved_tensors)
+        else:
+            # The graph is freed after this pass: scale the saved gradients in place and hand
+            # them on, so the loss costs no memory beyond one gradient.
+            grads = tuple(None if grad is None else grad.mul_(scale) for grad in ctx.saved_tensors)
         return (None, *grads) + (None,) * (ctx.num_inputs - len(grads))
+
+
+def graph_is_kept():
+    """Whether this backward pass keeps the graph (retain_graph / create_graph, gradcheck): the
+    saved gradients are then needed again and must not be modified. Where torch's (private)
+    query is missing or cannot be traced (torch.compile), assume they are."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return query is None or torch.compiler.is_compiling() or query()

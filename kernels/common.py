@@ -14,13 +14,14 @@ NEG_FILL = tl.constexpr(-1e30)
 MAX_BLOCK = 4096
 
 
-def launch_config(num_classes, block_size=None):
+def launch_config(num_classes, block_size=None, num_warps=None):
     """Block width, whether the row fits one block, and warps for a row of ``num_classes``.
 
-    ``block_size`` forces a width (tests use a small one to run the multi-block path).
+    ``block_size`` forces a width (tests use a small one to run the multi-block path);
+    ``num_warps`` forces the warps (bench/tune_kernels.py compares settings).
     """
     block = block_size or min(triton.next_power_of_2(num_classes), MAX_BLOCK)
-    num_warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
+    num_warps = num_warps or (4 if block <= 1024 else 8 if block <= 2048 else 16)
     return block, num_classes <= block, num_warps
 
 

@@ -228,16 +228,16 @@ def _hcd_kernel(
                          grad_student.to(grad_student_ptr.dtype.element_ty), mask=in_row)
 
 
-def hcd_launch_config(num_classes, block_size=None):
+def hcd_launch_config(num_classes, block_size=None, num_warps=None):
     """Block width, whether the row fits one tile, and warps, for rows of ``num_classes``."""
     block = block_size or min(max(triton.next_power_of_2(num_classes), 16), MAX_TILE // SUB_BLOCK)
-    num_warps = 4 if block <= 256 else 8 if block <= 512 else 16
+    num_warps = num_warps or (4 if block <= 256 else 8 if block <= 512 else 16)
     return block, num_classes <= block, num_warps
 
 
 def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
                 label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target,
-                needs_grad=(True, False, True), block_size=None):
+                needs_grad=(True, False, True), block_size=None, num_warps=None):
     """Launch the fused kernel: per-row loss [B], parts [B, 3] (sce, sdd, ol) and the gradients
     w.r.t. the shared and student logits in their dtypes. Inputs are assumed validated."""
     if num_sub > MAX_NUM_SUB:
@@ -251,7 +251,7 @@ def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, 
     grad_shared = torch.empty_like(shared_logits) if compute_grad else None
     grad_shared_ptr, grad_shared_stride = optional_output(grad_shared, loss)
     grad_student_ptr, grad_student_stride = optional_output(grad_student, loss)
-    block, single_block, num_warps = hcd_launch_config(num_classes, block_size)
+    block, single_block, num_warps = hcd_launch_config(num_classes, block_size, num_warps)
     _hcd_kernel[(batch,)](
         shared_logits, teacher_logits, student_logits, target, loss, parts,
         grad_shared_ptr, grad_student_ptr,

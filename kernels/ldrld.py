@@ -217,7 +217,7 @@ def _ldrld_kernel(
 
 def ldrld_forward(student_logits, teacher_logits, target, temperature, top_d, alpha, beta,
                   ce_weight, irw_eps, erd_scale, erd_decay, top_set_weight, num_groups,
-                  needs_grad=(True,), block_size=None):
+                  needs_grad=(True,), block_size=None, num_warps=None):
     """Launch the fused kernel: per-row loss [B], parts [B, 3] (ce, local, rntk) and, when
     ``needs_grad``, the gradient [B, C] in the logits' dtype. Inputs are assumed validated."""
     if top_d > MAX_TOP_D:
@@ -227,7 +227,7 @@ def ldrld_forward(student_logits, teacher_logits, target, temperature, top_d, al
     batch, num_classes = student_logits.shape
     loss, parts, grad = row_outputs(student_logits, 3, needs_grad[0])
     grad_ptr, grad_stride = optional_output(grad, loss)
-    block, single_block, num_warps = launch_config(num_classes, block_size)
+    block, single_block, num_warps = launch_config(num_classes, block_size, num_warps)
     _ldrld_kernel[(batch,)](
         student_logits, teacher_logits, target, loss, parts, grad_ptr,
         student_logits.stride(0), teacher_logits.stride(0), grad_stride,

@@ -1,0 +1,98 @@
+"""GPU time of the fused LDRLD and HCD kernels for each block width and warp count, against the
+copy floor: ``python bench/tune_kernels.py --output OUTDIR`` (CUDA).
+
+Each setting runs the launcher (loss and gradients in one launch) replayed from a CUDA graph
+(``triton.testing.do_bench_cudagraph``, median), so the times hold no host launch overhead. The
+copy floor is one device copy of the bytes the kernel must move (inputs read, gradients written).
+The defaults in kernels/common.py and kernels/hcd.py are the settings to compare with.
+"""
+
+import argparse
+import functools
+import json
+import os
+
+import torch
+import triton.testing
+from fastkd.kernels.common import launch_config
+from fastkd.kernels.hcd import hcd_forward, hcd_launch_config
+from fastkd.kernels.ldrld import ldrld_forward
+
+from fastkd.functional import ldrld_group_weights
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gpu_milliseconds(function):
+    return triton.testing.do_bench_cudagraph(function, rep=20, return_mode="median")
+
+
+def copy_floor(elements, dtype):
+    """A copy moving ``elements`` elements' bytes (half read, half written)."""
+    source = torch.randn(elements // 2, device="cuda").to(dtype)
+    destination = torch.empty_like(source)
+    return gpu_milliseconds(lambda: destination.copy_(source))
+
+
+def ldrld_cases(batch, classes, dtype):
+    student = (3 * torch.randn(batch, classes, device="cuda")).to(dtype)
+    teacher = (3 * torch.randn(batch, classes, device="cuda")).to(dtype)
+    target = torch.randint(0, classes, (batch,), device="cuda")
+    options = (4.0, 7, 10.5, 7.0, 1.0, 1.5, 2.0, 0.05, *ldrld_group_weights(7, 1.5, 2.0, 0.05))
+    block, _, warps = launch_config(classes)
+    for setting in dict.fromkeys([(block, warps), (4096, 8), (2048, 8), (1024, 4)]):
+        yield setting, setting == (block, warps), functools.partial(
+            ldrld_forward, student, teacher, target, *options, block_size=setting[0],
+            num_warps=setting[1])
+
+
+def hcd_cases(batch, classes, dtype, num_sub=4):
+    shared = torch.randn(batch, num_sub * classes, device="cuda").to(dtype)
+    student = (3 * torch.randn(batch, classes, device="cuda")).to(dtype)
+    teacher = (3 * torch.randn(batch, classes, device="cuda")).to(dtype)
+    target = torch.randint(0, classes, (batch,), device="cuda")
+    options = (num_sub, 1.0, 0.1, 0.5, 1.0, 6.0, 1.0, 1.0, 1.0, False)
+    block, _, warps = hcd_launch_config(classes)
+    for setting in dict.fromkeys([(block, warps), (1024, 8), (512, 8), (256, 4), (128, 4)]):
+        yield setting, setting == (block, warps), functools.partial(
+            hcd_forward, shared, teacher, student, target, *options, block_size=setting[0],
+            num_warps=setting[1])
+
+
+# kernel -> (cases, elements read + written per row element: LDRLD reads two [B, C] tensors and
+# writes one; HCD reads n + 2 and writes n + 1)
+KERNELS = {"ldrld": (ldrld_cases, 3), "hcd": (hcd_cases, 4 + 2 + 4 + 1)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, help="folder for tune_kernels.json")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--classes", type=int, default=21843)
+    args = parser.parse_args(argv)
+    rows = []
+    for kernel, (cases, elements_per_logit) in KERNELS.items():
+        for dtype_name, dtype in DTYPES.items():
+            floor = copy_floor(elements_per_logit * args.batch * args.classes, dtype)
+            for (block, warps), is_default, launch in cases(args.batch, args.classes, dtype):
+                try:
+                    milliseconds = gpu_milliseconds(launch)
+                except Exception as error:  # a setting that does not compile is reported
+                    rows.append({"kernel": kernel, "dtype": dtype_name, "block": block,
+                                 "warps": warps, "error": repr(error)[:200]})
+                    print(rows[-1], flush=True)
+                    continue
+                rows.append({"kernel": kernel, "dtype": dtype_name, "block": block,
+                             "warps": warps, "default": is_default, "ms": milliseconds,
+                             "copy_floor_ms": floor, "vs_floor": milliseconds / floor})
+                print(f"{kernel} {dtype_name} block {block:5d} warps {warps:2d}"
+                      f"{' (default)' if is_default else '          '} {milliseconds:8.3f} ms"
+                      f" = {milliseconds / floor:5.2f}x copy floor ({floor:.3f} ms)", flush=True)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "tune_kernels.json"), "w") as handle:
+        json.dump({**vars(args), "gpu": torch.cuda.get_device_name(), "rows": rows}, handle,
+                  indent=1)
+
+
+if __name__ == "__main__":
+    main()
