@@ -27,8 +27,8 @@ SCALAR_TYPES = {  # argument name -> Triton signature type, for the non-pointer 
                                  "lam_t")},
 }
 ACCUMULATORS = {"*fp32": tl.float32, "*bf16": tl.float32, "*fp16": tl.float32, "*fp64": tl.float64}
-# Launch shapes for C = 1000 (one block), 4096 (the widest single block), 21843 (streamed).
-BLOCKS = [launch_config(num_classes) for num_classes in (1000, 4096, 21843)]
+# Launches for C = 1000 (one block), 4096 (the widest single block), 21843 (streamed).
+CLASS_COUNTS = (1000, 4096, 21843)
 
 
 def local_memory_bytes(kernel, logits_type, constexprs, num_warps):
@@ -51,17 +51,19 @@ def local_memory_bytes(kernel, logits_type, constexprs, num_warps):
 
 def variants():
     """(name, kernel, logits type, constexprs, warps) for each variant worth compiling."""
-    for block, single_block, num_warps in BLOCKS:
-        shape = f"block{block}-{'single' if single_block else 'streamed'}"
-        for logits_type, accumulator in ACCUMULATORS.items():
-            constexprs = dict(ACC=accumulator, BLOCK=block, SINGLE_BLOCK=single_block,
-                              COMPUTE_GRAD=True)
-            yield (f"ldrld-{logits_type[1:]}-{shape}", ldrld._ldrld_kernel, logits_type,
-                   dict(constexprs, TOP_BLOCK=8), num_warps)
-            if logits_type in ("*bf16", "*fp32"):
-                for name, kernel in (("kd", kd._kd_kernel), ("dkd", kd._dkd_kernel)):
-                    yield (f"{name}-{logits_type[1:]}-{shape}", kernel, logits_type,
-                           constexprs, num_warps)
+    kernels = [("ldrld", ldrld._ldrld_kernel, ldrld.ldrld_launch_config, ACCUMULATORS),
+               ("kd", kd._kd_kernel, launch_config, ("*bf16", "*fp32")),
+               ("dkd", kd._dkd_kernel, launch_config, ("*bf16", "*fp32"))]
+    for num_classes in CLASS_COUNTS:
+        for name, kernel, config, logits_types in kernels:
+            block, single_block, num_warps = config(num_classes)
+            for logits_type in logits_types:
+                constexprs = dict(ACC=ACCUMULATORS[logits_type], BLOCK=block,
+                                  SINGLE_BLOCK=single_block, COMPUTE_GRAD=True)
+                if name == "ldrld":
+                    constexprs["TOP_BLOCK"] = 8
+                yield (f"{name}-{logits_type[1:]}-C{num_classes}-block{block}", kernel,
+                       logits_type, constexprs, num_warps)
     hcd_variants = [(1000, "*bf16", False), (1000, "*fp32", True), (1000, "*fp64", False),
                     (100, "*fp16", False), (21843, "*bf16", False)]
     for num_classes, logits_type, detach_target in hcd_variants:
