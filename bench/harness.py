@@ -42,8 +42,9 @@ CHECK_SHAPE = (6, 37)  # the tiny correctness check of every provider
 class LossSuite:
     """One loss to time. ``make_inputs(batch, classes, dtype)`` returns the loss's positional
     tensors, the first ``num_differentiable`` of which get gradients; ``loss(*inputs, backend=)``
-    returns the mean loss; ``floor_elements(batch, classes)`` counts the elements the fused kernel
-    reads in forward and additionally writes in backward."""
+    returns the mean loss (a plain function: see ``compiled_loss``); ``floor_elements(batch,
+    classes)`` counts the elements the fused kernel reads in forward and additionally writes in
+    backward."""
 
     name: str
     loss: Callable
@@ -63,7 +64,10 @@ class LossSuite:
 
 @functools.cache
 def compiled_loss(loss):
-    return torch.compile(functools.partial(loss, backend="torch"), dynamic=True)
+    """``loss`` compiled with the torch backend. ``loss`` must be a plain function: dynamo keeps
+    its compile cache (and recompile limit, 8) per code object, and compiles every partial or
+    other callable object through one shared wrapper, where the suites would evict each other."""
+    return functools.partial(torch.compile(loss, dynamic=True), backend="torch")
 
 
 def random_inputs(batch, classes, dtype, seed=0):

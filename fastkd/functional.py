@@ -5,8 +5,8 @@ Every loss takes ``backend="auto" | "triton" | "torch" | "reference"``:
   CPU tensors under ``TRITON_INTERPRET=1``);
 - ``torch``: vectorised PyTorch, autograd for the gradient;
 - ``reference``: the authors' formulation, slow on purpose (the oracle).
-``auto`` is triton for CUDA tensors when triton imports, else torch; the environment variable
-``FASTKD_BACKEND`` replaces ``auto`` with a fixed choice.
+``auto`` is triton for CUDA tensors when triton imports (for HCD only up to 1024 classes), else
+torch; the environment variable ``FASTKD_BACKEND`` replaces ``auto`` with a fixed choice.
 
 Losses are computed in fp32 (fp64 for fp64 logits) whatever the logits' dtype; the gradient comes
 back in the logits' dtype. The teacher never gets a gradient.
@@ -22,14 +22,18 @@ from .vectorized import hcd as vectorized_hcd
 from .vectorized import ldrld as vectorized_ldrld
 
 BACKENDS = ("auto", "triton", "torch", "reference")
+# ``auto`` runs HCD's kernel only on rows that fit one tile: wider rows are streamed, and there the
+# torch backend took 2-5x less GPU time (H200, B = 1024, C = 21843: bench/results/h200-2026-11-26).
+HCD_TRITON_AUTO_MAX_CLASSES = 1024
 
 
 def triton_available():
     return importable("triton")
 
 
-def resolve_backend(backend, logits):
-    """The concrete backend a call runs on."""
+def resolve_backend(backend, logits, triton_is_faster=True):
+    """The concrete backend a call runs on. ``triton_is_faster=False`` makes ``auto`` choose the
+    torch backend on CUDA too (for shapes where it was measured faster)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -37,7 +41,7 @@ def resolve_backend(backend, logits):
         if backend not in BACKENDS:
             raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if logits.is_cuda and triton_available() else "torch"
+        return "triton" if logits.is_cuda and triton_available() and triton_is_faster else "torch"
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package, which does not import")
@@ -233,7 +237,8 @@ def hcd_logit_loss(
     validation.check_positive("temperature", temperature)
     validation.check_probability("label_smoothing", label_smoothing)
     validation.check_reduction(reduction)
-    backend = resolve_backend(backend, student_logits)
+    backend = resolve_backend(backend, student_logits,
+                              student_logits.shape[1] <= HCD_TRITON_AUTO_MAX_CLASSES)
     options = (num_sub, temperature, label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t,
                detach_target)
     if backend == "reference":

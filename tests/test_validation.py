@@ -127,3 +127,13 @@ def test_compiled_loss_skips_the_label_check():
     compiled = torch.compile(ldrld_loss, fullgraph=True, backend="eager")  # dynamo alone
     eager = ldrld_loss(student, teacher, target, top_d=3, backend="torch")
     torch.testing.assert_close(compiled(student, teacher, target, top_d=3, backend="torch"), eager)
+
+
+def test_auto_backend_can_prefer_torch(monkeypatch):
+    """Where triton was measured slower (HCD's streamed rows), auto takes torch even on CUDA."""
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    logits = torch.zeros(2, 3)
+    assert resolve_backend("auto", logits) == "triton"
+    assert resolve_backend("auto", logits, triton_is_faster=False) == "torch"
+    assert resolve_backend("triton", logits, triton_is_faster=False) == "triton"
