@@ -9,7 +9,9 @@
 # The sections run most important first, each within its own time cap and the whole within
 # GPU_CHECK_SECONDS (default 480). A benchmark section that reaches its cap skips its remaining
 # cases (FASTKD_BENCH_DEADLINE) and still saves what it measured; the log records each section's
-# exit status and time.
+# exit status and time. On an H200 a cold run needs about 500 s for everything (the compiled
+# provider's compiles take 200 s of it), so with the default budget the last section (KD/DKD)
+# may skip its last cases; set GPU_CHECK_SECONDS=560 for all of it.
 set -u
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -66,11 +68,11 @@ bench() {  # bench NAME CAP_SECONDS FILE [PYTEST ARGS]: one benchmark file's mat
 : >"$LOG"
 echo "=== environment" >>"$LOG"
 environment >>"$LOG" 2>&1
-section gpu-tests 150 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q
-bench ldrld 130 bench_ldrld.py
-section throughput 100 "$PYTHON" bench/train_throughput.py --output "$OUTDIR"
-bench hcd 80 bench_hcd.py
-bench kd 100 bench_kd.py
+section gpu-tests 90 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q
+bench ldrld 175 bench_ldrld.py
+section throughput 75 "$PYTHON" bench/train_throughput.py --output "$OUTDIR"
+bench hcd 70 bench_hcd.py
+bench kd 110 bench_kd.py
 "$PYTHON" bench/report.py "$OUTDIR"/bench-*.json --output "$OUTDIR/report.md" >>"$LOG" 2>&1
 [ -f "$OUTDIR/throughput.md" ] && cat "$OUTDIR/throughput.md" >>"$OUTDIR/report.md"
 grep "^=== .*\(exit\|not run\)" "$LOG"
