@@ -2,8 +2,9 @@
 
 A ``LossSuite`` names one loss and how to make its inputs. Its providers are the loss's backends
 (``reference``, ``torch``, ``triton``) plus:
-- ``compiled``: ``torch.compile(loss, backend="torch", dynamic=True)``, one graph per dtype and
-  mode shared by all shapes; the first call (the compile) is recorded apart as ``first_call_s``;
+- ``compiled``: ``torch.compile(loss, dynamic=True)`` called with the loss's ``backend="torch"``,
+  one graph per dtype and mode shared by all shapes; the first call (the compile) is recorded
+  apart as ``first_call_s``;
 - ``copy-floor`` (CUDA only): one device copy moving the bytes the fused kernel must move at
   least (each input read once, each gradient written once), the memory-bandwidth limit.
 
@@ -90,9 +91,9 @@ def synchronized_timer():
     return time.perf_counter()
 
 
-def loss_step(suite, provider, inputs, mode):
-    """A callable running one forward (and backward) of the mean loss."""
-    differentiable = inputs[:suite.num_differentiable] if mode == "fwd+bwd" else ()
+def loss_step(suite, provider, inputs, differentiable):
+    """A callable running one forward of the mean loss, and its backward to ``differentiable``
+    (the leading inputs, or none for forward only)."""
     for tensor in differentiable:
         tensor.requires_grad_()
 
@@ -158,8 +159,8 @@ def time_loss(benchmark, suite, provider, shape, dtype, mode):
         step = copy_floor_step(suite, shape, DTYPES[dtype], mode)
     else:
         inputs = suite.make_inputs(*shape, DTYPES[dtype])
-        step = loss_step(suite, provider, inputs, mode)
         differentiable = inputs[:suite.num_differentiable] if mode == "fwd+bwd" else ()
+        step = loss_step(suite, provider, inputs, differentiable)
         benchmark.extra_info["gradient_mib"] = sum(
             tensor.numel() * tensor.element_size() for tensor in differentiable) / 2**20
     benchmark.group = f"{suite.name} {mode} {dtype} {DEVICE}"
