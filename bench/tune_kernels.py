@@ -15,12 +15,12 @@ import os
 
 import torch
 import triton.testing
+from bench_hcd import NUM_SUB, hcd_inputs
 from fastkd.kernels.hcd import hcd_forward, hcd_launch_config
 from fastkd.kernels.ldrld import ldrld_forward, ldrld_launch_config
+from harness import DTYPES, random_inputs
 
 from fastkd.functional import ldrld_group_weights
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def gpu_milliseconds(function):
@@ -35,9 +35,7 @@ def copy_floor(elements, dtype):
 
 
 def ldrld_cases(batch, classes, dtype):
-    student = (3 * torch.randn(batch, classes, device="cuda")).to(dtype)
-    teacher = (3 * torch.randn(batch, classes, device="cuda")).to(dtype)
-    target = torch.randint(0, classes, (batch,), device="cuda")
+    student, teacher, target = random_inputs(batch, classes, dtype)
     options = (4.0, 7, 10.5, 7.0, 1.0, 1.5, 2.0, 0.05, *ldrld_group_weights(7, 1.5, 2.0, 0.05))
     block, _, warps = ldrld_launch_config(classes)
     for setting in dict.fromkeys([(block, warps), (4096, 16), (4096, 8), (2048, 8)]):
@@ -46,12 +44,9 @@ def ldrld_cases(batch, classes, dtype):
             num_warps=setting[1])
 
 
-def hcd_cases(batch, classes, dtype, num_sub=4):
-    shared = torch.randn(batch, num_sub * classes, device="cuda").to(dtype)
-    student = (3 * torch.randn(batch, classes, device="cuda")).to(dtype)
-    teacher = (3 * torch.randn(batch, classes, device="cuda")).to(dtype)
-    target = torch.randint(0, classes, (batch,), device="cuda")
-    options = (num_sub, 1.0, 0.1, 0.5, 1.0, 6.0, 1.0, 1.0, 1.0, False)
+def hcd_cases(batch, classes, dtype):
+    shared, student, teacher, target = hcd_inputs(batch, classes, dtype)
+    options = (NUM_SUB, 1.0, 0.1, 0.5, 1.0, 6.0, 1.0, 1.0, 1.0, False)
     block, _, warps = hcd_launch_config(classes)
     for setting in dict.fromkeys([(block, warps), (1024, 16), (512, 8), (128, 4)]):
         yield setting, setting == (block, warps), functools.partial(
