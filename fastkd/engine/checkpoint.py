@@ -1,8 +1,8 @@
 """Checkpoints that are never half-written, and the settings a resumed run must share."""
 
-import os
-
 import torch
+
+from .files import atomic_write
 
 # Options that define what is being trained: a resumed run must not change them.
 IDENTITY_OPTIONS = ("model", "teacher", "distiller", "dataset", "num_classes", "image_size",
@@ -10,10 +10,9 @@ IDENTITY_OPTIONS = ("model", "teacher", "distiller", "dataset", "num_classes", "
 
 
 def save_atomic(state, path):
-    """Write to ``path.tmp`` then rename: a crash leaves the previous file intact."""
-    temporary = f"{path}.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    """``torch.save`` through ``atomic_write``: a crash or power loss leaves the previous file."""
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load(path):

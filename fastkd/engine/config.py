@@ -78,7 +78,10 @@ def build_parser():
     group = parser.add_argument_group("run")
     group.add_argument("--output", default="output", help="runs go to OUTPUT/<run name>/")
     group.add_argument("--experiment", help="run name (default: time-distiller-model)")
-    group.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its last.pth")
+    group.add_argument("--resume", metavar="CHECKPOINT|auto",
+                       help="continue a run from its last.pth; 'auto': continue "
+                       "OUTPUT/EXPERIMENT from its last.pth if it has one, else start it there "
+                       "(for torchrun --max-restarts)")
     group.add_argument("--eval-only", action="store_true")
     group.add_argument("--log-interval", type=int, default=50)
     return parser
@@ -128,9 +131,11 @@ def check_args(parser, args):
         parser.error(f"--dataset {args.dataset} needs --data-dir")
     if args.data_dir and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist")
+    if args.resume == "auto" and not args.experiment:
+        parser.error("--resume auto needs --experiment NAME (the run folder to continue)")
     for option in ("teacher_checkpoint", "resume"):
         path = getattr(args, option)
-        if path and not os.path.isfile(path):
+        if path and path != "auto" and not os.path.isfile(path):
             parser.error(f"--{option.replace('_', '-')} {path} does not exist")
     for option in ("epochs", "batch_size", "workers"):
         if getattr(args, option) < (0 if option == "workers" else 1):

@@ -2,11 +2,11 @@
 
 One process per device (DDP over NCCL on CUDA, gloo on CPU); rank 0 logs and writes. Each run
 folder holds ``args.yaml``, ``summary.csv``, ``last.pth``, ``best.pth`` (student weights + the
-full training state) and ``curves.png``. Checkpoints are written atomically; SIGTERM/SIGINT save
-``last.pth`` and exit; a non-finite loss stops the run, keeping the last good checkpoint.
+full training state, the summary's rows included) and ``curves.png``; files are written
+atomically. SIGTERM/SIGINT save ``last.pth`` and exit with 128 + the signal's number; a
+non-finite loss stops the run, keeping the last good checkpoint.
 """
 
-import csv
 import math
 import os
 import random
@@ -17,61 +17,14 @@ import time
 import numpy as np
 import timm
 import torch
-import torch.distributed as dist
-import yaml
 
 from .. import models  # noqa: F401  (registers the CIFAR nets in timm)
 from ..data import create_loaders
 from ..distillers import build_distiller
-from . import checkpoint
+from . import checkpoint, demo_teacher
 from .config import parse_args
-
-
-class World:
-    """This process's place in the job, from torchrun's environment."""
-
-    def __init__(self):
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        cuda = torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
-
-    def sum(self, values):
-        """Element-wise sum over ranks of a list of floats."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def min(self, value):
-        """Smallest ``value`` over ranks."""
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return tensor.item()
-
-    def broadcast(self, value):
-        box = [value]
-        if self.world_size > 1:
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def log(self, message):
-        if self.main:
-            print(message, flush=True)
+from .distributed import World
+from .run_folder import BEST, LAST, choose_run_folder, plot_curves, write_args, write_summary
 
 
 def cpu_has_bf16():
@@ -142,6 +95,10 @@ def evaluate(model, loader, world, autocast):
 class Stop(Exception):
     """A signal asked the run to stop after saving."""
 
+    def __init__(self, number):
+        super().__init__(number)
+        self.number = number
+
 
 class Run:
     def __init__(self, args, world, loaders, run_dir, teacher_checkpoint=None):
@@ -181,7 +138,8 @@ class Run:
         self.autocast = autocast_settings(args, world)
         self.scaler = torch.amp.GradScaler(
             enabled=self.autocast[0] and self.autocast[1] == torch.float16)
-        self.start_epoch, self.best_top1, self.stop_signal = 0, -1.0, None
+        self.start_epoch, self.best_top1, self.stop_signal = 0, -1.0, 0
+        self.rows = []  # summary.csv's rows, one per finished epoch
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, epoch):
@@ -191,6 +149,7 @@ class Run:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "best_top1": self.best_top1, "args": vars(self.args),
+                "summary": self.rows,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -206,6 +165,9 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.best_top1 = state["epoch"], state["best_top1"]
+        # The checkpoint's rows, not summary.csv: a crash between the two writes at an epoch's
+        # end would otherwise repeat or lose that epoch's row.
+        self.rows = state["summary"]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -218,13 +180,20 @@ class Run:
         if not self.world.main:
             return
         state = self.state(epoch)
-        checkpoint.save_atomic(state, os.path.join(self.run_dir, "last.pth"))
+        checkpoint.save_atomic(state, os.path.join(self.run_dir, LAST))
         if top1 is not None and top1 >= self.best_top1:
-            checkpoint.save_atomic(state, os.path.join(self.run_dir, "best.pth"))
+            checkpoint.save_atomic(state, os.path.join(self.run_dir, BEST))
+
+    def saved_checkpoint(self):
+        """Where a stopped run can resume from, in words."""
+        path = os.path.join(self.run_dir, LAST)
+        if os.path.isfile(path):
+            return f"the last good checkpoint is {path} (resumes at epoch {len(self.rows)})"
+        return "no checkpoint was saved before it"
 
     # -- loop -----------------------------------------------------------------------------------
     def _on_signal(self, number, frame):
-        self.stop_signal = signal.Signals(number).name
+        self.stop_signal = number
 
     def train_epoch(self, epoch):
         args, world = self.args, self.world
@@ -233,7 +202,7 @@ class Run:
         totals, seen, started = {}, 0, time.perf_counter()
         # Shards differ by at most one sample, which can give one rank one more (partial) batch:
         # every rank takes the same number of steps, or DDP would wait for the missing one.
-        steps = int(world.min(len(self.train_loader)))
+        steps = int(world.min([len(self.train_loader)])[0])
         show = world.main and sys.stderr.isatty()
         for step, (images, target) in zip(range(steps), self.train_loader):
             with torch.autocast(world.device.type, dtype=self.autocast[1],
@@ -242,13 +211,12 @@ class Run:
             loss = sum(losses.values())
             # One small all-reduce lets every rank agree to stop together (a NaN or a signal on
             # one rank would otherwise leave the others waiting in the next collective).
-            finite, stopping = world.sum([float(torch.isfinite(loss).item()),
-                                          float(self.stop_signal is not None)])
-            if finite < world.world_size:
+            non_finite, stop_signal = world.max([float(not torch.isfinite(loss).item()),
+                                                 float(self.stop_signal)])
+            if non_finite:
                 values = {name: value.detach().item() for name, value in losses.items()}
-                raise SystemExit(
-                    f"error: non-finite loss at epoch {epoch} step {step} ({values}); the last "
-                    f"good checkpoint is {os.path.join(self.run_dir, 'last.pth')}")
+                raise SystemExit(f"error: non-finite loss at epoch {epoch} step {step} "
+                                 f"({values}); {self.saved_checkpoint()}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -261,8 +229,8 @@ class Run:
                 end = "\r" if show else "\n"
                 print(f"epoch {epoch} [{step + 1}/{steps}] loss {loss.detach().item():.4f} "
                       f"{rate:.0f} img/s", end=end, file=sys.stderr, flush=True)
-            if stopping:
-                raise Stop()
+            if stop_signal:
+                raise Stop(int(stop_signal))
         if show:
             print(file=sys.stderr)
         names = sorted(totals)
@@ -272,141 +240,115 @@ class Run:
                 sums[-1] / elapsed, elapsed)
 
     def fit(self):
+        """Train to ``args.epochs``; returns summary.csv's rows. SIGTERM and SIGINT stop it at the
+        next step, saved (their handlers are this run's until it returns)."""
+        handlers = {number: signal.signal(number, self._on_signal)
+                    for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._fit()
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+
+    def _fit(self):
         args, world = self.args, self.world
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._on_signal)
-        summary_path = os.path.join(self.run_dir, "summary.csv")
-        rows = read_summary(summary_path)
         for epoch in range(self.start_epoch, args.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
             try:
                 train_metrics, images_per_second, elapsed = self.train_epoch(epoch)
-            except Stop:
+            except Stop as stop:
                 self.save(epoch)
-                world.log(f"{self.stop_signal or 'signal'}: saved {self.run_dir}/last.pth "
-                          f"(resumes at epoch {epoch}); exiting")
-                world.barrier()
-                raise SystemExit(0)
+                world.log(f"{signal.Signals(stop.number).name}: saved "
+                          f"{os.path.join(self.run_dir, LAST)} (resumes at epoch {epoch}); "
+                          "exiting")
+                world.barrier()  # every rank exits once rank 0 has saved
+                # What a shell reports for a process killed by the signal: a scheduler must
+                # not mistake a stopped job for a finished one.
+                raise SystemExit(128 + stop.number)
             self.scheduler.step()
             top1, top5 = evaluate(self.model, self.val_loader, world, self.autocast)
-            row = {"epoch": epoch, "lr": lr,
-                   **{f"train_{name}": value for name, value in train_metrics.items()},
-                   "eval_top1": top1, "eval_top5": top5, "img_per_s": images_per_second,
-                   "epoch_time": elapsed}
-            rows.append(row)
+            self.rows.append({
+                "epoch": epoch, "lr": lr,
+                **{f"train_{name}": value for name, value in train_metrics.items()},
+                "eval_top1": top1, "eval_top5": top5, "img_per_s": images_per_second,
+                "epoch_time": elapsed})
             self.best_top1 = max(self.best_top1, top1)
-            if world.main:
-                write_summary(summary_path, rows)
-                plot_curves(os.path.join(self.run_dir, "curves.png"), rows)
             self.save(epoch + 1, top1)
+            if world.main:
+                write_summary(self.run_dir, self.rows)
+                plot_curves(self.run_dir, self.rows)
             world.log(f"epoch {epoch}: loss {train_metrics['loss']:.4f} top-1 {top1:.2f} "
                       f"top-5 {top5:.2f} ({images_per_second:.0f} img/s)")
-        return rows
+        return self.rows
 
 
-def read_summary(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as handle:
-        return [{key: float(value) for key, value in row.items()}
-                for row in csv.DictReader(handle)]
-
-
-def write_summary(path, rows):
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
-
-
-def plot_curves(path, rows):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in rows]
-    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in rows[-1]:
-        if key.startswith("train_"):
-            losses.plot(epochs, [row.get(key, float("nan")) for row in rows], label=key[6:])
-    losses.set(xlabel="epoch", ylabel="train loss", yscale="log")
-    losses.legend()
-    for key in ("eval_top1", "eval_top5"):
-        accuracy.plot(epochs, [row[key] for row in rows], label=key[5:])
-    accuracy.set(xlabel="epoch", ylabel="accuracy (%)")
-    accuracy.legend()
-    figure.tight_layout()
-    figure.savefig(f"{path}.tmp.png")
-    plt.close(figure)
-    os.replace(f"{path}.tmp.png", path)
-
-
-def run_directory(args, world):
-    if args.resume:
-        return os.path.dirname(os.path.abspath(args.resume))
-    name = args.experiment or "-".join(
-        [time.strftime("%Y%m%d-%H%M%S"), args.distiller, args.model, args.dataset])
-    path = world.broadcast(os.path.join(args.output, name))
+def open_run(args, world, loaders, teacher_checkpoint=None):
+    """The run's folder (chosen by rank 0), its model and optimiser, resumed when asked."""
+    run_dir, resume_from = world.broadcast(choose_run_folder(args) if world.main else None)
     if world.main:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "args.yaml"), "w") as handle:
-            yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v
-                            for k, v in vars(args).items()}, handle)
+        write_args(run_dir, args)
+    run = Run(args, world, loaders, run_dir, teacher_checkpoint)
+    if resume_from:
+        run.resume(resume_from)
+    return run
+
+
+def train_demo_teacher(args, world, loaders):
+    """The demo's teacher checkpoint: trained once with CE and reused while its completion
+    record matches; an interrupted teacher resumes from its ``last.pth``."""
+    teacher_args = demo_teacher.teacher_args(args, loaders[0].num_classes)
+    finished = world.broadcast(demo_teacher.finished(teacher_args) if world.main else None)
+    if finished:
+        world.log(f"using the cached demo teacher {finished}")
+        return finished
+    world.log(f"training the demo teacher {teacher_args.model} first "
+              f"({teacher_args.epochs} epochs, CE)")
+    run = open_run(teacher_args, world, loaders)
+    run.fit()
+    if world.main:
+        demo_teacher.mark_finished(teacher_args, run.run_dir)
     world.barrier()
-    return path
+    return os.path.join(run.run_dir, BEST)
 
 
-def demo_teacher(args, world, loaders):
-    """The demo's teacher: trained once with CE on the demo data and cached in the output
-    folder (``OUTPUT/demo-teacher-<name>/best.pth``)."""
-    folder = os.path.join(args.output, f"demo-teacher-{args.teacher}")
-    path = os.path.join(folder, "best.pth")
-    if os.path.isfile(path):
-        world.log(f"using the cached demo teacher {path}")
-        return path
-    world.log(f"training the demo teacher {args.teacher} first ({args.epochs} epochs, CE)")
-    teacher_args = parse_args(["--dataset", "demo", "--distiller", "ce", "--model", args.teacher,
-                               "--output", args.output, "--experiment",
-                               f"demo-teacher-{args.teacher}", "--seed", str(args.seed),
-                               "--workers", str(args.workers), "--loader", args.loader])
-    teacher_args.amp = args.amp
-    Run(teacher_args, world, loaders, run_directory(teacher_args, world)).fit()
-    world.barrier()
-    return path
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    world = World()
+def run_job(args, world):
     torch.manual_seed(args.seed + world.rank)
     np.random.seed(args.seed + world.rank)
     random.seed(args.seed + world.rank)
-    if args.dataset == "demo" and not world.main:
-        world.barrier()  # rank 0 writes the demo JPEGs first
+    # Rank 0 builds what other ranks then read (the demo JPEGs) before they start.
+    if not world.main:
+        world.barrier()
     loaders = create_loaders(
         args.dataset, args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
         loader=args.loader, rank=world.rank, world_size=world.world_size, device=world.device,
         workers=args.workers, channels_last=args.channels_last, seed=args.seed)
-    if args.dataset == "demo" and world.main:
+    if world.main:
         world.barrier()
     started = time.perf_counter()
     teacher_checkpoint = args.teacher_checkpoint
     if (args.distiller != "ce" and args.dataset == "demo" and not teacher_checkpoint
             and not args.teacher_pretrained):
-        teacher_checkpoint = demo_teacher(args, world, loaders)
-    run = Run(args, world, loaders, run_directory(args, world), teacher_checkpoint)
-    if args.resume:
-        run.resume(args.resume)
+        teacher_checkpoint = train_demo_teacher(args, world, loaders)
+    run = open_run(args, world, loaders, teacher_checkpoint)
     if args.eval_only:
         top1, top5 = evaluate(run.model, loaders[1], world, run.autocast)
         world.log(f"student {args.model}: top-1 {top1:.2f} top-5 {top5:.2f}")
         return
     rows = run.fit()
     report(args, world, run, rows, loaders, time.perf_counter() - started)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = World()
+    try:
+        run_job(args, world)
+        status = 0
+    except SystemExit as stop:  # the run's own stops: a signal, a non-finite loss, bad settings
+        status = stop.code
+    # Only now are run_job's frames, and the DDP modules that hold the process group, gone.
+    world.close()
+    sys.exit(status)
 
 
 def report(args, world, run, rows, loaders, seconds):

@@ -1,0 +1,52 @@
+"""The demo's teacher: trained once with CE on the demo data and kept in
+``OUTPUT/demo-teacher-<model>-<classes>cls-<size>px-<epochs>ep/``.
+
+That folder's ``complete.json`` is written only after the teacher's last epoch and records the
+settings it was trained with; without it (an interrupted teacher) the teacher run resumes from
+its ``last.pth`` rather than being distilled from half-trained.
+"""
+
+import json
+import os
+
+from .config import DEMO_DEFAULTS, parse_args
+from .files import atomic_write
+from .run_folder import BEST
+
+COMPLETE = "complete.json"
+
+
+def teacher_args(args, num_classes):
+    """The teacher run's options: the demo recipe for ``args.teacher`` at the student's image
+    size and classes, in a folder named by those settings, resumed there if interrupted."""
+    epochs = DEMO_DEFAULTS["epochs"]
+    name = f"demo-teacher-{args.teacher}-{num_classes}cls-{args.image_size}px-{epochs}ep"
+    settings = parse_args(["--dataset", "demo", "--distiller", "ce", "--model", args.teacher,
+                           "--epochs", str(epochs), "--image-size", str(args.image_size),
+                           "--num-classes", str(num_classes), "--output", args.output,
+                           "--experiment", name, "--resume", "auto", "--seed", str(args.seed),
+                           "--workers", str(args.workers), "--loader", args.loader])
+    settings.amp = args.amp
+    return settings
+
+
+def _record(settings):
+    return {"model": settings.model, "epochs": settings.epochs,
+            "image_size": settings.image_size, "num_classes": settings.num_classes}
+
+
+def finished(settings):
+    """The teacher's ``best.pth`` if a finished run with these settings left it, else None."""
+    folder = os.path.join(settings.output, settings.experiment)
+    try:
+        with open(os.path.join(folder, COMPLETE)) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    best = os.path.join(folder, BEST)
+    return best if record == _record(settings) and os.path.isfile(best) else None
+
+
+def mark_finished(settings, folder):
+    with atomic_write(os.path.join(folder, COMPLETE)) as handle:
+        json.dump(_record(settings), handle)

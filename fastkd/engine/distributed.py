@@ -1,0 +1,121 @@
+"""This process's place in a torchrun job, the few collectives the trainer needs, and a clean
+shutdown of the process group."""
+
+import gc
+import os
+
+import torch
+import torch.distributed as dist
+
+# torch.distributed.nn.functional binds ``group.WORLD`` as the default argument of ten functions
+# when it is first imported, and DDP imports it lazily (through FSDP). Imported after the default
+# group exists, it pins that group for the life of the interpreter: destroy_process_group cannot
+# free it, and gloo's worker threads live on into interpreter shutdown (see ``World.close``).
+# Imported here, before any group can exist, its defaults hold None.
+import torch.distributed.nn  # noqa: F401
+
+
+def init_process_group(backend, rank, world_size):
+    """``dist.init_process_group`` that survives torchrun's restarts.
+
+    torchrun's agent shares its rendezvous store with the workers (unless
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) and keeps that store across restarts, but the workers'
+    keys carry no attempt number: restarted workers read the killed workers' addresses and fail
+    with "Connection refused" in connectFullMesh. Each attempt's keys go under its own prefix.
+    The agent counts its restarts, which is one count for the whole job on one node; across
+    nodes an agent restarts its workers without counting when another node failed, so there the
+    prefix would not match and such a job is refused up front.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    if (int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
+        raise SystemExit(
+            "error: torchrun --max-restarts across several nodes needs "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: its shared "
+            "rendezvous store keeps the failed attempt's keys, so restarted workers cannot "
+            "connect")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          world_size, is_master=False)
+    attempt = f"fastkd/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    dist.init_process_group(backend, store=dist.PrefixStore(attempt, store), rank=rank,
+                            world_size=world_size)
+
+
+class World:
+    """Rank, world size and device from torchrun's environment; one process per device (NCCL on
+    CUDA, gloo on CPU). Without torchrun it is a world of one and every collective is local."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            init_process_group("nccl" if cuda else "gloo", self.rank, self.world_size)
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _reduce(self, values, op):
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def sum(self, values):
+        """Element-wise sum over ranks of a list of numbers."""
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    def min(self, values):
+        """Element-wise minimum over ranks of a list of numbers."""
+        return self._reduce(values, dist.ReduceOp.MIN)
+
+    def max(self, values):
+        """Element-wise maximum over ranks of a list of numbers."""
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        box = [value]
+        if self.world_size > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value):
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def log(self, message):
+        if self.main:
+            print(message, flush=True)
+
+    def close(self):
+        """Destroy the process group while the interpreter is still whole.
+
+        A gloo worker thread drops its reference to a finished collective after the caller already
+        has the result. When the collective's tensor has a Python object, dropping it takes the
+        GIL; if the main thread has meanwhile begun interpreter shutdown, Python ends the worker
+        thread inside that C++ destructor and the process dies with "terminate called without an
+        active exception" (SIGABRT) after a successful run (pytorch/pytorch#190489). The group's
+        destructor joins its worker threads with the GIL released, so once nothing holds the
+        group (DDP modules keep it: the caller must have dropped them; ``gc.collect`` frees those
+        still in reference cycles), no worker outlives this call.
+        """
+        if self.world_size > 1 and dist.is_initialized():
+            gc.collect()
+            dist.destroy_process_group()
+            gc.collect()

@@ -1,0 +1,66 @@
+"""Running the real trainer in tests: ``train/main.py`` as a plain process or under torchrun."""
+
+import os
+import subprocess
+import sys
+import time
+
+MAIN = os.path.join(os.path.dirname(__file__), os.pardir, "train", "main.py")
+# One short epoch on the demo digits, in the test process's own threads.
+FAST = ["--epochs", "1", "--batch-size", "128", "--workers", "0", "--loader", "torch",
+        "--model", "resnet20"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*options):
+    return [sys.executable, "-m", "torch.distributed.run", *options]
+
+
+def command(args, processes=1, script=MAIN):
+    """``python script args``, or under ``torchrun --standalone`` for several processes."""
+    if processes == 1:
+        return [sys.executable, script, *args]
+    return torchrun("--standalone", f"--nproc-per-node={processes}", script, *args)
+
+
+def run_main(args, processes=1, timeout=300, script=MAIN):
+    return subprocess.run(command(args, processes, script), capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def start(argv, log=None):
+    """A background process; its stdout and stderr go to the file ``log`` if given, else to
+    pipes."""
+    if log is None:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=ENV)
+    with open(log, "w") as handle:
+        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=ENV)
+
+
+def wait_until(ready, process, what, seconds=240):
+    """Poll ``ready()`` until it is true; fail if ``process`` exits first or time runs out."""
+    deadline = time.time() + seconds
+    while not ready():
+        assert process.poll() is None, f"exited ({process.returncode}) before {what}"
+        assert time.time() < deadline, f"{what} never happened"
+        time.sleep(0.2)
+
+
+def wait_for(path, process, seconds=240):
+    wait_until(lambda: os.path.exists(path), process, f"{path} appeared", seconds)
+
+
+def children(pid):
+    """Process ids of ``pid``'s children (Linux /proc)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
+def environment_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        entries = handle.read().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
