@@ -180,8 +180,11 @@ def test_bad_input(tmp_path, tree):
         create_loaders("folder", str(mismatch), batch_size=4)
     broken = write_tree(tmp_path / "broken", ["a"], 2, 1)
     (broken / "train" / "a" / "1.jpeg").write_text("not an image")
-    with pytest.raises(ValueError, match=f"1 file\\(s\\) are not images \\(bad header\\), e.g. {broken}/train/a/1.jpeg"):
-        create_loaders("folder", str(broken), batch_size=4)
+    (broken / "val" / "a" / "0.jpeg").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"^2 bad image file\\(s\\) \\(bad_images='error'; 'skip' leaves them out\\):\n  {broken}/train/a/1.jpeg: not an image \\(bad header\\)\n  {broken}/val/a/0.jpeg: empty file$"):
+        create_loaders("folder", str(broken), batch_size=4, loader="torch", bad_images="error")
+    with pytest.raises(ValueError, match=r"bad_images must be one of \('skip', 'error'\), got 'ignore'"):
+        create_loaders("folder", str(tmp_path / "nowhere"), batch_size=4, bad_images="ignore")
     with pytest.raises(FileNotFoundError, match=f"no CIFAR-100 archive at {tmp_path}"):
         create_loaders("cifar100", str(tmp_path), batch_size=4)
     with pytest.raises(ValueError, match="dataset 'imagenet' needs data_dir"):

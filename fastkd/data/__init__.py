@@ -6,11 +6,17 @@ each has ``len()`` (batches this rank reads per epoch), ``set_epoch(epoch)``, ``
 ``dataset_size`` (samples across all ranks). Every sample is read exactly once per epoch across
 ranks, by both loaders: training takes a shard of one seeded permutation per epoch, evaluation a
 shard of the sorted list.
+
+Bad image files (``bad_images="skip"`` or ``"error"``, see ``bad_images.py``): each loader's
+``bad_images`` is {path: reason} of its split's files known bad in this process, and
+``exclude(bad)`` takes those other ranks found, so that they are not read again.
+``fastkd-verify-data DIR`` (``verify.py``) lists every bad file of a dataset.
 """
 
 import logging
 
 from ..optional import importable
+from .bad_images import bad_files_error, check_mode
 from .cifar import CIFAR100, cifar_transform
 from .common import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .demo import build_demo_dataset, default_demo_root
@@ -47,7 +53,8 @@ def resolve_loader(loader, dataset):
 
 def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loader="auto",
                    eval_batch_size=None, rank=0, world_size=1, device="cpu", workers=4,
-                   channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO):
+                   channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO,
+                   bad_images="skip"):
     """``(train_loader, val_loader)`` for ``dataset``:
 
     - ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``;
@@ -55,7 +62,16 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
       cache) on first use;
     - ``"cifar100"``: the python archive under ``data_dir`` (torchvision loader).
     ``image_size`` defaults to 224 for folders and 32 for demo and CIFAR-100.
+
+    Image files that do not decode (folders and demo): each file's header is checked at start,
+    and for DALI, which cannot skip a file inside its pipeline, every file is decoded once before
+    the loaders are built (in ``workers`` processes; cached next to the data, see ``verify.py``).
+    ``bad_images="skip"`` leaves the files found bad at start out of their split (labels stay
+    those of the class folders) and the torchvision loader replaces a file it finds bad while
+    reading by the next readable sample of the split; ``"error"`` raises ``BadImageError`` (a
+    ValueError) listing every file found bad at start, or naming the file met while reading.
     """
+    check_mode(bad_images)
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     if dataset != "demo" and not data_dir:
@@ -77,6 +93,18 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
         image_size = image_size or 32
     image_size = image_size or 224
     folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/val")
+    if kind == "dali":
+        from .verify import verify_images
+
+        verification = verify_images(
+            data_dir, [path for folder in folders for path, _ in folder.samples], workers)
+        logger.info("verified %d images: %d bad, %d decoded, %d cached (%s)",
+                    verification.checked, len(verification.bad), verification.decoded,
+                    verification.cached, verification.cache)
+        folders = [folder.without(verification.bad) for folder in folders]
+    bad = {path: reason for folder in folders for path, reason in folder.bad.items()}
+    if bad and bad_images == "error":
+        raise bad_files_error(bad)
     loaders = []
     for split, folder in zip(("train", "val"), folders):
         training = split == "train"
@@ -86,11 +114,11 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
             loaders.append(DaliLoader(
                 folder.samples, folder.num_classes, training=training,
                 batch_size=sizes[split], image_size=image_size, mean=IMAGENET_MEAN,
-                std=IMAGENET_STD, crop_ratio=crop_ratio, **common))
+                std=IMAGENET_STD, crop_ratio=crop_ratio, known_bad=folder.bad, **common))
         else:
             transform = image_transform(training, image_size, IMAGENET_MEAN, IMAGENET_STD,
                                         crop_ratio)
-            loaders.append(TorchLoader(FileDataset(folder.samples, transform),
+            loaders.append(TorchLoader(FileDataset(folder.samples, transform, bad_images),
                                        folder.num_classes, training=training,
-                                       batch_size=sizes[split], **common))
+                                       batch_size=sizes[split], known_bad=folder.bad, **common))
     return tuple(loaders)

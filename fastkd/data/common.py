@@ -1,7 +1,8 @@
-"""What both loaders share: normalisation constants, eval resize rule, the per-epoch shard order
-and the batch hand-off to the training device."""
+"""What both loaders share: normalisation constants, eval resize rule, the per-epoch shard order,
+the batch hand-off to the training device and where fastkd keeps its per-user files."""
 
 import math
+import os
 
 import torch
 
@@ -36,3 +37,9 @@ def to_device(images, labels, device, channels_last):
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True).long().view(-1)
+
+
+def user_cache_dir():
+    """``$XDG_CACHE_HOME/fastkd``, by default ``~/.cache/fastkd``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastkd")

@@ -5,6 +5,9 @@ With CUDA, decoding is ``device="mixed"`` (nvJPEG) and the augmentations run on
 file list of each epoch is this rank's shard of one global permutation (``epoch_order``), given to
 ``fn.readers.file`` with ``pad_last_batch=True``, and the iterator drops the padding
 (``LastBatchPolicy.PARTIAL``): every sample is read exactly once per epoch across ranks.
+
+DALI cannot skip a file inside its pipeline, so ``samples`` must hold only files that decode:
+``create_loaders`` decodes each once beforehand (``verify.py``) and leaves the bad ones out.
 """
 
 import math
@@ -13,6 +16,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from .bad_images import record_bad
 from .common import epoch_order, eval_resize, to_device
 from .folders import shard_bounds
 
@@ -41,11 +45,16 @@ def image_pipeline(files, labels, training, image_size, resize_size, mean, std, 
 
 
 class DaliLoader:
-    """Batches ``(images [B, 3, H, W] float, labels [B] int64)`` on ``device``."""
+    """Batches ``(images [B, 3, H, W] float, labels [B] int64)`` on ``device``.
+
+    ``bad_images`` ({path: reason}): this split's files known bad, left out of ``samples`` before
+    the run (``known_bad``, logged once here) or reported by other ranks (``exclude(bad)``, only
+    recorded: every rank leaves out the same verified files).
+    """
 
     def __init__(self, samples, num_classes, *, training, batch_size, image_size, mean, std,
                  crop_ratio, rank=0, world_size=1, device="cpu", workers=4,
-                 channels_last=False, seed=0):
+                 channels_last=False, seed=0, known_bad=None):
         self.samples, self.num_classes, self.dataset_size = samples, num_classes, len(samples)
         self.training, self.batch_size = training, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -57,6 +66,11 @@ class DaliLoader:
             num_threads=max(workers, 1),
             device_id=(self.device.index or 0) if self.device.type == "cuda" else None)
         self.epoch, self.iterator = 0, None
+        self.bad_images = {}
+        record_bad(self.bad_images, known_bad or {}, log=True)
+
+    def exclude(self, bad):
+        record_bad(self.bad_images, bad, log=False)
 
     def set_epoch(self, epoch):
         if epoch != self.epoch:

@@ -8,6 +8,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from .common import user_cache_dir
+
 IMAGE_SIZE = 32
 VAL_EVERY = 5  # every 5th image of each class goes to val: a fixed, deterministic split
 MANIFEST = "manifest.json"
@@ -57,5 +59,4 @@ def build_demo_dataset(root):
 
 
 def default_demo_root():
-    cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.path.join(cache, "fastkd", "digits")
+    return os.path.join(user_cache_dir(), "digits")

@@ -3,13 +3,17 @@
 ``scan_image_folder(root)`` returns the sorted classes and ``(path, label)`` samples the way
 torchvision's ImageFolder numbers them, so the DALI and torchvision loaders agree on labels.
 
-Corrupted files: every file's header is checked when the dataset is scanned, and a file that is
-not an image (wrong or missing magic bytes) fails the run at start with its path, rather than
-killing a long run later. A file with a valid header but a truncated body is not caught here.
+Corrupted files: every file's header is checked when the dataset is scanned; a file that is not
+an image (empty, wrong or missing magic bytes) is set aside in ``ImageFolder.bad`` with its reason,
+for the caller to skip or report (``bad_images``). A file with a valid header but a broken body is
+not caught here: the torchvision loader replaces it when it meets it, and the DALI path decodes
+every file once before the run (``verify.py``).
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+from .bad_images import describe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Leading bytes of each accepted format (WebP: RIFF....WEBP, checked at offsets 0 and 8).
@@ -20,7 +24,8 @@ MAGIC_BYTES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
 class ImageFolder:
     root: str
     classes: tuple
-    samples: tuple  # ((path, label), ...), sorted by class then file name
+    samples: tuple  # ((path, label), ...), sorted by class then file name; the readable ones
+    bad: dict = field(default_factory=dict)  # {path: reason} of the files set aside
 
     @property
     def num_classes(self):
@@ -29,16 +34,33 @@ class ImageFolder:
     def __len__(self):
         return len(self.samples)
 
+    def without(self, bad):
+        """This folder with its samples named in ``bad`` ({path: reason}) moved to ``self.bad``;
+        labels stay those of the class folders."""
+        found = {path: bad[path] for path, _ in self.samples if path in bad}
+        return replace(self, samples=tuple(sample for sample in self.samples
+                                           if sample[0] not in found),
+                       bad={**self.bad, **found})
 
-def _looks_like_image(path):
-    with open(path, "rb") as handle:
-        head = handle.read(12)
-    return head.startswith(MAGIC_BYTES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+def _header_problem(path):
+    """None when the first bytes are those of an accepted format, else why the file is bad."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError as error:
+        return describe(error)
+    if not head:
+        return "empty file"
+    if head.startswith(MAGIC_BYTES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    return "not an image (bad header)"
 
 
 def scan_image_folder(root, check_files=True):
     """Classes and samples of ``root/<class>/<image>``; a clear error for a missing or empty
-    directory, an empty class, or (with ``check_files``) a file that is not an image."""
+    directory or an empty class. With ``check_files``, files that are not images by their header
+    go to ``bad`` instead of ``samples``."""
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"image folder {root} does not exist (expected root/<class>/*.JPEG)")
@@ -55,12 +77,11 @@ def scan_image_folder(root, check_files=True):
         samples.extend((os.path.join(directory, file), label) for file in files)
     if empty:
         raise ValueError(f"class folders with no images ({len(empty)}): {', '.join(empty[:5])}")
-    if check_files:
-        broken = [path for path, _ in samples if not _looks_like_image(path)]
-        if broken:
-            raise ValueError(f"{len(broken)} file(s) are not images (bad header), e.g. "
-                             f"{', '.join(broken[:5])}; remove or replace them")
-    return ImageFolder(root, tuple(classes), tuple(samples))
+    folder = ImageFolder(root, tuple(classes), tuple(samples))
+    if not check_files:
+        return folder
+    problems = {path: _header_problem(path) for path, _ in samples}
+    return folder.without({path: reason for path, reason in problems.items() if reason})
 
 
 def scan_split_folders(train_root, val_root, check_files=True):

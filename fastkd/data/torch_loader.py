@@ -1,10 +1,24 @@
-"""The torchvision loader: PIL decoding and torchvision transforms on DataLoader workers."""
+"""The torchvision loader: PIL decoding and torchvision transforms on DataLoader workers.
+
+A file that does not decode is replaced by the next readable sample of the split (or, with
+``bad_images="error"``, raises). The workers are other processes: each sample carries the files
+its worker found bad, the loader collects them (``bad_images``) and the sampler replaces those
+samples from then on, so a bad file is decoded about once per run.
+"""
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms
 
+from .bad_images import (
+    DECODE_ERRORS,
+    BadImageError,
+    check_mode,
+    describe,
+    read_rgb,
+    record_bad,
+    wrap_from,
+)
 from .common import epoch_order, eval_resize, to_device
 from .folders import shard_bounds
 
@@ -21,33 +35,68 @@ def image_transform(training, image_size, mean, std, crop_ratio):
 
 
 class FileDataset(Dataset):
-    """(path, label) samples read with PIL as RGB."""
+    """(path, label) samples read with PIL as RGB. Item ``index`` is ``(image, label, bad)``,
+    ``bad`` being {path: reason} of the files found bad while reading it. A file that does not
+    decode raises ``BadImageError`` naming it with ``bad_images="error"``; with ``"skip"`` the
+    next sample in file order (wrapping) that decodes takes its place, with its own label."""
 
-    def __init__(self, samples, transform):
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples, transform, bad_images="skip"):
+        check_mode(bad_images)
+        self.samples, self.transform, self.mode = samples, transform, bad_images
+        self.failed = {}  # files this process (a worker) found bad: not decoded again
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        path, label = self.samples[index]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        found = {}
+        for candidate in wrap_from(index, len(self.samples)):
+            path, label = self.samples[candidate]
+            if path in self.failed:
+                continue
+            try:
+                image = read_rgb(path)
+            except DECODE_ERRORS as error:
+                if self.mode == "error":
+                    raise BadImageError(
+                        f"{path}: {describe(error)} (bad_images='error'; fastkd-verify-data "
+                        "lists every bad file)") from error
+                self.failed[path] = found[path] = describe(error)
+                continue
+            return self.transform(image), label, found
+        raise BadImageError(f"none of the {len(self.samples)} files of this split decodes")
+
+
+def collate_samples(batch):
+    """``(images, labels, bad)`` from ``(image, label)`` samples or FileDataset's
+    ``(image, label, bad)``: their bad files merged into one dict (empty for datasets without
+    files)."""
+    images, labels, *found = zip(*batch)
+    bad = {}
+    for sample_bad in found[0] if found else ():
+        bad.update(sample_bad)
+    return default_collate(images), default_collate(labels), bad
 
 
 class ShardSampler(Sampler):
-    """This rank's share of each epoch, without padding (see ``epoch_order``)."""
+    """This rank's share of each epoch, without padding (see ``epoch_order``). An index in
+    ``bad`` is replaced by the next one in file order that is not, as FileDataset would."""
 
     def __init__(self, size, rank, world_size, shuffle, seed):
         self.size, self.rank, self.world_size = size, rank, world_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.bad = set()
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __iter__(self):
-        return iter(epoch_order(self.size, self.rank, self.world_size, self.shuffle, self.seed,
-                                self.epoch))
+        for index in epoch_order(self.size, self.rank, self.world_size, self.shuffle, self.seed,
+                                 self.epoch):
+            if index in self.bad:  # all bad: keep index, for FileDataset to say so
+                index = next((other for other in wrap_from(index, self.size)
+                              if other not in self.bad), index)
+            yield index
 
     def __len__(self):
         start, stop = shard_bounds(self.size, self.rank, self.world_size)
@@ -55,17 +104,37 @@ class ShardSampler(Sampler):
 
 
 class TorchLoader:
-    """Batches ``(images [B, 3, H, W] float, labels [B] int64)`` on ``device``."""
+    """Batches ``(images [B, 3, H, W] float, labels [B] int64)`` on ``device``.
+
+    ``bad_images`` ({path: reason}): this split's files known bad in this process, those found
+    before the run (``known_bad``, already left out of ``dataset``) and those met while reading,
+    each logged once when it arrives. ``exclude(bad)`` adds files other ranks found, unlogged.
+    Known-bad samples of ``dataset`` are replaced by the sampler without being read again.
+    """
 
     def __init__(self, dataset, num_classes, *, training, batch_size, rank=0, world_size=1,
-                 device="cpu", workers=4, channels_last=False, seed=0):
-        self.num_classes, self.dataset_size = num_classes, len(dataset)
+                 device="cpu", workers=4, channels_last=False, seed=0, known_bad=None):
+        self.dataset, self.num_classes, self.dataset_size = dataset, num_classes, len(dataset)
         self.device, self.channels_last = torch.device(device), channels_last
         self.sampler = ShardSampler(len(dataset), rank, world_size, training, seed)
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            drop_last=False)
+            collate_fn=collate_samples, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, drop_last=False)
+        self.bad_images = {}
+        record_bad(self.bad_images, known_bad or {}, log=True)
+
+    def exclude(self, bad):
+        """Replace the samples of the files in ``bad`` ({path: reason}, found by other ranks)
+        without reading them."""
+        self._add_bad(bad, log=False)
+
+    def _add_bad(self, bad, log):
+        new = record_bad(self.bad_images, bad, log)
+        if new:  # in-memory datasets (CIFAR-100) have no files, hence no bad ones
+            self.sampler.bad.update(index for index, (path, _) in
+                                    enumerate(getattr(self.dataset, "samples", ()))
+                                    if path in new)
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)
@@ -74,5 +143,7 @@ class TorchLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels in self.loader:
+        for images, labels, bad in self.loader:
+            if bad:
+                self._add_bad(bad, log=True)
             yield to_device(images, labels, self.device, self.channels_last)
