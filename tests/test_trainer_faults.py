@@ -9,6 +9,8 @@ import socket
 
 import pytest
 import torch
+from test_bad_images import BAD_FILES
+from test_data import needs_dali, write_tree
 from trainer_helpers import (
     FAST,
     MAIN,
@@ -113,6 +115,44 @@ def test_sigint_exits_with_130_after_saving(demo_dir, tmp_path):
     assert process.wait(timeout=120) == 128 + signal.SIGINT
     assert "SIGINT: saved" in (tmp_path / "log.txt").read_text()
     assert torch.load(tmp_path / "run" / "last.pth", weights_only=False)["epoch"] == 0
+
+
+@pytest.fixture(scope="module")
+def tree_with_bad_images(tmp_path_factory):
+    """Four classes of 10 training and 4 validation JPEGs, plus files that do not decode: in train
+    a truncated one, an empty one and one whose body is noise; in val a truncated one."""
+    root = write_tree(tmp_path_factory.mktemp("bad"), ["a", "b", "c", "d"], 10, 4)
+    bad = {"train/a/cut.jpg": "cut.jpg", "train/b/empty.jpg": "empty.jpg",
+           "train/c/noise.jpg": "noise.jpg", "val/a/cut.jpg": "cut.jpg"}
+    for name, kind in bad.items():
+        (root / name).write_bytes(BAD_FILES[kind])
+    return root, sorted(f"{root}/{name}" for name in bad)
+
+
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_bad_images_are_skipped_named_once_and_listed(tree_with_bad_images, tmp_path, loader):
+    root, bad = tree_with_bad_images
+    args = ["--dataset", "folder", "--data-dir", str(root), "--distiller", "ce", "--model",
+            "resnet20", "--image-size", "32", "--epochs", "2", "--batch-size", "8",
+            "--workers", "1", "--loader", loader, "--output", str(tmp_path),
+            "--experiment", "run"]
+    result = run_main(args, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for path in bad:
+        assert output.count(f"skipping bad image {path}: ") == 1, output[-3000:]
+    with open(tmp_path / "run" / "bad_images.txt") as handle:
+        assert [line.split("\t")[0] for line in handle] == bad
+    with open(tmp_path / "run" / "summary.csv", newline="") as handle:
+        assert [row["bad_images"] for row in csv.DictReader(handle)] == ["4", "4"]
+
+    refused = run_main([*args, "--bad-images", "error", "--experiment", "refused"])
+    assert refused.returncode == 1
+    listed = bad if loader == "dali" else [path for path in bad if "empty" in path]
+    assert "error: --bad-images error: " in refused.stderr
+    for path in listed:  # DALI's verification finds them all up front, the header scan fewer
+        assert path in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_atomic_write_syncs_the_file_then_renames_then_syncs_the_folder(tmp_path, monkeypatch):

@@ -44,6 +44,10 @@ def build_parser():
     group.add_argument("--loader", default="auto", choices=LOADERS)
     group.add_argument("--image-size", type=int)
     group.add_argument("--workers", type=int, default=2)
+    group.add_argument("--bad-images", default="skip", choices=("skip", "error"),
+                       help="image files that do not decode: 'skip' leaves each out (replaced "
+                       "by another sample of its split; listed in RUN/bad_images.txt), 'error' "
+                       "stops the run naming them")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int)

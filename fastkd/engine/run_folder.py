@@ -1,5 +1,6 @@
 """A run's folder, ``OUTPUT/<run>/``: which one a run writes to, and the files other than its
-checkpoints (``args.yaml``, ``summary.csv``, ``curves.png``). Only rank 0 calls these."""
+checkpoints (``args.yaml``, ``summary.csv``, ``curves.png``, ``bad_images.txt``). Only rank 0
+calls these."""
 
 import csv
 import os
@@ -47,6 +48,12 @@ def write_summary(folder, rows):
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_bad_images(folder, bad):
+    """``bad_images.txt``: the image files the run skipped, ``path<TAB>reason`` per line."""
+    with atomic_write(os.path.join(folder, "bad_images.txt")) as handle:
+        handle.writelines(f"{path}\t{bad[path]}\n" for path in sorted(bad))
 
 
 def plot_curves(folder, rows):

@@ -7,6 +7,7 @@ atomically. SIGTERM/SIGINT save ``last.pth`` and exit with 128 + the signal's nu
 non-finite loss stops the run, keeping the last good checkpoint.
 """
 
+import logging
 import math
 import os
 import random
@@ -20,11 +21,21 @@ import torch
 
 from .. import models  # noqa: F401  (registers the CIFAR nets in timm)
 from ..data import create_loaders
+from ..data.bad_images import BadImageError
+from ..data.bad_images import logger as data_logger
 from ..distillers import build_distiller
 from . import checkpoint, demo_teacher
 from .config import parse_args
 from .distributed import World
-from .run_folder import BEST, LAST, choose_run_folder, plot_curves, write_args, write_summary
+from .run_folder import (
+    BEST,
+    LAST,
+    choose_run_folder,
+    plot_curves,
+    write_args,
+    write_bad_images,
+    write_summary,
+)
 
 
 def cpu_has_bf16():
@@ -140,6 +151,7 @@ class Run:
             enabled=self.autocast[0] and self.autocast[1] == torch.float16)
         self.start_epoch, self.best_top1, self.stop_signal = 0, -1.0, 0
         self.rows = []  # summary.csv's rows, one per finished epoch
+        self.bad_images = {}  # {path: reason}: image files skipped so far, found by any rank
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, epoch):
@@ -149,7 +161,7 @@ class Run:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "best_top1": self.best_top1, "args": vars(self.args),
-                "summary": self.rows,
+                "summary": self.rows, "bad_images": self.bad_images,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -168,6 +180,8 @@ class Run:
         # The checkpoint's rows, not summary.csv: a crash between the two writes at an epoch's
         # end would otherwise repeat or lose that epoch's row.
         self.rows = state["summary"]
+        for loader in (self.train_loader, self.val_loader):
+            loader.exclude(state["bad_images"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -190,6 +204,22 @@ class Run:
         if os.path.isfile(path):
             return f"the last good checkpoint is {path} (resumes at epoch {len(self.rows)})"
         return "no checkpoint was saved before it"
+
+    def share_bad_images(self):
+        """Every rank learns the image files any rank found bad, and skips them from now on;
+        rank 0 logs those found elsewhere (other ranks' data warnings are off) and lists them
+        all in bad_images.txt. Returns how many there are."""
+        loaders = (self.train_loader, self.val_loader)
+        own = {path: reason for loader in loaders for path, reason in loader.bad_images.items()}
+        for found in self.world.gather(own):
+            self.bad_images.update(found)
+        for loader in loaders:
+            loader.exclude(self.bad_images)
+        if self.world.main and self.bad_images:
+            for path in sorted(self.bad_images.keys() - own.keys()):
+                data_logger.warning("skipping bad image %s: %s", path, self.bad_images[path])
+            write_bad_images(self.run_dir, self.bad_images)
+        return len(self.bad_images)
 
     # -- loop -----------------------------------------------------------------------------------
     def _on_signal(self, number, frame):
@@ -252,6 +282,7 @@ class Run:
 
     def _fit(self):
         args, world = self.args, self.world
+        self.share_bad_images()  # those found before the first step
         for epoch in range(self.start_epoch, args.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
             try:
@@ -271,7 +302,7 @@ class Run:
                 "epoch": epoch, "lr": lr,
                 **{f"train_{name}": value for name, value in train_metrics.items()},
                 "eval_top1": top1, "eval_top5": top5, "img_per_s": images_per_second,
-                "epoch_time": elapsed})
+                "epoch_time": elapsed, "bad_images": self.share_bad_images()})
             self.best_top1 = max(self.best_top1, top1)
             self.save(epoch + 1, top1)
             if world.main:
@@ -315,15 +346,20 @@ def run_job(args, world):
     torch.manual_seed(args.seed + world.rank)
     np.random.seed(args.seed + world.rank)
     random.seed(args.seed + world.rank)
-    # Rank 0 builds what other ranks then read (the demo JPEGs) before they start.
     if not world.main:
+        # Bad-image warnings come from rank 0 alone: share_bad_images relays other ranks' finds.
+        data_logger.setLevel(logging.ERROR)
+        # Rank 0 first writes what the others then read: the demo JPEGs, the verification cache.
         world.barrier()
-    loaders = create_loaders(
-        args.dataset, args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
-        loader=args.loader, rank=world.rank, world_size=world.world_size, device=world.device,
-        workers=args.workers, channels_last=args.channels_last, seed=args.seed)
-    if world.main:
-        world.barrier()
+    try:
+        loaders = create_loaders(
+            args.dataset, args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+            loader=args.loader, rank=world.rank, world_size=world.world_size,
+            device=world.device, workers=args.workers, channels_last=args.channels_last,
+            seed=args.seed, bad_images=args.bad_images)
+    finally:
+        if world.main:
+            world.barrier()
     started = time.perf_counter()
     teacher_checkpoint = args.teacher_checkpoint
     if (args.distiller != "ce" and args.dataset == "demo" and not teacher_checkpoint
@@ -346,6 +382,8 @@ def main(argv=None):
         status = 0
     except SystemExit as stop:  # the run's own stops: a signal, a non-finite loss, bad settings
         status = stop.code
+    except BadImageError as error:  # with --bad-images error: at start, or met while reading
+        status = f"error: --bad-images error: {error}"
     # Only now are run_job's frames, and the DDP modules that hold the process group, gone.
     world.close()
     sys.exit(status)
