@@ -179,9 +179,7 @@ class Run:
         self.start_epoch, self.best_top1 = state["epoch"], state["best_top1"]
         # The checkpoint's rows, not summary.csv: a crash between the two writes at an epoch's
         # end would otherwise repeat or lose that epoch's row.
-        self.rows = state["summary"]
-        for loader in (self.train_loader, self.val_loader):
-            loader.exclude(state["bad_images"])
+        self.rows, self.bad_images = state["summary"], state["bad_images"]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
