@@ -64,8 +64,9 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path):
     from fastkd.data import create_loaders
 
     loaders = create_loaders("demo", demo_dir, batch_size=128, loader="torch", workers=0)
-    run = Run(resumed_args, World(), loaders, str(tmp_path / "run"))
-    run.resume(str(last))
+    resumed_args.num_classes = loaders[0].num_classes  # as run_job resolves it
+    run = Run(resumed_args, World(), loaders)
+    run.resume(torch.load(last, weights_only=False), str(last))
     assert run.start_epoch == saved["epoch"]
     restored = run.optimizer.state_dict()
     for key, value in saved["optimizer"]["state"].items():
@@ -96,13 +97,21 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_dir, tmp_path):
     assert state["epoch"] == 0 and "model" in state and "optimizer" in state
 
 
-def test_resume_refuses_changed_settings(demo_dir, tmp_path, teacher_checkpoint):
-    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
-                       "--output", str(tmp_path), *FAST, "--model", "resnet8x4",
-                       "--resume", teacher_checkpoint])
+def test_resume_refuses_changed_settings_before_any_work(demo_dir, tmp_path,
+                                                         teacher_checkpoint):
+    folder = os.path.dirname(teacher_checkpoint)
+    before = {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
+    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "kd",
+                       "--teacher", "resnet20", "--output", str(tmp_path), *FAST, "--model",
+                       "resnet8x4", "--resume", teacher_checkpoint])
     assert result.returncode != 0
-    assert "--resume refuses a run with different settings: --model 'resnet20' -> 'resnet8x4'" \
+    assert ("--resume refuses a run with different settings: --model 'resnet20' -> "
+            "'resnet8x4'; --teacher 'wrn_16_2' -> 'resnet20'; --distiller 'ce' -> 'kd'") \
         in result.stderr
+    assert "demo teacher" not in result.stdout  # refused before it would train one
+    assert os.listdir(tmp_path) == []
+    assert {name: os.path.getmtime(os.path.join(folder, name))
+            for name in os.listdir(folder)} == before  # the resumed run's files untouched
 
 
 def test_non_finite_loss_stops_the_run(demo_dir, tmp_path):
@@ -139,6 +148,12 @@ def test_config_file_and_command_line(tmp_path):
     (["--epochs", "0"], "--epochs must be positive, got 0"),
     (["--distiller", "kd", "--dataset", "cifar100", "--data-dir", "/", "--model", "resnet8x4"],
      "--distiller kd needs --teacher"),
+    (["--resume", "/tmp"], "--resume /tmp is a folder, not a checkpoint file"),
+    (["--resume", "auto"], "--resume auto needs --experiment NAME (the run folder to continue)"),
+    (["--experiment", "../elsewhere"],
+     "--experiment must be a folder name (the run goes to OUTPUT/NAME), got '../elsewhere'"),
+    (["--workers", "-1"], "--workers must be 0 or more, got -1"),
+    (["--bad-images", "maybe"], "argument --bad-images: invalid choice: 'maybe'"),
 ])
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -64,12 +64,13 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     ``image_size`` defaults to 224 for folders and 32 for demo and CIFAR-100.
 
     Image files that do not decode (folders and demo): each file's header is checked at start,
-    and for DALI, which cannot skip a file inside its pipeline, every file is decoded once before
-    the loaders are built (in ``workers`` processes; cached next to the data, see ``verify.py``).
+    and for DALI, which cannot skip a file inside its pipeline, and with ``bad_images="error"``,
+    which names them all before the run, every file is decoded once before the loaders are
+    built (in ``workers`` processes; cached next to the data, see ``verify.py``).
     ``bad_images="skip"`` leaves the files found bad at start out of their split (labels stay
     those of the class folders) and the torchvision loader replaces a file it finds bad while
     reading by the next readable sample of the split; ``"error"`` raises ``BadImageError`` (a
-    ValueError) listing every file found bad at start, or naming the file met while reading.
+    ValueError) listing every bad file.
     """
     check_mode(bad_images)
     if dataset not in DATASETS:
@@ -93,7 +94,7 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
         image_size = image_size or 32
     image_size = image_size or 224
     folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/val")
-    if kind == "dali":
+    if kind == "dali" or bad_images == "error":
         from .verify import verify_images
 
         verification = verify_images(

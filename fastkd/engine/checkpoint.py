@@ -16,7 +16,11 @@ def save_atomic(state, path):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch.load raises whatever unpickling a bad file raises
+        raise SystemExit(f"error: cannot read the checkpoint {path} "
+                         f"({type(error).__name__}: {error})") from None
 
 
 def check_resumable(saved_args, args):

@@ -137,13 +137,20 @@ def check_args(parser, args):
         parser.error(f"--data-dir {args.data_dir} does not exist")
     if args.resume == "auto" and not args.experiment:
         parser.error("--resume auto needs --experiment NAME (the run folder to continue)")
+    if args.experiment and (os.sep in args.experiment or args.experiment in (".", "..")):
+        parser.error(f"--experiment must be a folder name (the run goes to OUTPUT/NAME), got "
+                     f"{args.experiment!r}")
     for option in ("teacher_checkpoint", "resume"):
         path = getattr(args, option)
         if path and path != "auto" and not os.path.isfile(path):
-            parser.error(f"--{option.replace('_', '-')} {path} does not exist")
-    for option in ("epochs", "batch_size", "workers"):
-        if getattr(args, option) < (0 if option == "workers" else 1):
+            problem = "is a folder, not a checkpoint file" if os.path.isdir(path) else (
+                "does not exist")
+            parser.error(f"--{option.replace('_', '-')} {path} {problem}")
+    for option in ("epochs", "batch_size"):
+        if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be positive, got "
                          f"{getattr(args, option)}")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")

@@ -16,14 +16,14 @@ from .run_folder import BEST
 COMPLETE = "complete.json"
 
 
-def teacher_args(args, num_classes):
+def teacher_args(args):
     """The teacher run's options: the demo recipe for ``args.teacher`` at the student's image
     size and classes, in a folder named by those settings, resumed there if interrupted."""
     epochs = DEMO_DEFAULTS["epochs"]
-    name = f"demo-teacher-{args.teacher}-{num_classes}cls-{args.image_size}px-{epochs}ep"
+    name = f"demo-teacher-{args.teacher}-{args.num_classes}cls-{args.image_size}px-{epochs}ep"
     settings = parse_args(["--dataset", "demo", "--distiller", "ce", "--model", args.teacher,
                            "--epochs", str(epochs), "--image-size", str(args.image_size),
-                           "--num-classes", str(num_classes), "--output", args.output,
+                           "--num-classes", str(args.num_classes), "--output", args.output,
                            "--experiment", name, "--resume", "auto", "--seed", str(args.seed),
                            "--workers", str(args.workers), "--loader", args.loader])
     settings.amp = args.amp

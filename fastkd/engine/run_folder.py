@@ -3,6 +3,7 @@ checkpoints (``args.yaml``, ``summary.csv``, ``curves.png``, ``bad_images.txt``)
 calls these."""
 
 import csv
+import fcntl
 import os
 import time
 
@@ -15,24 +16,50 @@ LAST = "last.pth"
 BEST = "best.pth"
 
 
-def choose_run_folder(args):
-    """``(folder, checkpoint to resume or None)`` for this run; creates the folder.
-
-    A new run never touches an existing folder: a name in use gets timm's ``-1``, ``-2``, ...
-    suffix. ``--resume CHECKPOINT`` continues in the checkpoint's folder. ``--resume auto``
-    continues ``OUTPUT/<experiment>`` from its ``last.pth`` when there is one and starts there
-    afresh otherwise, so a job restarted by ``torchrun --max-restarts`` picks up where it was.
-    """
+def checkpoint_to_resume(args):
+    """The checkpoint this run continues from, or None: ``--resume CHECKPOINT``, or with
+    ``--resume auto`` ``OUTPUT/<experiment>/last.pth`` when it exists, so that a job restarted by
+    ``torchrun --max-restarts`` picks up where it was (and starts afresh before its first)."""
     if args.resume == "auto":
+        last = os.path.join(args.output, args.experiment, LAST)
+        return last if os.path.isfile(last) else None
+    return args.resume
+
+
+def create_run_folder(args, resume_from):
+    """This run's folder, created and locked (see ``lock``). A new run never touches an existing
+    folder: a name in use gets timm's ``-1``, ``-2``, ... suffix. A resumed run continues in its
+    checkpoint's folder, and ``--resume auto`` in ``OUTPUT/<experiment>``."""
+    if resume_from:
+        folder = os.path.dirname(os.path.abspath(resume_from))
+    elif args.resume == "auto":
         folder = os.path.join(args.output, args.experiment)
         os.makedirs(folder, exist_ok=True)
-        last = os.path.join(folder, LAST)
-        return folder, last if os.path.isfile(last) else None
-    if args.resume:
-        return os.path.dirname(os.path.abspath(args.resume)), args.resume
-    name = args.experiment or "-".join(
-        [time.strftime("%Y%m%d-%H%M%S"), args.distiller, args.model, args.dataset])
-    return get_outdir(args.output, name, inc=True), None
+    else:
+        name = args.experiment or "-".join(
+            [time.strftime("%Y%m%d-%H%M%S"), args.distiller, args.model, args.dataset])
+        folder = get_outdir(args.output, name, inc=True)
+    lock(folder)
+    return folder
+
+
+_held_locks = {}  # folder -> open lock file, for the life of the process
+
+
+def lock(folder):
+    """Claim ``folder`` for this process until it exits, or refuse: two jobs resuming one run
+    (or both ``--resume auto`` with one name) would write over each other. The kernel drops the
+    lock when the process dies, so a restarted job can take it again."""
+    folder = os.path.abspath(folder)
+    if folder in _held_locks:
+        return
+    handle = open(os.path.join(folder, ".lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SystemExit(f"error: {folder} is in use by another running job") from None
+    _held_locks[folder] = handle
 
 
 def write_args(folder, args):

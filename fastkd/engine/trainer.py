@@ -30,7 +30,8 @@ from .distributed import World
 from .run_folder import (
     BEST,
     LAST,
-    choose_run_folder,
+    checkpoint_to_resume,
+    create_run_folder,
     plot_curves,
     write_args,
     write_bad_images,
@@ -111,12 +112,29 @@ class Stop(Exception):
         self.number = number
 
 
+def rng_state():
+    """This process's random generators, for an exact resume."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Run:
-    def __init__(self, args, world, loaders, run_dir, teacher_checkpoint=None):
-        self.args, self.world, self.run_dir = args, world, run_dir
+    """A student (and teacher) under training: model, optimiser, schedule, history. ``run_dir``
+    is set by ``open_run`` once the run is known to start."""
+
+    def __init__(self, args, world, loaders, teacher_checkpoint=None):
+        self.args, self.world, self.run_dir = args, world, None
         self.train_loader, self.val_loader = loaders
-        num_classes = args.num_classes or self.train_loader.num_classes
-        args.num_classes = num_classes
+        num_classes = args.num_classes  # resolved from the data by run_job
         student = timm.create_model(args.model, num_classes=num_classes)
         teacher = None
         if args.distiller != "ce":
@@ -154,22 +172,18 @@ class Run:
         self.bad_images = {}  # {path: reason}: image files skipped so far, found by any rank
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def state(self, epoch):
+    def state(self, epoch, rng):
         extras = {name: module.state_dict() for name, module in self.distiller.named_children()
                   if name not in ("student", "teacher")}
         return {"model": self.student.state_dict(), "extra": extras,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "best_top1": self.best_top1, "args": vars(self.args),
-                "summary": self.rows, "bad_images": self.bad_images,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                        else None}}
+                "summary": self.rows, "bad_images": self.bad_images, "rng": rng}
 
-    def resume(self, path):
-        state = checkpoint.load(path)
-        checkpoint.check_resumable(state["args"], self.args)
+    def resume(self, state, path):
+        """Continue from ``state``, the checkpoint at ``path`` (already checked against this
+        run's settings)."""
         self.student.load_state_dict(state["model"])
         for name, module_state in state["extra"].items():
             getattr(self.distiller, name).load_state_dict(module_state)
@@ -180,18 +194,21 @@ class Run:
         # The checkpoint's rows, not summary.csv: a crash between the two writes at an epoch's
         # end would otherwise repeat or lose that epoch's row.
         self.rows, self.bad_images = state["summary"], state["bad_images"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if len(state["rng"]) == self.world.world_size:  # each rank's own stream of augmentations
+            set_rng_state(state["rng"][self.world.rank])
+        else:
+            self.world.log(f"warning: {path} was saved by {len(state['rng'])} processes and "
+                           f"this run has {self.world.world_size}: random augmentations continue "
+                           "from this run's seeds, not from where they were")
         self.world.log(f"resumed {path} at epoch {self.start_epoch}")
 
     def save(self, epoch, top1=None):
-        """last.pth (resumes at ``epoch``), and best.pth when ``top1`` is a new best."""
+        """last.pth (resumes at ``epoch``), and best.pth when ``top1`` is a new best. Every rank
+        calls it: the checkpoint holds each rank's random generators."""
+        rng = self.world.gather(rng_state())
         if not self.world.main:
             return
-        state = self.state(epoch)
+        state = self.state(epoch, rng)
         checkpoint.save_atomic(state, os.path.join(self.run_dir, LAST))
         if top1 is not None and top1 >= self.best_top1:
             checkpoint.save_atomic(state, os.path.join(self.run_dir, BEST))
@@ -311,28 +328,46 @@ class Run:
         return self.rows
 
 
-def open_run(args, world, loaders, teacher_checkpoint=None):
-    """The run's folder (chosen by rank 0), its model and optimiser, resumed when asked."""
-    run_dir, resume_from = world.broadcast(choose_run_folder(args) if world.main else None)
+def resume_point(args, world):
+    """``(path, state)`` of the checkpoint this run continues from, checked against the run's
+    settings, or ``(None, None)`` for a fresh run."""
+    path = world.broadcast(checkpoint_to_resume(args) if world.main else None)
+    if not path:
+        return None, None
+    state = checkpoint.load(path)
+    checkpoint.check_resumable(state["args"], args)
+    return path, state
+
+
+def open_run(args, world, loaders, resume, teacher_checkpoint=None):
+    """The run (models, optimiser, resumed from ``resume_point``'s ``resume``), then, once it is
+    known to start, its folder and args.yaml: a failed start writes nothing. An evaluation
+    writes nothing either."""
+    resume_from, state = resume
+    run = Run(args, world, loaders, teacher_checkpoint)
+    if state:
+        run.resume(state, resume_from)
+    if args.eval_only:
+        return run
+    run.run_dir = world.broadcast(create_run_folder(args, resume_from) if world.main else None)
+    args.experiment = os.path.basename(run.run_dir)  # as taken, suffix included
     if world.main:
-        write_args(run_dir, args)
-    run = Run(args, world, loaders, run_dir, teacher_checkpoint)
-    if resume_from:
-        run.resume(resume_from)
+        write_args(run.run_dir, args)
+    world.log(f"run folder: {run.run_dir}")
     return run
 
 
 def train_demo_teacher(args, world, loaders):
     """The demo's teacher checkpoint: trained once with CE and reused while its completion
     record matches; an interrupted teacher resumes from its ``last.pth``."""
-    teacher_args = demo_teacher.teacher_args(args, loaders[0].num_classes)
+    teacher_args = demo_teacher.teacher_args(args)
     finished = world.broadcast(demo_teacher.finished(teacher_args) if world.main else None)
     if finished:
         world.log(f"using the cached demo teacher {finished}")
         return finished
     world.log(f"training the demo teacher {teacher_args.model} first "
               f"({teacher_args.epochs} epochs, CE)")
-    run = open_run(teacher_args, world, loaders)
+    run = open_run(teacher_args, world, loaders, resume_point(teacher_args, world))
     run.fit()
     if world.main:
         demo_teacher.mark_finished(teacher_args, run.run_dir)
@@ -358,12 +393,14 @@ def run_job(args, world):
     finally:
         if world.main:
             world.barrier()
+    args.num_classes = args.num_classes or loaders[0].num_classes
     started = time.perf_counter()
+    resume = resume_point(args, world)  # refused settings cost no demo teacher
     teacher_checkpoint = args.teacher_checkpoint
     if (args.distiller != "ce" and args.dataset == "demo" and not teacher_checkpoint
             and not args.teacher_pretrained):
         teacher_checkpoint = train_demo_teacher(args, world, loaders)
-    run = open_run(args, world, loaders, teacher_checkpoint)
+    run = open_run(args, world, loaders, resume, teacher_checkpoint)
     if args.eval_only:
         top1, top5 = evaluate(run.model, loaders[1], world, run.autocast)
         world.log(f"student {args.model}: top-1 {top1:.2f} top-5 {top5:.2f}")
