@@ -24,7 +24,7 @@ from trainer_helpers import (
     wait_until,
 )
 
-from fastkd.engine.files import atomic_write
+from fastkd.files import atomic_write
 
 # Runs fastkd's trainer, then names the threads this process still has: what is alive when the
 # interpreter shuts down.

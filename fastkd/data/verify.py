@@ -10,9 +10,9 @@ Results are cached in ``ROOT/.fastkd-verified.json`` or, where ROOT is not writa
 ``$XDG_CACHE_HOME/fastkd/verified/<name>-<hash of ROOT's absolute path>.json``, as
 ``{"format": 1, "root": ROOT, "files": {path relative to ROOT: [size, mtime_ns, reason or null]}}``:
 a file is decoded again only when its size or mtime changes. The cache is replaced atomically
-(temp file, fsync, rename), so it is read without a lock; whoever has files to decode holds an
-exclusive lock on ``<cache>.lock``, so ranks that start together decode once (the others wait,
-then find every result cached).
+(``fastkd.files.atomic_write``), so it is read without a lock; whoever has files to decode holds
+an exclusive lock on ``<cache>.lock``, so ranks that start together decode once (the others
+wait, then find every result cached).
 
 Command line: ``fastkd-verify-data DIR [-j N]`` (``main``).
 """
@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from ..files import atomic_write
 from .bad_images import decode_failure
 from .common import user_cache_dir
 from .folders import scan_image_folder
@@ -87,19 +87,10 @@ def _read_cache(cache):
 
 
 def _write_cache(cache, root, files):
-    handle = tempfile.NamedTemporaryFile("w", dir=os.path.dirname(cache), prefix=CACHE_NAME,
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            json.dump({"format": CACHE_FORMAT, "root": root, "files": files}, handle,
-                      separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)  # readable by whoever reads the dataset (mkstemp gives 600)
-        os.replace(handle.name, cache)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
+    with atomic_write(cache) as handle:
+        os.fchmod(handle.fileno(), 0o644)  # readable by whoever reads the dataset, any umask
+        json.dump({"format": CACHE_FORMAT, "root": root, "files": files}, handle,
+                  separators=(",", ":"))
 
 
 def _decode_all(paths, workers):

@@ -2,7 +2,7 @@
 
 import torch
 
-from .files import atomic_write
+from ..files import atomic_write
 
 # Options that define what is being trained: a resumed run must not change them.
 IDENTITY_OPTIONS = ("model", "teacher", "distiller", "dataset", "num_classes", "image_size",

@@ -9,8 +9,8 @@ its ``last.pth`` rather than being distilled from half-trained.
 import json
 import os
 
+from ..files import atomic_write
 from .config import DEMO_DEFAULTS, parse_args
-from .files import atomic_write
 from .run_folder import BEST
 
 COMPLETE = "complete.json"

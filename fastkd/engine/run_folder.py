@@ -10,7 +10,7 @@ import time
 import yaml
 from timm.utils import get_outdir
 
-from .files import atomic_write
+from ..files import atomic_write
 
 LAST = "last.pth"
 BEST = "best.pth"

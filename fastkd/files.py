@@ -1,4 +1,4 @@
-"""Files that are whole or absent: what a run writes survives a crash or a power loss."""
+"""Files that are whole or absent: what fastkd writes survives a crash or a power loss."""
 
 import contextlib
 import os
