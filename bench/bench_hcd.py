@@ -1,5 +1,5 @@
-"""HCD per-stage logit loss (num_sub = 4, label smoothing 0.1) speed and memory, providers side by
-side: ``pytest bench/bench_hcd.py``.
+"""HCD per-stage logit loss speed and memory at its default options (``fastkd.options.HCD``:
+num_sub = 4) with label smoothing 0.1, providers side by side: ``pytest bench/bench_hcd.py``.
 
 ``reference`` is the spec written term by term, one sub-logit at a time (autograd).
 """
@@ -9,8 +9,10 @@ import torch
 from harness import DEVICE, LossSuite, check_provider, random_inputs, time_loss
 
 from fastkd import hcd_logit_loss
+from fastkd.options import HCD
 
-NUM_SUB = 4
+NUM_SUB = HCD.num_sub
+LABEL_SMOOTHING = 0.1
 
 
 def hcd_inputs(batch, classes, dtype, seed=0):
@@ -23,7 +25,7 @@ def hcd_inputs(batch, classes, dtype, seed=0):
 
 def hcd_loss(shared, student, teacher, target, backend):
     """``hcd_logit_loss`` with the differentiable inputs (shared, student) first."""
-    return hcd_logit_loss(shared, teacher, student, target, num_sub=NUM_SUB, label_smoothing=0.1,
+    return hcd_logit_loss(shared, teacher, student, target, label_smoothing=LABEL_SMOOTHING,
                           backend=backend)
 
 

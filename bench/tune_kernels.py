@@ -15,12 +15,13 @@ import os
 
 import torch
 import triton.testing
-from bench_hcd import NUM_SUB, hcd_inputs
+from bench_hcd import LABEL_SMOOTHING, NUM_SUB, hcd_inputs
 from fastkd.kernels.hcd import hcd_forward, hcd_launch_config
 from fastkd.kernels.ldrld import ldrld_forward, ldrld_launch_config
 from harness import DTYPES, random_inputs
 
 from fastkd.functional import ldrld_group_weights
+from fastkd.options import HCD, LDRLD
 
 
 def gpu_milliseconds(function):
@@ -35,28 +36,32 @@ def copy_floor(elements, dtype):
 
 
 def ldrld_cases(batch, classes, dtype):
+    """The default options (``fastkd.options.LDRLD``), as ``ldrld_loss`` launches them."""
     student, teacher, target = random_inputs(batch, classes, dtype)
-    options = (4.0, 7, 10.5, 7.0, 1.0, 1.5, 2.0, 0.05, *ldrld_group_weights(7, 1.5, 2.0, 0.05))
+    top_set_weight, num_groups = ldrld_group_weights(LDRLD.top_d, LDRLD.irw_eps, LDRLD.erd_scale,
+                                                     LDRLD.erd_decay)
+    options = dict(LDRLD.loss_options(), top_set_weight=top_set_weight, num_groups=num_groups)
     block, _, warps = ldrld_launch_config(classes)
     for setting in dict.fromkeys([(block, warps), (4096, 16), (4096, 8), (2048, 8)]):
         yield setting, setting == (block, warps), functools.partial(
-            ldrld_forward, student, teacher, target, *options, block_size=setting[0],
-            num_warps=setting[1])
+            ldrld_forward, student, teacher, target, block_size=setting[0], num_warps=setting[1],
+            **options)
 
 
 def hcd_cases(batch, classes, dtype):
+    """The default options (``fastkd.options.HCD``) with bench_hcd.py's label smoothing."""
     shared, student, teacher, target = hcd_inputs(batch, classes, dtype)
-    options = (NUM_SUB, 1.0, 0.1, 0.5, 1.0, 6.0, 1.0, 1.0, 1.0, False)
+    options = dict(HCD.loss_options(), label_smoothing=LABEL_SMOOTHING)
     block, _, warps = hcd_launch_config(classes)
     for setting in dict.fromkeys([(block, warps), (1024, 16), (512, 8), (128, 4)]):
         yield setting, setting == (block, warps), functools.partial(
-            hcd_forward, shared, teacher, student, target, *options, block_size=setting[0],
-            num_warps=setting[1])
+            hcd_forward, shared, teacher, student, target, block_size=setting[0],
+            num_warps=setting[1], **options)
 
 
 # kernel -> (cases, elements read + written per row element: LDRLD reads two [B, C] tensors and
 # writes one; HCD reads n + 2 and writes n + 1)
-KERNELS = {"ldrld": (ldrld_cases, 3), "hcd": (hcd_cases, 4 + 2 + 4 + 1)}
+KERNELS = {"ldrld": (ldrld_cases, 3), "hcd": (hcd_cases, (NUM_SUB + 2) + (NUM_SUB + 1))}
 
 
 def main(argv=None):

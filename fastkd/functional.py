@@ -8,14 +8,20 @@ Every loss takes ``backend="auto" | "triton" | "torch" | "reference"``:
 ``auto`` is triton for CUDA tensors when triton imports (for HCD only up to 1024 classes), else
 torch; the environment variable ``FASTKD_BACKEND`` replaces ``auto`` with a fixed choice.
 
-Losses are computed in fp32 (fp64 for fp64 logits) whatever the logits' dtype; the gradient comes
-back in the logits' dtype. The teacher never gets a gradient.
+Logits may be fp16, bf16, fp32 or fp64, and teacher and student logits may differ in dtype (a
+teacher run under autocast next to an fp32 student). Losses are computed in fp64 when any logits
+are fp64, else in fp32 (``precision.compute_dtype``); each gradient comes back in its own input's
+dtype. The teacher never gets a gradient.
+
+Each method's keyword defaults are those of its options dataclass (``fastkd.options``), the one
+source of the method's defaults.
 """
 
 import os
 
 from . import reference, validation
 from .optional import importable
+from .options import DKD, HCD, KD, LDRLD
 from .reference.hcd import hcd_logit_loss_reference
 from .vectorized import dkd as vectorized_dkd
 from .vectorized import hcd as vectorized_hcd
@@ -89,14 +95,14 @@ def ldrld_loss(
     teacher_logits,
     target,
     *,
-    temperature=4.0,
-    top_d=7,
-    alpha=10.5,
-    beta=7.0,
-    ce_weight=1.0,
-    irw_eps=1.5,
-    erd_scale=2.0,
-    erd_decay=0.05,
+    temperature=LDRLD.temperature,
+    top_d=LDRLD.top_d,
+    alpha=LDRLD.alpha,
+    beta=LDRLD.beta,
+    ce_weight=LDRLD.ce_weight,
+    irw_eps=LDRLD.irw_eps,
+    erd_scale=LDRLD.erd_scale,
+    erd_decay=LDRLD.erd_decay,
     reduction="mean",
     backend="auto",
     return_parts=False,
@@ -112,34 +118,43 @@ def ldrld_loss(
         ADW(r, r') = erd_scale * exp(-erd_decay (r + r')) / (|r - r'| + irw_eps)
 
     where KL_S = T^2 KL(softmax(zt_S / T) || softmax(zs_S / T)) over the classes in S.
+
+    ``target`` holds class indices ``[B]``. Only the CE term reads it, so with ``ce_weight=0`` it
+    may also be None or soft targets ``[B, C]`` (timm's Mixup output: add a soft-target CE
+    yourself); the loss is then alpha * L_local + beta * L_rntk, as with class indices.
     ``return_parts=True`` also returns ``{"ce", "local", "rntk"}`` (unweighted, reduced like the
-    loss, detached), so ``loss == ce_weight*ce + alpha*local + beta*rntk``.
+    loss, detached), so ``loss == ce_weight*ce + alpha*local + beta*rntk``; without class
+    indices there is no "ce".
     """
     validation.check_logits(student_logits, teacher_logits)
-    validation.check_target(target, student_logits)
+    labels = validation.check_ldrld_target(target, student_logits, ce_weight)
     validation.check_top_d(top_d, student_logits.shape[1])
     validation.check_positive("temperature", temperature)
     validation.check_reduction(reduction)
     backend = resolve_backend(backend, student_logits)
-    hyperparameters = (temperature, top_d, alpha, beta, ce_weight, irw_eps, erd_scale, erd_decay)
+    options = dict(temperature=temperature, top_d=top_d, alpha=alpha, beta=beta,
+                   ce_weight=ce_weight, irw_eps=irw_eps, erd_scale=erd_scale, erd_decay=erd_decay)
     if backend == "reference":
-        rows, parts = reference.ldrld_loss_reference(
-            student_logits, teacher_logits, target, *hyperparameters)
+        rows, parts = reference.ldrld_loss_reference(student_logits, teacher_logits, labels,
+                                                     **options)
     else:
-        group_weights = ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay)
+        top_set_weight, num_groups = ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay)
+        options.update(top_set_weight=top_set_weight, num_groups=num_groups)
         if backend == "torch":
-            rows, parts = vectorized_ldrld.ldrld_rows(
-                student_logits, teacher_logits, target, *hyperparameters, *group_weights)
+            rows, parts = vectorized_ldrld.ldrld_rows(student_logits, teacher_logits, labels,
+                                                      **options)
         else:
             from .kernels.ldrld import ldrld_rows
 
-            rows, part_columns = ldrld_rows(
-                student_logits, teacher_logits, target, *hyperparameters, *group_weights)
+            rows, part_columns = ldrld_rows(student_logits, teacher_logits, labels, **options)
             parts = _named_parts(part_columns, ("ce", "local", "rntk"))
+            if labels is None:
+                del parts["ce"]  # the kernel's stand-in label
     return _finish(rows, parts, reduction, return_parts)
 
 
-def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="mean", backend="auto"):
+def kd_loss(student_logits, teacher_logits, *, temperature=KD.temperature, reduction="mean",
+            backend="auto"):
     """Hinton KD: per sample ``T^2 * KL(softmax(zt/T) || softmax(zs/T))``.
 
     The plain formulation is already vectorised, so the torch backend is the reference.
@@ -151,9 +166,10 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="mean"
     if backend == "triton":
         from .kernels.kd import kd_rows
 
-        rows = kd_rows(student_logits, teacher_logits, temperature)
+        rows = kd_rows(student_logits, teacher_logits, temperature=temperature)
     else:
-        rows = reference.kd_loss_reference(student_logits, teacher_logits, temperature)
+        rows = reference.kd_loss_reference(student_logits, teacher_logits,
+                                           temperature=temperature)
     return _reduce(rows, reduction)
 
 
@@ -162,9 +178,9 @@ def dkd_loss(
     teacher_logits,
     target,
     *,
-    alpha=1.0,
-    beta=8.0,
-    temperature=4.0,
+    alpha=DKD.alpha,
+    beta=DKD.beta,
+    temperature=DKD.temperature,
     reduction="mean",
     backend="auto",
     return_parts=False,
@@ -181,17 +197,16 @@ def dkd_loss(
     validation.check_positive("temperature", temperature)
     validation.check_reduction(reduction)
     backend = resolve_backend(backend, student_logits)
-    hyperparameters = (alpha, beta, temperature)
+    options = dict(alpha=alpha, beta=beta, temperature=temperature)
     if backend == "reference":
-        rows, parts = reference.dkd_loss_reference(
-            student_logits, teacher_logits, target, *hyperparameters)
+        rows, parts = reference.dkd_loss_reference(student_logits, teacher_logits, target,
+                                                   **options)
     elif backend == "torch":
-        rows, parts = vectorized_dkd.dkd_rows(
-            student_logits, teacher_logits, target, *hyperparameters)
+        rows, parts = vectorized_dkd.dkd_rows(student_logits, teacher_logits, target, **options)
     else:
         from .kernels.kd import dkd_rows
 
-        rows, part_columns = dkd_rows(student_logits, teacher_logits, target, *hyperparameters)
+        rows, part_columns = dkd_rows(student_logits, teacher_logits, target, **options)
         parts = _named_parts(part_columns, ("tckd", "nckd"))
     return _finish(rows, parts, reduction, return_parts)
 
@@ -202,16 +217,16 @@ def hcd_logit_loss(
     student_logits,
     target,
     *,
-    num_sub=4,
-    temperature=1.0,
+    num_sub=HCD.num_sub,
+    temperature=HCD.temperature,
     label_smoothing=0.0,
-    theta=0.5,
-    w_gt=1.0,
-    w_sdd=6.0,
-    w_ol=1.0,
-    lam_s=1.0,
-    lam_t=1.0,
-    detach_target=False,
+    theta=HCD.theta,
+    w_gt=HCD.w_gt,
+    w_sdd=HCD.w_sdd,
+    w_ol=HCD.w_ol,
+    lam_s=HCD.lam_s,
+    lam_t=HCD.lam_t,
+    detach_target=HCD.detach_target,
     reduction="mean",
     backend="auto",
     return_parts=False,
@@ -228,8 +243,9 @@ def hcd_logit_loss(
         L     = w_gt L_sce + w_sdd L_sdd + w_ol L_ol
 
     Gradients reach ``shared_logits`` and ``student_logits`` (the KL's target side too, unless
-    ``detach_target``); never the teacher. ``return_parts=True`` also returns
-    ``{"sce", "sdd", "ol"}`` (unweighted, reduced like the loss, detached).
+    ``detach_target``), each in its own dtype; never the teacher. The shared, teacher and student
+    logits may differ in dtype. ``return_parts=True`` also returns ``{"sce", "sdd", "ol"}``
+    (unweighted, reduced like the loss, detached).
     """
     validation.check_logits(student_logits, teacher_logits)
     validation.check_target(target, student_logits)
@@ -239,17 +255,18 @@ def hcd_logit_loss(
     validation.check_reduction(reduction)
     backend = resolve_backend(backend, student_logits,
                               student_logits.shape[1] <= HCD_TRITON_AUTO_MAX_CLASSES)
-    options = (num_sub, temperature, label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t,
-               detach_target)
+    options = dict(num_sub=num_sub, temperature=temperature, label_smoothing=label_smoothing,
+                   theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t,
+                   detach_target=detach_target)
     if backend == "reference":
-        rows, parts = hcd_logit_loss_reference(
-            shared_logits, teacher_logits, student_logits, target, *options)
+        rows, parts = hcd_logit_loss_reference(shared_logits, teacher_logits, student_logits,
+                                               target, **options)
     else:
         if backend == "torch":
             hcd_rows = vectorized_hcd.hcd_rows
         else:
             from .kernels.hcd import hcd_rows
         rows, part_columns = hcd_rows(shared_logits, teacher_logits, student_logits, target,
-                                      *options)
+                                      **options)
         parts = _named_parts(part_columns, ("sce", "sdd", "ol"))
     return _finish(rows, parts, reduction, return_parts)

@@ -1,74 +1,118 @@
-"""nn.Module wrappers of the public losses, for dropping into any training loop."""
+"""nn.Module wrappers of the public losses, for dropping into any training loop.
+
+Each module holds one options object (``self.options``, the method's dataclass from
+``fastkd.options``) and the call's other settings (``self.settings``: reduction, backend, ...).
+Build it from keywords, ``LDRLDLoss(top_d=5)``, or from options,
+``LDRLDLoss(LDRLDOptions(top_d=5))`` (keywords then change the given options). The module applies
+the options' loss fields (``options.loss_options()``); the distiller-only fields (a term's
+weight, a warm-up, the stages to tap) belong to the distillers, so as keywords they are refused.
+"""
 
 from torch import nn
 
 from . import functional
+from .options import DKD, HCD, KD, LDRLD
 
 
-class _ConfiguredLoss(nn.Module):
-    """Holds a loss's keyword options and shows them in the module's repr."""
+class _MethodLoss(nn.Module):
+    """``options`` (default: the method's defaults, ``defaults``) with the keyword ``overrides``
+    applied, and the generic ``settings``; shown in the module's repr."""
 
-    def __init__(self, **options):
+    defaults = None  # the method's default options, set by each subclass
+
+    def __init__(self, options, overrides, **settings):
         super().__init__()
-        self.options = options
+        name = type(self).__name__
+        options = self.defaults if options is None else options
+        if not isinstance(options, type(self.defaults)):
+            raise TypeError(f"{name} takes a {type(self.defaults).__name__}, got "
+                            f"{type(options).__name__}")
+        loss_fields = options.loss_options()
+        refused = sorted(set(overrides) - set(loss_fields))
+        if refused:
+            fields = {item.name for item in options.fields()}
+            distiller_only = [option for option in refused if option in fields]
+            note = (f" ({', '.join(distiller_only)}: applied by the distiller, not the loss)"
+                    if distiller_only else "")
+            raise TypeError(f"{name} got unexpected option {', '.join(refused)}{note}; it takes "
+                            f"{', '.join([*loss_fields, *settings])}")
+        self.options = options.replace(**overrides)
+        self.settings = settings
+        # Named once here: torch.compile cannot trace the dataclasses.fields() call behind
+        # options.loss_options().
+        self.loss_fields = tuple(loss_fields)
+
+    def loss_keywords(self):
+        """The keyword arguments of the loss function."""
+        options = {name: getattr(self.options, name) for name in self.loss_fields}
+        return {**options, **self.settings}
 
     def extra_repr(self):
-        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        return ", ".join(f"{key}={value!r}" for key, value in self.loss_keywords().items())
 
 
-class LDRLDLoss(_ConfiguredLoss):
-    """``LDRLDLoss(**options)(student_logits, teacher_logits, target)``; options as
-    :func:`fastkd.functional.ldrld_loss`."""
+class LDRLDLoss(_MethodLoss):
+    """``LDRLDLoss(options=None, *, reduction="mean", backend="auto", return_parts=False,
+    **LDRLDOptions fields)(student_logits, teacher_logits, target)``: LDRLD as
+    :func:`fastkd.functional.ldrld_loss` computes it."""
 
-    def __init__(self, *, temperature=4.0, top_d=7, alpha=10.5, beta=7.0, ce_weight=1.0,
-                 irw_eps=1.5, erd_scale=2.0, erd_decay=0.05, reduction="mean", backend="auto",
-                 return_parts=False):
-        super().__init__(
-            temperature=temperature, top_d=top_d, alpha=alpha, beta=beta, ce_weight=ce_weight,
-            irw_eps=irw_eps, erd_scale=erd_scale, erd_decay=erd_decay, reduction=reduction,
-            backend=backend, return_parts=return_parts,
-        )
+    defaults = LDRLD
+
+    def __init__(self, options=None, *, reduction="mean", backend="auto", return_parts=False,
+                 **overrides):
+        super().__init__(options, overrides, reduction=reduction, backend=backend,
+                         return_parts=return_parts)
 
     def forward(self, student_logits, teacher_logits, target):
-        return functional.ldrld_loss(student_logits, teacher_logits, target, **self.options)
+        return functional.ldrld_loss(student_logits, teacher_logits, target,
+                                     **self.loss_keywords())
 
 
-class KDLoss(_ConfiguredLoss):
-    """``KDLoss(temperature=4.0)(student_logits, teacher_logits)``: Hinton KD."""
+class KDLoss(_MethodLoss):
+    """``KDLoss(options=None, *, reduction="mean", backend="auto", temperature=...)(student_logits,
+    teacher_logits)``: Hinton KD as :func:`fastkd.functional.kd_loss`. The options' ``weight`` is
+    the KD distiller's, not applied here."""
 
-    def __init__(self, *, temperature=4.0, reduction="mean", backend="auto"):
-        super().__init__(temperature=temperature, reduction=reduction, backend=backend)
+    defaults = KD
+
+    def __init__(self, options=None, *, reduction="mean", backend="auto", **overrides):
+        super().__init__(options, overrides, reduction=reduction, backend=backend)
 
     def forward(self, student_logits, teacher_logits):
-        return functional.kd_loss(student_logits, teacher_logits, **self.options)
+        return functional.kd_loss(student_logits, teacher_logits, **self.loss_keywords())
 
 
-class DKDLoss(_ConfiguredLoss):
-    """``DKDLoss(alpha=1.0, beta=8.0)(student_logits, teacher_logits, target)``: Decoupled KD."""
+class DKDLoss(_MethodLoss):
+    """``DKDLoss(options=None, *, reduction="mean", backend="auto", return_parts=False,
+    alpha=..., beta=..., temperature=...)(student_logits, teacher_logits, target)``: Decoupled KD
+    as :func:`fastkd.functional.dkd_loss`. The warm-up (``warmup_epochs``) is the DKD
+    distiller's, not applied here."""
 
-    def __init__(self, *, alpha=1.0, beta=8.0, temperature=4.0, reduction="mean", backend="auto",
-                 return_parts=False):
-        super().__init__(alpha=alpha, beta=beta, temperature=temperature, reduction=reduction,
-                         backend=backend, return_parts=return_parts)
+    defaults = DKD
+
+    def __init__(self, options=None, *, reduction="mean", backend="auto", return_parts=False,
+                 **overrides):
+        super().__init__(options, overrides, reduction=reduction, backend=backend,
+                         return_parts=return_parts)
 
     def forward(self, student_logits, teacher_logits, target):
-        return functional.dkd_loss(student_logits, teacher_logits, target, **self.options)
+        return functional.dkd_loss(student_logits, teacher_logits, target,
+                                   **self.loss_keywords())
 
 
-class HCDLogitLoss(_ConfiguredLoss):
-    """``HCDLogitLoss(num_sub=4)(shared_logits, teacher_logits, student_logits, target)``: one
-    stage of HCD's sub-logit loss; options as :func:`fastkd.functional.hcd_logit_loss`."""
+class HCDLogitLoss(_MethodLoss):
+    """``HCDLogitLoss(options=None, *, label_smoothing=0.0, reduction="mean", backend="auto",
+    return_parts=False, **HCDOptions loss fields)(shared_logits, teacher_logits, student_logits,
+    target)``: one stage of HCD's sub-logit loss as :func:`fastkd.functional.hcd_logit_loss`.
+    ``stages``, ``cfm`` and ``kd_weight`` are the HCD distiller's, not applied here."""
 
-    def __init__(self, *, num_sub=4, temperature=1.0, label_smoothing=0.0, theta=0.5, w_gt=1.0,
-                 w_sdd=6.0, w_ol=1.0, lam_s=1.0, lam_t=1.0, detach_target=False,
-                 reduction="mean", backend="auto", return_parts=False):
-        super().__init__(
-            num_sub=num_sub, temperature=temperature, label_smoothing=label_smoothing,
-            theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t,
-            detach_target=detach_target, reduction=reduction, backend=backend,
-            return_parts=return_parts,
-        )
+    defaults = HCD
+
+    def __init__(self, options=None, *, label_smoothing=0.0, reduction="mean", backend="auto",
+                 return_parts=False, **overrides):
+        super().__init__(options, overrides, label_smoothing=label_smoothing,
+                         reduction=reduction, backend=backend, return_parts=return_parts)
 
     def forward(self, shared_logits, teacher_logits, student_logits, target):
         return functional.hcd_logit_loss(shared_logits, teacher_logits, student_logits, target,
-                                         **self.options)
+                                         **self.loss_keywords())

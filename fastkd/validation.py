@@ -13,15 +13,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_float_tensor(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+
+
 def check_logits(student_logits, teacher_logits):
-    """Both ``[B, C]`` floating tensors of one shape, dtype and device, with B >= 1 and C >= 2."""
+    """Both ``[B, C]`` floating tensors of one shape and device, with B >= 1 and C >= 2. Their
+    dtypes may differ (a teacher run under autocast next to an fp32 student): the losses compute
+    in ``precision.compute_dtype`` of both."""
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-        if logits.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}"
-            )
+        check_float_tensor(name, logits)
         if logits.dim() != 2:
             raise ValueError(
                 f"{name} must be 2-D [batch, classes], got shape {tuple(logits.shape)}"
@@ -30,11 +34,6 @@ def check_logits(student_logits, teacher_logits):
         raise ValueError(
             f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
             f"got {tuple(teacher_logits.shape)}"
-        )
-    if teacher_logits.dtype != student_logits.dtype:
-        raise TypeError(
-            f"teacher_logits must have the dtype of student_logits ({student_logits.dtype}), "
-            f"got {teacher_logits.dtype}"
         )
     if teacher_logits.device != student_logits.device:
         raise ValueError(
@@ -75,12 +74,40 @@ def check_target(target, student_logits):
             raise ValueError(f"target must hold class indices in 0..{num_classes - 1}, found {bad}")
 
 
+def check_ldrld_target(target, student_logits, ce_weight):
+    """LDRLD's ``target``: class indices ``[B]`` (as ``check_target``), or, when ``ce_weight`` is
+    0, None or soft targets ``[B, C]`` (mixup's), since only the CE term reads labels. Returns
+    the class indices, or None where there are none."""
+    is_soft = (isinstance(target, torch.Tensor) and target.dtype.is_floating_point
+               and target.dim() == 2)
+    if target is not None and not is_soft:
+        check_target(target, student_logits)
+        return target
+    if ce_weight != 0:
+        given = "None" if target is None else f"soft targets of shape {tuple(target.shape)}"
+        raise ValueError(
+            f"target must be class indices [B] when ce_weight != 0 (the CE term), got {given}; "
+            "with soft targets (mixup) pass ce_weight=0 and add a soft-target CE"
+        )
+    if is_soft:
+        if target.shape != student_logits.shape:
+            raise ValueError(
+                "target must have the shape of student_logits "
+                f"{tuple(student_logits.shape)} for soft targets, got {tuple(target.shape)}"
+            )
+        if target.device != student_logits.device:
+            raise ValueError(
+                f"target must be on the device of student_logits ({student_logits.device}), "
+                f"got {target.device}"
+            )
+    return None
+
+
 def check_shared_logits(shared_logits, student_logits, num_sub):
-    """HCD's shared logits ``[B, num_sub * C]``, like the student logits in dtype and device."""
+    """HCD's shared logits ``[B, num_sub * C]``, floating, on the student logits' device."""
     if not isinstance(num_sub, int) or isinstance(num_sub, bool) or num_sub < 1:
         raise ValueError(f"num_sub must be a positive integer, got {num_sub!r}")
-    if not isinstance(shared_logits, torch.Tensor):
-        raise TypeError(f"shared_logits must be a torch.Tensor, got {type(shared_logits).__name__}")
+    check_float_tensor("shared_logits", shared_logits)
     batch, num_classes = student_logits.shape
     if shared_logits.dim() != 2 or shared_logits.shape[0] != batch:
         raise ValueError(
@@ -96,11 +123,6 @@ def check_shared_logits(shared_logits, student_logits, num_sub):
         raise ValueError(
             f"shared_logits must have num_sub * classes = {num_sub} * {num_classes} = "
             f"{num_sub * num_classes} columns, got {holds}"
-        )
-    if shared_logits.dtype != student_logits.dtype:
-        raise TypeError(
-            f"shared_logits must have the dtype of student_logits ({student_logits.dtype}), "
-            f"got {shared_logits.dtype}"
         )
     if shared_logits.device != student_logits.device:
         raise ValueError(

@@ -25,9 +25,19 @@ def launch_config(num_classes, block_size=None, num_warps=None):
     return block, num_classes <= block, num_warps
 
 
-def accumulator_dtype(tensor):
-    """fp32 maths for fp16/bf16/fp32 inputs; fp64 inputs keep fp64 (used by exact tests)."""
-    return tl.float64 if tensor.dtype == torch.float64 else tl.float32
+def compute_dtype(*tensors):
+    """The dtype of the maths and of the per-row outputs: fp64 when any input is fp64 (used by
+    exact tests), else fp32, for fp16, bf16 and fp32 inputs alike or mixed. (The rule of
+    fastkd/precision.py, stated again: this package imports only torch and triton.)"""
+    if any(tensor.dtype == torch.float64 for tensor in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def accumulator_dtype(dtype):
+    """A ``compute_dtype`` as the kernels' ``ACC``. Each input is cast to it as it is loaded, so
+    inputs of different dtypes need no copy."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def row_major(tensor):
@@ -35,10 +45,10 @@ def row_major(tensor):
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def row_outputs(student_logits, num_parts, needs_grad):
-    """Per-row loss, per-row parts and (if ``needs_grad``) student-gradient buffers for a launch."""
+def row_outputs(student_logits, num_parts, needs_grad, dtype):
+    """Per-row loss and parts buffers in ``dtype`` (the compute dtype) and, if ``needs_grad``, a
+    gradient buffer in the student logits' dtype, for a launch."""
     batch = student_logits.shape[0]
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     loss = torch.empty(batch, dtype=dtype, device=student_logits.device)
     parts = torch.empty(batch, num_parts, dtype=dtype, device=student_logits.device)
     grad = torch.empty_like(student_logits) if needs_grad else None

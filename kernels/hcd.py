@@ -17,6 +17,8 @@ tl.dot (sub-logits padded to 16 rows, the smallest dot tile). Rows that fit one 
 once; wider rows are streamed twice (statistics, then gradients).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ from .autograd import RowLossFunction
 from .common import (
     NEG_FILL,
     accumulator_dtype,
+    compute_dtype,
     load_block,
     online_logsumexp,
     optional_output,
@@ -243,7 +246,7 @@ def hcd_launch_config(num_classes, block_size=None, num_warps=None):
     return block, num_classes <= block, num_warps
 
 
-def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
+def hcd_forward(shared_logits, teacher_logits, student_logits, target, *, num_sub, temperature,
                 label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target,
                 needs_grad=(True, False, True), block_size=None, num_warps=None):
     """Launch the fused kernel: per-row loss [B], parts [B, 3] (sce, sdd, ol) and the gradients
@@ -255,7 +258,8 @@ def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, 
         row_major(shared_logits), row_major(teacher_logits), row_major(student_logits))
     batch, num_classes = student_logits.shape
     compute_grad = needs_grad[0] or needs_grad[2]
-    loss, parts, grad_student = row_outputs(student_logits, 3, compute_grad)
+    dtype = compute_dtype(shared_logits, teacher_logits, student_logits)
+    loss, parts, grad_student = row_outputs(student_logits, 3, compute_grad, dtype)
     grad_shared = torch.empty_like(shared_logits) if compute_grad else None
     grad_shared_ptr, grad_shared_stride = optional_output(grad_shared, loss)
     grad_student_ptr, grad_student_stride = optional_output(grad_student, loss)
@@ -268,7 +272,7 @@ def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, 
         num_classes, num_sub,
         float(temperature), float(label_smoothing), float(theta), float(w_gt), float(w_sdd),
         float(w_ol), float(lam_s), float(lam_t),
-        ACC=accumulator_dtype(shared_logits), SUBS=SUB_BLOCK, BLOCK=block,
+        ACC=accumulator_dtype(dtype), SUBS=SUB_BLOCK, BLOCK=block,
         SINGLE_BLOCK=single_block, DETACH_TARGET=bool(detach_target), COMPUTE_GRAD=compute_grad,
         num_warps=num_warps,
     )
@@ -276,7 +280,8 @@ def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, 
                          grad_student if needs_grad[2] else None)
 
 
-def hcd_rows(shared_logits, teacher_logits, student_logits, target, *options):
-    """Differentiable per-row HCD logit loss ``[B]`` and parts ``[B, 3]`` (sce, sdd, ol)."""
-    return RowLossFunction.apply(hcd_forward, shared_logits, teacher_logits, student_logits,
-                                 target, *options)
+def hcd_rows(shared_logits, teacher_logits, student_logits, target, **options):
+    """Differentiable per-row HCD logit loss ``[B]`` and parts ``[B, 3]`` (sce, sdd, ol);
+    ``options`` as ``hcd_forward``'s."""
+    return RowLossFunction.apply(functools.partial(hcd_forward, **options), shared_logits,
+                                 teacher_logits, student_logits, target)

@@ -10,6 +10,8 @@ gradient w.r.t. the student logits (s = zs / T, t = zt / T):
           dNCKD/dzs_c = T (qs_c - qt_c)  (c != y),  0 at y.
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -17,6 +19,7 @@ from .autograd import RowLossFunction
 from .common import (
     accumulator_dtype,
     binary_kl,
+    compute_dtype,
     empty_kl_stats,
     kl_from_stats,
     launch_config,
@@ -154,48 +157,54 @@ def _dkd_kernel(
                 tl.store(grad_row + block_cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def kd_forward(student_logits, teacher_logits, target, temperature, needs_grad=(True,),
+def kd_forward(student_logits, teacher_logits, target, *, temperature, needs_grad=(True,),
                block_size=None):
-    """Launch the KD kernel: loss [B], no parts ([B, 0]), gradient [B, C] if ``needs_grad``.
-    ``target`` is unused (KD needs no labels); it keeps the launchers' common signature."""
+    """Launch the KD kernel: loss [B], no parts ([B, 0]), gradient [B, C] in the student logits'
+    dtype if ``needs_grad``. ``target`` is unused (KD needs no labels); it keeps the launchers'
+    common signature."""
     student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
-    loss, parts, grad = row_outputs(student_logits, 0, needs_grad[0])
+    dtype = compute_dtype(student_logits, teacher_logits)
+    loss, parts, grad = row_outputs(student_logits, 0, needs_grad[0], dtype)
     grad_ptr, grad_stride = optional_output(grad, loss)
     block, single_block, num_warps = launch_config(student_logits.shape[1], block_size)
     _kd_kernel[(student_logits.shape[0],)](
         student_logits, teacher_logits, loss, grad_ptr,
         student_logits.stride(0), teacher_logits.stride(0), grad_stride,
         student_logits.shape[1], float(temperature),
-        ACC=accumulator_dtype(student_logits), BLOCK=block, SINGLE_BLOCK=single_block,
+        ACC=accumulator_dtype(dtype), BLOCK=block, SINGLE_BLOCK=single_block,
         COMPUTE_GRAD=grad is not None, num_warps=num_warps,
     )
     return loss, parts, (grad,)
 
 
-def dkd_forward(student_logits, teacher_logits, target, alpha, beta, temperature,
+def dkd_forward(student_logits, teacher_logits, target, *, alpha, beta, temperature,
                 needs_grad=(True,), block_size=None):
-    """Launch the DKD kernel: loss [B], parts [B, 2] (tckd, nckd), gradient [B, C]."""
+    """Launch the DKD kernel: loss [B], parts [B, 2] (tckd, nckd), gradient [B, C] in the student
+    logits' dtype."""
     student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
-    loss, parts, grad = row_outputs(student_logits, 2, needs_grad[0])
+    dtype = compute_dtype(student_logits, teacher_logits)
+    loss, parts, grad = row_outputs(student_logits, 2, needs_grad[0], dtype)
     grad_ptr, grad_stride = optional_output(grad, loss)
     block, single_block, num_warps = launch_config(student_logits.shape[1], block_size)
     _dkd_kernel[(student_logits.shape[0],)](
         student_logits, teacher_logits, target, loss, parts, grad_ptr,
         student_logits.stride(0), teacher_logits.stride(0), grad_stride,
         student_logits.shape[1], float(alpha), float(beta), float(temperature),
-        ACC=accumulator_dtype(student_logits), BLOCK=block, SINGLE_BLOCK=single_block,
+        ACC=accumulator_dtype(dtype), BLOCK=block, SINGLE_BLOCK=single_block,
         COMPUTE_GRAD=grad is not None, num_warps=num_warps,
     )
     return loss, parts, (grad,)
 
 
-def kd_rows(student_logits, teacher_logits, temperature):
+def kd_rows(student_logits, teacher_logits, *, temperature):
     """Differentiable per-row KD loss ``[B]``."""
-    loss, _ = RowLossFunction.apply(kd_forward, student_logits, teacher_logits, None, temperature)
+    launcher = functools.partial(kd_forward, temperature=temperature)
+    loss, _ = RowLossFunction.apply(launcher, student_logits, teacher_logits, None)
     return loss
 
 
-def dkd_rows(student_logits, teacher_logits, target, alpha, beta, temperature):
-    """Differentiable per-row DKD loss ``[B]`` and parts ``[B, 2]`` (tckd, nckd)."""
-    return RowLossFunction.apply(dkd_forward, student_logits, teacher_logits, target, alpha, beta,
-                                 temperature)
+def dkd_rows(student_logits, teacher_logits, target, **options):
+    """Differentiable per-row DKD loss ``[B]`` and parts ``[B, 2]`` (tckd, nckd); ``options`` as
+    ``dkd_forward``'s."""
+    return RowLossFunction.apply(functools.partial(dkd_forward, **options), student_logits,
+                                 teacher_logits, target)

@@ -14,6 +14,9 @@ blocks of ``STREAM_BLOCK``: once to select, once for the remainder statistics an
 the gradient.
 """
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -23,6 +26,7 @@ from .common import (
     NEG_FILL,
     accumulator_dtype,
     binary_kl,
+    compute_dtype,
     empty_kl_stats,
     kl_from_stats,
     launch_config,
@@ -228,17 +232,23 @@ def ldrld_launch_config(num_classes, block_size=None, num_warps=None):
     return launch_config(num_classes, block_size, num_warps)
 
 
-def ldrld_forward(student_logits, teacher_logits, target, temperature, top_d, alpha, beta,
+def ldrld_forward(student_logits, teacher_logits, target, *, temperature, top_d, alpha, beta,
                   ce_weight, irw_eps, erd_scale, erd_decay, top_set_weight, num_groups,
                   needs_grad=(True,), block_size=None, num_warps=None):
     """Launch the fused kernel: per-row loss [B], parts [B, 3] (ce, local, rntk) and, when
-    ``needs_grad``, the gradient [B, C] in the logits' dtype. Inputs are assumed validated."""
+    ``needs_grad``, the gradient [B, C] in the student logits' dtype. ``target`` may be None when
+    ``ce_weight`` is 0; the ce column then holds no meaning. Inputs are assumed validated."""
     if top_d > MAX_TOP_D:
         raise ValueError(f"top_d must be at most {MAX_TOP_D} for the triton backend, got {top_d}")
     student_logits = row_major(student_logits)
     teacher_logits = row_major(teacher_logits)
     batch, num_classes = student_logits.shape
-    loss, parts, grad = row_outputs(student_logits, 3, needs_grad[0])
+    if target is None:
+        # Class 0 stands in for the missing labels: times ce_weight = 0, its CE adds exactly 0
+        # to the loss and to the gradient.
+        target = torch.zeros(batch, dtype=torch.int64, device=student_logits.device)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    loss, parts, grad = row_outputs(student_logits, 3, needs_grad[0], dtype)
     grad_ptr, grad_stride = optional_output(grad, loss)
     block, single_block, num_warps = ldrld_launch_config(num_classes, block_size, num_warps)
     _ldrld_kernel[(batch,)](
@@ -248,16 +258,15 @@ def ldrld_forward(student_logits, teacher_logits, target, temperature, top_d, al
         float(temperature), float(alpha), float(beta), float(ce_weight),
         1.0 / num_groups, float(top_set_weight), float(irw_eps), float(erd_scale),
         float(erd_decay),
-        ACC=accumulator_dtype(student_logits), BLOCK=block, SINGLE_BLOCK=single_block,
+        ACC=accumulator_dtype(dtype), BLOCK=block, SINGLE_BLOCK=single_block,
         TOP_BLOCK=max(triton.next_power_of_2(top_d), 2), COMPUTE_GRAD=grad is not None,
         num_warps=num_warps,
     )
     return loss, parts, (grad,)
 
 
-def ldrld_rows(student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
-               irw_eps, erd_scale, erd_decay, top_set_weight, num_groups):
-    """Differentiable per-row LDRLD loss ``[B]`` and its parts ``[B, 3]`` (ce, local, rntk)."""
-    return RowLossFunction.apply(
-        ldrld_forward, student_logits, teacher_logits, target, temperature, top_d, alpha, beta,
-        ce_weight, irw_eps, erd_scale, erd_decay, top_set_weight, num_groups)
+def ldrld_rows(student_logits, teacher_logits, target, **options):
+    """Differentiable per-row LDRLD loss ``[B]`` and its parts ``[B, 3]`` (ce, local, rntk);
+    ``options`` as ``ldrld_forward``'s."""
+    return RowLossFunction.apply(functools.partial(ldrld_forward, **options), student_logits,
+                                 teacher_logits, target)

@@ -140,15 +140,16 @@ def test_triton_multi_block_rows():
     student, teacher, _ = random_logits(3, 100, seed=24, dtype=torch.float64)
     target = torch.tensor([40, 0, 99], device=DEVICE)
     fused = student.clone().requires_grad_()
-    kd_rows, _ = RowLossFunction.apply(functools.partial(kd_forward, block_size=16), fused,
-                                       teacher, None, 3.0)
-    dkd_rows, _ = RowLossFunction.apply(functools.partial(dkd_forward, block_size=16), fused,
-                                        teacher, target, 1.0, 8.0, 3.0)
+    kd_rows, _ = RowLossFunction.apply(
+        functools.partial(kd_forward, block_size=16, temperature=3.0), fused, teacher, None)
+    dkd_rows, _ = RowLossFunction.apply(
+        functools.partial(dkd_forward, block_size=16, alpha=1.0, beta=8.0, temperature=3.0),
+        fused, teacher, target)
     (kd_rows + dkd_rows).sum().backward()
     plain = student.clone().requires_grad_()
     expected = (kd_loss(plain, teacher, temperature=3.0, reduction="none", backend="reference")
-                + dkd_loss(plain, teacher, target, temperature=3.0, reduction="none",
-                           backend="reference"))
+                + dkd_loss(plain, teacher, target, alpha=1.0, beta=8.0, temperature=3.0,
+                           reduction="none", backend="reference"))
     expected.sum().backward()
     torch.testing.assert_close(kd_rows + dkd_rows, expected.detach())
     torch.testing.assert_close(fused.grad, plain.grad)

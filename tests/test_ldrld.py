@@ -17,6 +17,7 @@ from helpers import (
 
 from fastkd import LDRLDLoss, ldrld_loss
 from fastkd.functional import ldrld_group_weights
+from fastkd.options import LDRLD
 from fastkd.reference import adaptive_decay_weight, ldrld_loss_reference
 from fastkd.reference.ldrld import masked_kl
 
@@ -39,6 +40,7 @@ SPEC = {  # temperature: (L_local, L_rntk, total)
     1.0: (0.148008, 0.157405, 4.128174),
 }
 SPEC_CE = 1.472261
+SPEC_ADW = dict(irw_eps=1.5, erd_scale=2.0, erd_decay=0.05)  # the spec's (and the authors') ADW
 SPEC_GRAD_T4 = [-2.471246, 1.471040, -4.542955, 4.542955, 1.000205]
 
 
@@ -52,7 +54,7 @@ def test_adaptive_decay_weights_match_spec():
     expected = {(1, 2): 0.688566, (1, 3): 0.467846, (2, 3): 0.623041, (6, 7): 0.417637,
                 (1, 7): 0.178752}
     for ranks, weight in expected.items():
-        assert adaptive_decay_weight(*ranks) == pytest.approx(weight, abs=1e-6)
+        assert adaptive_decay_weight(*ranks, **SPEC_ADW) == pytest.approx(weight, abs=1e-6)
 
 
 def test_spec_group_table():
@@ -169,7 +171,7 @@ def test_triton_gradient_equals_autograd_of_reference():
     fused = student.clone().requires_grad_()
     ldrld_loss(fused, teacher, target, backend="triton").backward()
     plain = student.clone().requires_grad_()
-    loss, _ = ldrld_loss_reference(plain, teacher, target)
+    loss, _ = ldrld_loss_reference(plain, teacher, target, **LDRLD.loss_options())
     loss.mean().backward()
     torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-12, atol=1e-14)
 
@@ -246,13 +248,15 @@ def test_top_d_one_and_all_classes(backend):
 
 def test_top_d_two_counts_the_pair_twice():
     """d = 2: (ADW(1,2) KL_pair + ADW(1,2) KL_G) / 2 = ADW(1,2) KL_pair, as the authors' code."""
-    assert ldrld_group_weights(2, 1.5, 2.0, 0.05) == (pytest.approx(adaptive_decay_weight(1, 2)), 2)
+    adw = adaptive_decay_weight(1, 2, LDRLD.irw_eps, LDRLD.erd_scale, LDRLD.erd_decay)
+    assert ldrld_group_weights(2, LDRLD.irw_eps, LDRLD.erd_scale, LDRLD.erd_decay) == (
+        pytest.approx(adw), 2)
     student, teacher, target = random_logits(2, 9, seed=14, dtype=torch.float64)
     _, parts = ldrld_loss(student, teacher, target, top_d=2, temperature=2.0, backend="triton",
                           reduction="none", return_parts=True)
     top2 = student.topk(2, dim=1).indices
     mask = torch.zeros_like(student, dtype=torch.bool).scatter(1, top2, True)
-    expected = adaptive_decay_weight(1, 2) * masked_kl(student, teacher, mask, 2.0)
+    expected = adw * masked_kl(student, teacher, mask, 2.0)
     torch.testing.assert_close(parts["local"], expected)
 
 
@@ -281,12 +285,13 @@ def test_triton_multi_block_selection(where):
                    "first_block": [0, 2, 5, 9, 11, 13, 15]}[where]
     for rank, column in enumerate(top_columns):
         student[:, column] = 20.0 - rank
-    options = dict(temperature=4.0, top_d=7, alpha=10.5, beta=7.0, ce_weight=1.0, irw_eps=1.5,
-                   erd_scale=2.0, erd_decay=0.05)
+    options = LDRLD.replace(top_d=7).loss_options()
+    top_set_weight, num_groups = ldrld_group_weights(7, LDRLD.irw_eps, LDRLD.erd_scale,
+                                                     LDRLD.erd_decay)
+    launcher = functools.partial(ldrld_forward, block_size=16, top_set_weight=top_set_weight,
+                                 num_groups=num_groups, **options)
     fused = student.clone().requires_grad_()
-    rows, parts = RowLossFunction.apply(
-        functools.partial(ldrld_forward, block_size=16), fused, teacher, target,
-        *options.values(), *ldrld_group_weights(7, 1.5, 2.0, 0.05))
+    rows, parts = RowLossFunction.apply(launcher, fused, teacher, target)
     rows.sum().backward()
     ref_rows, ref_parts, ref_grad = reference_rows(student, teacher, target, **options)
     assert_close_scaled(rows, ref_rows, 1e-12, "loss")
@@ -315,8 +320,11 @@ def test_triton_out_of_range_label_gives_nan_not_a_crash():
 
     student, teacher, _ = random_logits(2, 10, seed=17)
     target = torch.tensor([3, 10], device=DEVICE)
-    loss, _, _ = ldrld_forward(student, teacher, target, 4.0, 3, 10.5, 7.0, 1.0, 1.5, 2.0, 0.05,
-                               *ldrld_group_weights(3, 1.5, 2.0, 0.05))
+    options = LDRLD.replace(top_d=3).loss_options()
+    top_set_weight, num_groups = ldrld_group_weights(3, LDRLD.irw_eps, LDRLD.erd_scale,
+                                                     LDRLD.erd_decay)
+    loss, _, _ = ldrld_forward(student, teacher, target, top_set_weight=top_set_weight,
+                               num_groups=num_groups, **options)
     assert torch.isfinite(loss[0]) and math.isnan(loss[1].item())
 
 

@@ -29,7 +29,7 @@ LOSSES = {
         (lambda zs, zt, y: (zs, zt[:, :9], y), ValueError, r"teacher_logits must have the shape of student_logits \(4, 10\), got \(4, 9\)"),
         (lambda zs, zt, y: (zs[:, :1], zt[:, :1], y), ValueError, r"at least 1 row and 2 classes, got shape \(4, 1\)"),
         (lambda zs, zt, y: (zs.long(), zt, y), TypeError, r"student_logits must be float16, bfloat16, float32 or float64, got torch.int64"),
-        (lambda zs, zt, y: (zs, zt.half(), y), TypeError, r"teacher_logits must have the dtype of student_logits \(torch.float32\), got torch.float16"),
+        (lambda zs, zt, y: (zs, zt.int(), y), TypeError, r"teacher_logits must be float16, bfloat16, float32 or float64, got torch.int32"),
         (lambda zs, zt, y: (zs, zt.to("meta"), y), ValueError, r"teacher_logits must be on the device of student_logits \(cpu\), got meta"),
         (lambda zs, zt, y: (zs.tolist(), zt, y), TypeError, r"student_logits must be a torch.Tensor, got list"),
     ],

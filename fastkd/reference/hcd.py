@@ -22,29 +22,16 @@ def orthogonality_loss(fused, target, theta):
     return (F.relu(cosines - theta) ** 2)[:, off_diagonal].sum(1) / (num_sub * (num_sub - 1))
 
 
-def hcd_logit_loss_reference(
-    shared_logits,
-    teacher_logits,
-    student_logits,
-    target,
-    num_sub=4,
-    temperature=1.0,
-    label_smoothing=0.0,
-    theta=0.5,
-    w_gt=1.0,
-    w_sdd=6.0,
-    w_ol=1.0,
-    lam_s=1.0,
-    lam_t=1.0,
-    detach_target=False,
-):
+def hcd_logit_loss_reference(shared_logits, teacher_logits, student_logits, target, *, num_sub,
+                             temperature, label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t,
+                             detach_target):
     """Per-sample ``w_gt * L_sce + w_sdd * L_sdd + w_ol * L_ol`` of one stage, and its parts.
 
     F_j = lam_s * S[:, jC:(j+1)C] + lam_t * zt;  L_sce = mean_j CE_eps(F_j, y);
     L_sdd = mean_j T^2 KL(softmax(F_j/T) || softmax(zs/T));  L_ol as ``orthogonality_loss``.
     Returns ``(loss [B], {"sce": [B], "sdd": [B], "ol": [B]})``.
     """
-    dtype = compute_dtype(shared_logits)
+    dtype = compute_dtype(shared_logits, teacher_logits, student_logits)
     shared = shared_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
     student = student_logits.to(dtype)

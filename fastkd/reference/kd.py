@@ -6,16 +6,15 @@ import torch.nn.functional as F
 from ..precision import compute_dtype
 
 
-def kd_loss_reference(student_logits, teacher_logits, temperature=4.0):
+def kd_loss_reference(student_logits, teacher_logits, *, temperature):
     """Per-sample ``T^2 * KL(softmax(zt/T) || softmax(zs/T))``, shape [B]."""
-    dtype = compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     log_ps = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
     log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
     return temperature**2 * F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(1)
 
 
-def dkd_loss_reference(student_logits, teacher_logits, target, alpha=1.0, beta=8.0,
-                       temperature=4.0):
+def dkd_loss_reference(student_logits, teacher_logits, target, *, alpha, beta, temperature):
     """Per-sample DKD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``.
 
     TCKD = T^2 * KL over the binary split (p_target, p_rest) of softmax(z/T);
@@ -23,7 +22,7 @@ def dkd_loss_reference(student_logits, teacher_logits, target, alpha=1.0, beta=8
     subtracting 1000 from its scaled logit, as the authors' code does.
     Returns ``(loss [B], {"tckd": [B], "nckd": [B]})``.
     """
-    dtype = compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dtype) / temperature
     zt = teacher_logits.detach().to(dtype) / temperature
     gt_mask = F.one_hot(target, zs.shape[1]).to(torch.bool)

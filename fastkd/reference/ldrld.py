@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..precision import compute_dtype
 
 
-def adaptive_decay_weight(rank_a, rank_b, irw_eps=1.5, erd_scale=2.0, erd_decay=0.05):
+def adaptive_decay_weight(rank_a, rank_b, irw_eps, erd_scale, erd_decay):
     """ADW(r, r') = 1 / (|r - r'| + eps) * scale * exp(-decay * (r + r')), ranks 1-based."""
     inverse_rank_weight = 1.0 / (abs(rank_a - rank_b) + irw_eps)
     exponential_rank_decay = erd_scale * math.exp(-erd_decay * (rank_a + rank_b))
@@ -32,28 +32,18 @@ def masked_kl(student_logits, teacher_logits, group_mask, temperature):
     return temperature**2 * terms.masked_fill(outside, 0.0).sum(dim=1)
 
 
-def ldrld_loss_reference(
-    student_logits,
-    teacher_logits,
-    target,
-    temperature=4.0,
-    top_d=7,
-    alpha=10.5,
-    beta=7.0,
-    ce_weight=1.0,
-    irw_eps=1.5,
-    erd_scale=2.0,
-    erd_decay=0.05,
-):
+def ldrld_loss_reference(student_logits, teacher_logits, target, *, temperature, top_d, alpha,
+                         beta, ce_weight, irw_eps, erd_scale, erd_decay):
     """Per-sample LDRLD loss and its parts.
 
     L = ce_weight * CE(zs, y) + alpha * L_local + beta * L_rntk, with
     L_local = (sum_{i<j<=d} ADW(i, j) KL_{pi(i), pi(j)} + KL_G) / (d(d-1)/2 + 1) and L_rntk = KL_R.
 
-    Returns ``(loss [B], {"ce": [B], "local": [B], "rntk": [B]})``. Inputs of any floating dtype;
-    the maths runs in float64 for float64 inputs, else in float32.
+    Returns ``(loss [B], {"ce": [B], "local": [B], "rntk": [B]})``; with ``target`` None (no
+    labels, ``ce_weight`` 0) the CE term and the "ce" part are left out. Inputs of any floating
+    dtypes; the maths runs in float64 if either logits are float64, else in float32.
     """
-    dtype = compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dtype)
     zt = teacher_logits.detach().to(dtype)
     num_classes = zs.shape[1]
@@ -83,6 +73,9 @@ def ldrld_loss_reference(
     else:
         rntk = masked_kl(zs, zt, ~top_set, temperature)
 
+    distillation = alpha * local + beta * rntk
+    parts = {"local": local, "rntk": rntk}
+    if target is None:
+        return distillation, parts
     ce = F.cross_entropy(zs, target, reduction="none")
-    loss = ce_weight * ce + alpha * local + beta * rntk
-    return loss, {"ce": ce, "local": local, "rntk": rntk}
+    return ce_weight * ce + distillation, {"ce": ce, **parts}

@@ -10,14 +10,14 @@ from ..reference.ldrld import masked_kl
 from .common import binary_kl_of_gaps
 
 
-def dkd_rows(student_logits, teacher_logits, target, alpha, beta, temperature):
+def dkd_rows(student_logits, teacher_logits, target, *, alpha, beta, temperature):
     """Per-sample ``alpha * TCKD + beta * NCKD`` ``[B]`` and parts ``{"tckd", "nckd"}``.
 
     The binary split is a two-class softmax over (z_y / T, lse of the other z / T), so TCKD is a
     binary KL of the gaps g = z_y / T - lse_rest: no 1 - p_y, which cancels to garbage when the
     target holds nearly all the mass.
     """
-    dtype = compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dtype)
     zt = teacher_logits.detach().to(dtype)
     target = target.long()

@@ -6,6 +6,8 @@ the maths. Notation per sample: F_j = lam_s * S_j + lam_t * zt, q_j = softmax(F_
 pf_j = softmax(F_j / T), ps = softmax(zs / T), u_j = v_j / |v_j| with v_j = F_j, true class 0.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -13,12 +15,12 @@ from ..kernels.autograd import RowLossFunction
 from ..precision import compute_dtype
 
 
-def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
+def hcd_forward(shared_logits, teacher_logits, student_logits, target, *, num_sub, temperature,
                 label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target,
                 needs_grad=(True, False, True)):
     """Per-row loss ``[B]``, parts ``[B, 3]`` (sce, sdd, ol) and gradients w.r.t. the shared and
-    student logits (None where not needed)."""
-    dtype = compute_dtype(shared_logits)
+    student logits in their dtypes (None where not needed)."""
+    dtype = compute_dtype(shared_logits, teacher_logits, student_logits)
     batch, num_classes = student_logits.shape
     shared = shared_logits.to(dtype).reshape(batch, num_sub, num_classes)
     teacher = (lam_t * teacher_logits.to(dtype)).unsqueeze(1)
@@ -86,7 +88,8 @@ def hcd_forward(shared_logits, teacher_logits, student_logits, target, num_sub, 
                           grad_student.to(student_logits.dtype) if needs_grad[2] else None))
 
 
-def hcd_rows(shared_logits, teacher_logits, student_logits, target, *options):
-    """Differentiable per-row HCD logit loss ``[B]`` and parts ``[B, 3]`` (sce, sdd, ol)."""
-    return RowLossFunction.apply(hcd_forward, shared_logits, teacher_logits, student_logits,
-                                 target, *options)
+def hcd_rows(shared_logits, teacher_logits, student_logits, target, **options):
+    """Differentiable per-row HCD logit loss ``[B]`` and parts ``[B, 3]`` (sce, sdd, ol);
+    ``options`` as ``hcd_forward``'s."""
+    return RowLossFunction.apply(functools.partial(hcd_forward, **options), shared_logits,
+                                 teacher_logits, student_logits, target)

@@ -18,10 +18,11 @@ def pair_weights(top_d, irw_eps, erd_scale, erd_decay, device, dtype):
     return weights.triu(diagonal=1)
 
 
-def ldrld_rows(student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
-               irw_eps, erd_scale, erd_decay, top_set_weight, num_groups):
-    """Per-sample LDRLD loss ``[B]`` and parts ``{"ce", "local", "rntk"}`` (each ``[B]``)."""
-    dtype = compute_dtype(student_logits)
+def ldrld_rows(student_logits, teacher_logits, target, *, temperature, top_d, alpha, beta,
+               ce_weight, irw_eps, erd_scale, erd_decay, top_set_weight, num_groups):
+    """Per-sample LDRLD loss ``[B]`` and parts ``{"ce", "local", "rntk"}`` (each ``[B]``); with
+    ``target`` None (no labels, ``ce_weight`` 0) no CE term and no "ce" part."""
+    dtype = compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dtype)
     zt = teacher_logits.detach().to(dtype)
     ranked = zs.detach().topk(top_d, dim=1).indices  # [B, d], rank order
@@ -42,6 +43,9 @@ def ldrld_rows(student_logits, teacher_logits, target, temperature, top_d, alpha
         in_top = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, ranked, True)
         rntk = masked_kl(zs, zt, ~in_top, temperature)
 
+    distillation = alpha * local + beta * rntk
+    parts = {"local": local, "rntk": rntk}
+    if target is None:
+        return distillation, parts
     ce = F.cross_entropy(zs, target.long(), reduction="none")
-    loss = ce_weight * ce + alpha * local + beta * rntk
-    return loss, {"ce": ce, "local": local, "rntk": rntk}
+    return ce_weight * ce + distillation, {"ce": ce, **parts}
