@@ -128,9 +128,20 @@ def test_cifar100_reader(tmp_path):
     mean, std = data.common.CIFAR100_MEAN, data.common.CIFAR100_STD
     normalised = (first - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
     torch.testing.assert_close(images[0], torch.from_numpy(normalised).float(), rtol=0, atol=1e-5)
-    train224, _ = create_loaders("cifar100", str(tmp_path), batch_size=2, image_size=224,
-                                 workers=0)
+    _, val = create_loaders("cifar100", str(tmp_path), batch_size=4, workers=0,
+                            mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    normalised = (first - np.array([0.5, 0.4, 0.3])[:, None, None]) / np.array(
+        [0.2, 0.25, 0.3])[:, None, None]
+    torch.testing.assert_close(next(iter(val))[0][0], torch.from_numpy(normalised).float(),
+                               rtol=0, atol=1e-5)
+    train224, val224 = create_loaders("cifar100", str(tmp_path), batch_size=2, image_size=224,
+                                      workers=0)
     assert next(iter(train224))[0].shape == (2, 3, 224, 224)
+    train224, augmented_val224 = create_loaders(
+        "cifar100", str(tmp_path), batch_size=2, image_size=224, workers=0,
+        auto_augment="rand-m9-mstd0.5-inc1", re_prob=1.0)
+    assert next(iter(train224))[0].shape == (2, 3, 224, 224)
+    assert torch.equal(next(iter(augmented_val224))[0], next(iter(val224))[0])  # train only
 
 
 def test_demo_dataset_build_reuse_and_rebuild(tmp_path):

@@ -1,11 +1,15 @@
 """Training and evaluation input: one loader interface over DALI and torchvision.
 
 ``create_loaders(dataset, data_dir, ...)`` returns ``(train_loader, val_loader)``. Iterating a
-loader yields ``(images [B, 3, H, W] float normalised, labels [B] int64)`` on the training device;
-each has ``len()`` (batches this rank reads per epoch), ``set_epoch(epoch)``, ``num_classes`` and
-``dataset_size`` (samples across all ranks). Every sample is read exactly once per epoch across
-ranks, by both loaders: training takes a shard of one seeded permutation per epoch, evaluation a
-shard of the sorted list.
+loader yields ``(images [B, 3, H, W] float normalised by mean and std, labels [B] int64)`` on the
+training device; each has ``len()`` (batches this rank reads per epoch), ``set_epoch(epoch)``,
+``num_classes`` and ``dataset_size`` (samples across all ranks). Every sample is read exactly
+once per epoch across ranks, by both loaders: training takes a shard of one seeded permutation
+per epoch, evaluation a shard of the sorted list.
+
+Training augmentations are timm's (``augment.py``): crop and flip, an auto-augment policy
+(timm's ``--aa`` strings; the DALI loader runs DALI's implementation of the one policy it shares
+with timm and refuses the rest) and random erasing of the normalised images.
 
 Bad image files (``bad_images="skip"`` or ``"error"``, see ``bad_images.py``): each loader's
 ``bad_images`` is {path: reason} of its split's files known bad in this process, and
@@ -16,9 +20,17 @@ Bad image files (``bad_images="skip"`` or ``"error"``, see ``bad_images.py``): e
 import logging
 
 from ..optional import importable
+from .augment import random_erasing, timm_auto_augment
 from .bad_images import bad_files_error, check_mode
 from .cifar import CIFAR100, cifar_transform
-from .common import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from .common import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DEFAULT_CROP_RATIO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_normalisation,
+)
 from .demo import build_demo_dataset, default_demo_root
 from .folders import scan_split_folders
 from .torch_loader import FileDataset, TorchLoader, image_transform
@@ -54,14 +66,37 @@ def resolve_loader(loader, dataset):
 def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loader="auto",
                    eval_batch_size=None, rank=0, world_size=1, device="cpu", workers=4,
                    channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO,
-                   bad_images="skip"):
-    """``(train_loader, val_loader)`` for ``dataset``:
+                   bad_images="skip", mean=None, std=None, auto_augment=None, re_prob=0.0,
+                   re_mode="pixel", re_count=1):
+    """``(train_loader, val_loader)`` for ``dataset``.
 
-    - ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``;
-    - ``"demo"``: the bundled digits, written as JPEGs under ``data_dir`` (default: the user
-      cache) on first use;
-    - ``"cifar100"``: the python archive under ``data_dir`` (torchvision loader).
-    ``image_size`` defaults to 224 for folders and 32 for demo and CIFAR-100.
+    - ``dataset``: ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and
+      ``data_dir/val/<class>/*``; ``"demo"``: the bundled digits, written as JPEGs under
+      ``data_dir`` (default: the user cache) on first use; ``"cifar100"``: the python archive
+      under ``data_dir`` (torchvision loader).
+    - ``batch_size`` / ``eval_batch_size`` (default ``batch_size``): per rank, per batch.
+    - ``image_size``: the square side of every batch; defaults to 224 for folders and 32 for
+      demo and CIFAR-100. Training crops at random (random-resized-crop + flip; CIFAR-100: padded
+      random crop + flip); evaluation resizes the shorter side to ``image_size / crop_ratio`` and
+      centre-crops (CIFAR-100: resize only).
+    - ``loader``: ``"dali"``, ``"torch"`` (torchvision) or ``"auto"`` (DALI when installed).
+    - ``rank`` / ``world_size``: this process's shard; ``seed``: the per-epoch shuffle (and
+      DALI's random augmentations); ``device``: where batches are delivered; ``workers``: DALI
+      threads or DataLoader processes; ``channels_last``: that memory format for the images.
+    - ``mean`` / ``std``: normalisation per RGB channel, in [0, 1] pixel units, e.g. a timm
+      model's ``resolve_data_config``; default ImageNet's, CIFAR-100's for ``"cifar100"``.
+
+    Training augmentations (the training split only; evaluation is never augmented):
+
+    - ``auto_augment``: a timm auto-augment string (timm's ``--aa``: ``"v0"``, ``"original"``,
+      ``"rand-m9-mstd0.5-inc1"``, ``"augmix-m5-w4-d2"``, ...), applied after crop and flip. The
+      torchvision loader runs timm's policy; DALI runs its own implementation where it has one
+      equal to timm's (``"v0"``, see ``dali.DALI_AUTO_AUGMENT``) and refuses the others.
+    - ``re_prob``, ``re_mode``, ``re_count``: timm's random erasing (``--reprob``,
+      ``--remode`` const|rand|pixel, ``--recount``) of the normalised images: per sample in the
+      torchvision workers, per batch on ``device`` for DALI.
+    A string timm does not accept, a policy DALI lacks and bad random-erasing settings raise
+    ValueError before any file is read.
 
     Image files that do not decode (folders and demo): each file's header is checked at start,
     and for DALI, which cannot skip a file inside its pipeline, and with ``bad_images="error"``,
@@ -78,21 +113,36 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     if dataset != "demo" and not data_dir:
         raise ValueError(f"dataset {dataset!r} needs data_dir (the dataset's root directory)")
     kind = resolve_loader(loader, dataset)
+    image_size = image_size or (224 if dataset in ("imagenet", "folder") else 32)
+    default_mean, default_std = ((CIFAR100_MEAN, CIFAR100_STD) if dataset == "cifar100"
+                                 else (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = check_normalisation(default_mean if mean is None else mean,
+                                    default_std if std is None else std)
+    # Every augmentation setting is checked here, before any file is read.
+    pil_auto_augment = timm_auto_augment(auto_augment, image_size, mean) if auto_augment else None
+    if kind == "dali":
+        from .dali import DaliLoader, dali_auto_augment
+
+        dali_auto_augment(auto_augment)
+        train_augment = dict(auto_augment=auto_augment,
+                             random_erasing=random_erasing(re_prob, re_mode, re_count, device))
+    else:  # timm's transforms, per sample on the DataLoader workers
+        train_augment = dict(auto_augment=pil_auto_augment,
+                             random_erasing=random_erasing(re_prob, re_mode, re_count, "cpu"))
     common = dict(rank=rank, world_size=world_size, device=device, workers=workers,
                   channels_last=channels_last, seed=seed)
-    sizes = {"train": batch_size, "val": eval_batch_size or batch_size}
+    splits = (("train", True, train_augment, batch_size),
+              ("val", False, {}, eval_batch_size or batch_size))
 
     if dataset == "cifar100":
-        image_size = image_size or 32
         return tuple(
-            TorchLoader(CIFAR100(data_dir, split, cifar_transform(split == "train", image_size)),
-                        100, training=split == "train", batch_size=sizes[split], **common)
-            for split in ("train", "val"))
+            TorchLoader(CIFAR100(data_dir, split, cifar_transform(training, image_size, mean, std,
+                                                                  **augment)),
+                        100, training=training, batch_size=size, **common)
+            for split, training, augment, size in splits)
 
     if dataset == "demo":
         data_dir = build_demo_dataset(data_dir or default_demo_root())
-        image_size = image_size or 32
-    image_size = image_size or 224
     folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/val")
     if kind == "dali" or bad_images == "error":
         from .verify import verify_images
@@ -107,19 +157,15 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     if bad and bad_images == "error":
         raise bad_files_error(bad)
     loaders = []
-    for split, folder in zip(("train", "val"), folders):
-        training = split == "train"
+    for (_, training, augment, size), folder in zip(splits, folders):
         if kind == "dali":
-            from .dali import DaliLoader
-
             loaders.append(DaliLoader(
-                folder.samples, folder.num_classes, training=training,
-                batch_size=sizes[split], image_size=image_size, mean=IMAGENET_MEAN,
-                std=IMAGENET_STD, crop_ratio=crop_ratio, known_bad=folder.bad, **common))
+                folder.samples, folder.num_classes, training=training, batch_size=size,
+                image_size=image_size, mean=mean, std=std, crop_ratio=crop_ratio,
+                known_bad=folder.bad, **augment, **common))
         else:
-            transform = image_transform(training, image_size, IMAGENET_MEAN, IMAGENET_STD,
-                                        crop_ratio)
+            transform = image_transform(training, image_size, mean, std, crop_ratio, **augment)
             loaders.append(TorchLoader(FileDataset(folder.samples, transform, bad_images),
-                                       folder.num_classes, training=training,
-                                       batch_size=sizes[split], known_bad=folder.bad, **common))
+                                       folder.num_classes, training=training, batch_size=size,
+                                       known_bad=folder.bad, **common))
     return tuple(loaders)

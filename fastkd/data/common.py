@@ -1,5 +1,6 @@
-"""What both loaders share: normalisation constants, eval resize rule, the per-epoch shard order,
-the batch hand-off to the training device and where fastkd keeps its per-user files."""
+"""What both loaders share: normalisation constants and their check, eval resize rule, the
+per-epoch shard order, the batch hand-off to the training device and where fastkd keeps its
+per-user files."""
 
 import math
 import os
@@ -13,6 +14,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 DEFAULT_CROP_RATIO = 224 / 256  # eval: resize the shorter side to crop / ratio, centre crop
+
+
+def check_normalisation(mean, std):
+    """``mean`` and ``std`` as 3-tuples of floats (RGB, in [0, 1] pixel units), std > 0."""
+    mean, std = tuple(map(float, mean)), tuple(map(float, std))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each (RGB), std > 0: got mean={mean}, "
+                         f"std={std}")
+    return mean, std
 
 
 def eval_resize(image_size, crop_ratio=DEFAULT_CROP_RATIO):

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms
 
+from .augment import compose_transform
 from .bad_images import (
     DECODE_ERRORS,
     BadImageError,
@@ -23,15 +24,18 @@ from .common import epoch_order, eval_resize, to_device
 from .folders import shard_bounds
 
 
-def image_transform(training, image_size, mean, std, crop_ratio):
+def image_transform(training, image_size, mean, std, crop_ratio, auto_augment=None,
+                    random_erasing=None):
     """timm/ImageNet convention: random-resized-crop + flip for training; resize the shorter
-    side to image_size / crop_ratio and centre-crop for evaluation."""
+    side to image_size / crop_ratio and centre-crop for evaluation. ``auto_augment`` (timm's PIL
+    policy) and ``random_erasing`` (timm's, on the normalised tensor) are the training split's
+    (see ``augment.compose_transform``)."""
     if training:
         steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
     else:
         steps = [transforms.Resize(eval_resize(image_size, crop_ratio)),
                  transforms.CenterCrop(image_size)]
-    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return compose_transform(steps, mean, std, auto_augment, random_erasing)
 
 
 class FileDataset(Dataset):

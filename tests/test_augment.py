@@ -1,0 +1,173 @@
+"""timm's training augmentations in both loaders, on the demo JPEGs: auto-augment (``--aa``),
+random erasing (``--reprob``, ``--remode``, ``--recount``) and the normalisation mean/std."""
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd import data
+from fastkd.data import create_loaders
+from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD
+
+needs_dali = pytest.mark.skipif(not data.dali_available(), reason="nvidia-dali is not installed")
+LOADERS = [pytest.param("dali", marks=needs_dali), "torch"]
+IMAGE_AREA = 32 * 32
+
+
+def first_batches(demo_dir, kind, **options):
+    """The first training and validation images. Every generator the loaders draw from is seeded
+    alike: torch (torchvision's crops), Python's and numpy's (timm's policies and erasing); DALI's
+    is the pipeline's seed."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    train, val = create_loaders("demo", demo_dir, batch_size=16, loader=kind, workers=0,
+                                **options)
+    # DALI reuses its output buffers: keep copies.
+    return next(iter(train))[0].clone(), next(iter(val))[0].clone()
+
+
+def pixels(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Normalised images back in [0, 1] pixel units."""
+    return images * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+
+
+def assert_decoded_pixels(images):
+    """Float images normalised with ImageNet's statistics from 8-bit pixels."""
+    assert images.dtype == torch.float32 and images.shape == (16, 3, 32, 32)
+    levels = pixels(images) * 255
+    assert levels.min() > -1e-3 and levels.max() < 255 + 1e-3
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
+
+
+def is_rectangle(mask):
+    rows, columns = mask.any(1).nonzero(), mask.any(0).nonzero()
+    return bool(mask[rows.min():rows.max() + 1, columns.min():columns.max() + 1].all())
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_random_erasing_zeroes_one_box_per_training_image(demo_dir, kind):
+    """re_mode="const" draws nothing from torch, so the crops match those of a run without
+    erasing: the images differ only inside one box each, which holds zeros (the mean colour)."""
+    clean, clean_val = first_batches(demo_dir, kind)
+    unerased, _ = first_batches(demo_dir, kind, re_prob=0.0, re_mode="const")
+    erased, erased_val = first_batches(demo_dir, kind, re_prob=1.0, re_mode="const")
+    assert torch.equal(unerased, clean)
+    assert torch.equal(erased_val, clean_val)
+    for image, changed in zip(erased, (erased != clean).any(dim=1)):
+        assert changed.any() and is_rectangle(changed)
+        assert 0.01 * IMAGE_AREA < changed.sum() < IMAGE_AREA / 2  # timm: 2% to 33% per box
+        assert torch.all(image[:, changed] == 0)
+
+
+@needs_dali
+def test_dali_random_erasing_fills_boxes_with_normal_noise(demo_dir):
+    """re_mode="pixel": standard normal values, on the batch after DALI's pipeline (which draws
+    from its own generator, so the crops match those of a run without erasing); re_count=3:
+    some images get several boxes."""
+    clean, _ = first_batches(demo_dir, "dali")
+    erased, _ = first_batches(demo_dir, "dali", re_prob=1.0, re_mode="pixel", re_count=3)
+    changed = (erased != clean).any(dim=1)
+    assert changed.flatten(1).any(1).all()
+    assert not all(is_rectangle(mask) for mask in changed)
+    noise = erased.permute(1, 0, 2, 3)[:, changed]
+    assert noise.numel() > 1000
+    assert abs(noise.mean()) < 0.1 and 0.9 < noise.std() < 1.1
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_mean_and_std_normalise_the_images(demo_dir, kind):
+    mean, std = (0.2, 0.3, 0.4), (0.5, 0.6, 0.7)
+    _, default = first_batches(demo_dir, kind)
+    _, custom = first_batches(demo_dir, kind, mean=mean, std=std)
+    assert_decoded_pixels(default)
+    expected = (pixels(default) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(custom, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, policy", [
+    pytest.param("dali", "v0", marks=needs_dali), ("torch", "v0"), ("torch", "original"),
+    ("torch", "rand-m9-mstd0.5-inc1"), ("torch", "augmix-m5-w4-d2")])
+def test_auto_augment_changes_training_images_only(demo_dir, kind, policy):
+    clean, clean_val = first_batches(demo_dir, kind)
+    augmented, augmented_val = first_batches(demo_dir, kind, auto_augment=policy)
+    assert_decoded_pixels(augmented)  # the policies work on 8-bit images, before normalising
+    assert (augmented != clean).flatten(1).any(1).sum() >= 4
+    assert torch.equal(augmented_val, clean_val)
+
+
+@needs_dali
+def test_dali_image_net_policy_is_timms_v0():
+    """What DALI_AUTO_AUGMENT rests on: DALI's "image_net" policy has the sub-policies,
+    probabilities and magnitude levels of timm's "v0" (without timm's never-applied ops), and
+    its 11 magnitude bins span what timm's levels 0..10 give each operation."""
+    from nvidia.dali.auto_aug.auto_augment import get_image_net_policy
+    from timm.data.auto_augment import auto_augment_policy
+
+    from fastkd.data.dali import DALI_AUTO_AUGMENT
+
+    dali_names = {"AutoContrast": "auto_contrast", "Color": "color", "Equalize": "equalize",
+                  "Invert": "invert", "Posterize": "posterize", "Rotate": "rotate",
+                  "ShearX": "shear_x", "ShearY": "shear_y", "Solarize": "solarize",
+                  "SolarizeAdd": "solarize_add", "TranslateYRel": "translate_y"}
+    arguments = DALI_AUTO_AUGMENT["v0"]
+    assert arguments["policy_name"] == "image_net"
+    dali_policy = get_image_net_policy(use_shape=True,
+                                       max_translate_rel=arguments["max_translate_rel"])
+    timm_policy = [[op for op in sub_policy if op.prob > 0]
+                   for sub_policy in auto_augment_policy("v0", {"img_mean": (128,) * 3})]
+    assert dali_policy.num_magnitude_bins == 11 and len(dali_policy.sub_policies) == 25
+    assert len(timm_policy) == 25
+    for timm_ops, dali_ops in zip(timm_policy, dali_policy.sub_policies):
+        assert [(dali_names[op.name], op.prob) for op in timm_ops] == [
+            (augmentation.name, prob) for augmentation, prob, _ in dali_ops]
+        for op, (augmentation, _, level) in zip(timm_ops, dali_ops):
+            if augmentation.mag_range is None:  # equalize, invert, auto-contrast
+                assert op.level_fn is None
+                continue
+            assert level == op.magnitude
+            dali_value = np.linspace(*augmentation.mag_range, 11)[level]
+            timm_value = abs(op.level_fn(level, op.hparams)[0])
+            # timm truncates posterize bits and solarize thresholds to integers
+            assert timm_value == pytest.approx(
+                dali_value, abs=1 if isinstance(timm_value, int) else 1e-9)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("policy, reason", [
+    ("trivialaugment", "Unknown AA policy trivialaugment"), ("v9", "Unknown AA policy v9"),
+    ("rand-m9-x3", "Unknown RandAugment config section"),
+    ("augmix-m5.5", "invalid literal for int() with base 10: '5.5'")])
+def test_auto_augment_strings_timm_refuses(tmp_path, kind, policy, reason):
+    """Refused before any file is read: the data directory does not exist."""
+    message = f"auto_augment (--aa) {policy!r} is not a timm auto-augment string ({reason})"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        create_loaders("folder", str(tmp_path / "nowhere"), batch_size=4, loader=kind,
+                       auto_augment=policy)
+
+
+@needs_dali
+@pytest.mark.parametrize("policy", [
+    "original", "v0r", "v0-mstd0.5", "rand-m9-n2", "rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2"])
+def test_dali_refuses_policies_it_does_not_implement(tmp_path, policy):
+    message = (f"auto_augment (--aa) {policy!r}: DALI has no such policy (of timm's auto-augment "
+               "strings it implements only 'v0'); --loader torch runs timm's")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        create_loaders("folder", str(tmp_path / "nowhere"), batch_size=4, loader="dali",
+                       auto_augment=policy)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(re_prob=1.5), r"re_prob \(--reprob\) must be in \[0, 1\], got 1.5"),
+    (dict(re_prob=0.5, re_mode="zero"),
+     r"re_mode \(--remode\) must be one of \('const', 'rand', 'pixel'\), got 'zero'"),
+    (dict(re_prob=0.5, re_count=0), r"re_count \(--recount\) must be an integer >= 1, got 0"),
+    (dict(mean=(0.5, 0.5)), r"mean and std need 3 values each \(RGB\), std > 0"),
+    (dict(std=(0.5, 0.0, 0.5)), r"mean and std need 3 values each \(RGB\), std > 0")])
+def test_bad_settings_refused_before_reading(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        create_loaders("folder", str(tmp_path / "nowhere"), batch_size=4, loader="torch",
+                       **options)
