@@ -20,30 +20,30 @@ import torch
 
 from fastkd.distillers import Distiller, build_distiller
 
-DISTILLERS = {"ce": {}, "kd": {}, "dkd": {}, "ldrld": {}, "hcd": {"num_classes": 1000}}
+DISTILLERS = ("ce", "kd", "dkd", "ldrld", "hcd")  # each with its options' defaults
 
 
 class StandInLoss(Distiller):
     """The forward passes a distiller makes, with the mean of the student logits as its loss."""
 
-    def forward_train(self, images, target, **context):
+    def compute(self, images, target, epoch):
         if self.teacher is not None:
             self.teacher_logits(images)
-        student_logits = self.student(images)
-        return student_logits, {"stand_in": student_logits.float().mean()}
+        student_logits = self.trainable_module(images)
+        return self.result(student_logits, stand_in=student_logits.float().mean())
 
 
 def step_milliseconds(distiller, images, target, steps, warmup):
     """Mean time of one SGD step over ``steps`` timed steps, after ``warmup`` untimed ones."""
     distiller = distiller.cuda().to(memory_format=torch.channels_last).train()
-    parameters = [*distiller.student.parameters(), *distiller.extra_parameters()]
-    optimizer = torch.optim.SGD(parameters, lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(distiller.get_trainable_module().parameters(), lr=0.01,
+                                momentum=0.9)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, losses = distiller(images, target)
+            loss = distiller(images, target)["loss"]
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+        loss.backward()
         optimizer.step()
 
     for _ in range(warmup):
@@ -107,11 +107,10 @@ def main(argv=None):
 
     stand_in_before = {"without teacher": time_stand_in(False), "with teacher": time_stand_in(True)}
     rows = []
-    for name, options in DISTILLERS.items():
+    for name in DISTILLERS:
         student, teacher = models(args)
         try:
-            distiller = build_distiller(name, student, None if name == "ce" else teacher,
-                                        **options)
+            distiller = build_distiller(name, student, None if name == "ce" else teacher)
             step = step_milliseconds(distiller, images, target, args.steps, args.warmup)
         except Exception as error:  # recorded in the results; the other distillers still run
             rows.append({"distiller": name, "error": repr(error)})

@@ -58,12 +58,15 @@ def test_stage_taps_and_hcd_with_cifar_students():
     teacher = timm.create_model("resnet32x4", num_classes=100)
     student = timm.create_model("resnet8x4", num_classes=100)
     with pytest.raises(ValueError, match=r"subset of \(1, 2, 3\) for CifarNet, got \(1, 2, 3, 4\)"):
-        HCD(student, teacher, 100)
-    distiller = HCD(student, teacher, 100, stages=(1, 2, 3)).train()
-    logits, losses = distiller(torch.randn(2, 3, 32, 32), torch.tensor([3, 99]))
-    sum(losses.values()).backward()
-    assert logits.shape == (2, 100)
-    assert all(parameter.grad is not None for parameter in distiller.extra_parameters())
+        HCD(student, teacher)
+    distiller = HCD(student, teacher, num_classes=100, stages=(1, 2, 3)).train()
+    result = distiller(torch.randn(2, 3, 32, 32), torch.tensor([3, 99]))
+    result["loss"].backward()
+    assert result["output"].shape == (2, 100)
+    trainable = distiller.get_trainable_module()
+    assert all(parameter.grad is not None
+               for modules in (trainable.projectors, trainable.mappers)
+               for parameter in modules.parameters())
 
 
 def test_registration_errors():

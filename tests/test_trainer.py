@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import timm
 import torch
 import yaml
 from trainer_helpers import FAST, MAIN, run_main, start, wait_for
@@ -40,7 +41,7 @@ def test_two_process_run_of_each_distiller(demo_dir, teacher_checkpoint, tmp_pat
     assert len(rows) == 1 and 0 <= float(rows[0]["eval_top1"]) <= 100
     assert {"train_loss", "train_ce", "train_kd" if distiller != "hcd" else "train_sce"} <= set(
         rows[0])
-    state = torch.load(folder / "last.pth", weights_only=False)
+    state = torch.load(folder / "last.pth", weights_only=True)
     assert state["epoch"] == 1 and state["args"]["distiller"] == distiller
     assert yaml.safe_load(open(folder / "args.yaml"))["distiller"] == distiller
     assert "teacher   resnet20" in result.stdout and "student   resnet20" in result.stdout
@@ -54,7 +55,7 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path):
     wait_for(last, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    saved = torch.load(last, weights_only=False)
+    saved = torch.load(last, weights_only=True)
     assert saved["epoch"] >= 1
 
     from fastkd.engine.distributed import World  # the resumed state, checked in process
@@ -62,11 +63,14 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path):
 
     resumed_args = parse_args(args + ["--resume", str(last)])
     from fastkd.data import create_loaders
+    from fastkd.models import data_config
 
-    loaders = create_loaders("demo", demo_dir, batch_size=128, loader="torch", workers=0)
+    config = data_config("resnet20")
+    loaders = create_loaders("demo", demo_dir, batch_size=128, loader="torch", workers=0,
+                             mean=config["mean"], std=config["std"])
     resumed_args.num_classes = loaders[0].num_classes  # as run_job resolves it
-    run = Run(resumed_args, World(), loaders)
-    run.resume(torch.load(last, weights_only=False), str(last))
+    run = Run(resumed_args, World(), loaders, config)
+    run.resume(torch.load(last, weights_only=True), str(last))
     assert run.start_epoch == saved["epoch"]
     restored = run.optimizer.state_dict()
     for key, value in saved["optimizer"]["state"].items():
@@ -76,8 +80,12 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at epoch {saved['epoch']}" in result.stdout
     with open(tmp_path / "run" / "summary.csv") as handle:
-        assert [row["epoch"] for row in csv.DictReader(handle)] == ["0", "1", "2"]
-    assert torch.load(last, weights_only=False)["epoch"] == 3
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["0", "1", "2"]
+    # The demo's schedule, set again by timm's scheduler after the resume: one warm-up epoch
+    # at --warmup-lr 0.01, then --lr 0.02 (the first decay comes at epoch 5).
+    assert [float(row["lr"]) for row in rows] == pytest.approx([0.01, 0.02, 0.02])
+    assert torch.load(last, weights_only=True)["epoch"] == 3
 
 
 def test_sigterm_saves_a_loadable_checkpoint(demo_dir, tmp_path):
@@ -93,8 +101,8 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_dir, tmp_path):
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM  # as a shell reports a killed job
     assert "SIGTERM: saved" in stdout
-    state = torch.load(tmp_path / "run" / "last.pth", weights_only=False)
-    assert state["epoch"] == 0 and "model" in state and "optimizer" in state
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert state["epoch"] == 0 and "state_dict" in state and "optimizer" in state
 
 
 def test_resume_refuses_changed_settings_before_any_work(demo_dir, tmp_path,
@@ -117,7 +125,7 @@ def test_resume_refuses_changed_settings_before_any_work(demo_dir, tmp_path,
 def test_non_finite_loss_stops_the_run(demo_dir, tmp_path):
     result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
                        "--output", str(tmp_path), "--experiment", "run", *FAST,
-                       "--lr", "1e30", "--batch-size", "16"])
+                       "--lr", "1e30", "--warmup-epochs", "0", "--batch-size", "16"])
     assert result.returncode != 0
     assert "error: non-finite loss at epoch 0" in result.stderr
     assert "no checkpoint was saved before it" in result.stderr
@@ -127,10 +135,10 @@ def test_non_finite_loss_stops_the_run(demo_dir, tmp_path):
 def test_config_file_and_command_line(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("model: resnet8x4\nteacher: resnet32x4\nlr: 0.5\nepochs: 3\n"
-                      "decay-epochs: [1, 2]\n")
+                      "sched: multistep\ndecay-milestones: [1, 2]\n")
     args = parse_args(["--config", str(config), "--lr", "0.1"])
     assert (args.model, args.teacher, args.lr, args.epochs) == ("resnet8x4", "resnet32x4", 0.1, 3)
-    assert list(args.decay_epochs) == [1, 2]
+    assert list(args.decay_milestones) == [1, 2]
     config.write_text("learning_rate: 0.1\n")
     with pytest.raises(SystemExit, match="unknown option 'learning_rate'"):
         parse_args(["--config", str(config)])
@@ -145,7 +153,7 @@ def test_config_file_and_command_line(tmp_path):
     (["--dataset", "imagenet", "--data-dir", "/no/such/dir", "--model", "resnet18",
       "--teacher", "resnet50"], "--data-dir /no/such/dir does not exist"),
     (["--teacher-checkpoint", "/no/such.pth"], "--teacher-checkpoint /no/such.pth does not exist"),
-    (["--epochs", "0"], "--epochs must be positive, got 0"),
+    (["--epochs", "0"], "--epochs must be a positive number, got 0"),
     (["--distiller", "kd", "--dataset", "cifar100", "--data-dir", "/", "--model", "resnet8x4"],
      "--distiller kd needs --teacher"),
     (["--resume", "/tmp"], "--resume /tmp is a folder, not a checkpoint file"),
@@ -168,3 +176,36 @@ def test_presets_parse():
     for name in presets:
         args = parse_args(["--config", os.path.join(folder, name), "--data-dir", "/"])
         assert args.model and args.epochs > 0
+
+
+def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path):
+    """A ViT student at 32 px from the command line, distilled from a CIFAR-net teacher (another
+    normalisation) with EMA, gradient clipping, mixup/cutmix, RandAugment, random erasing and
+    torch.compile; its best.pth loads with timm and evaluates with --eval-only."""
+    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "kd",
+                       "--teacher", "resnet20", "--teacher-checkpoint", teacher_checkpoint,
+                       "--output", str(tmp_path), "--experiment", "vit", *FAST,
+                       "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32",
+                       "patch_size=8", "--img-size", "32", "--model-ema", "--clip-grad", "1",
+                       "--mixup", "0.2", "--cutmix", "1.0", "--aa", "rand-m9-mstd0.5",
+                       "--reprob", "0.25", "--torchcompile", "eager", "-j", "0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "vit"
+    with open(folder / "summary.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert {"eval_top1", "eval_ema_top1", "train_ce", "train_kd"} <= set(row)
+    saved = torch.load(folder / "best.pth", weights_only=True)
+    assert saved["data_config"]["mean"] == (0.5, 0.5, 0.5)  # the ViT's own normalisation
+    student = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32,
+                                patch_size=8)
+    timm.models.load_checkpoint(student, str(folder / "best.pth"))  # the EMA weights
+    for key, value in saved["state_dict_ema"].items():
+        assert torch.equal(student.state_dict()[key], value), key
+
+    evaluation = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--eval-only",
+                           str(folder / "best.pth"), "--workers", "0", "--loader", "torch"])
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "student vit_tiny_patch16_224" in evaluation.stdout
+    assert f"top-1 {float(row['eval_top1']):.2f}" in evaluation.stdout
+    assert f"top-1 {float(row['eval_ema_top1']):.2f}" in evaluation.stdout
+    assert os.listdir(tmp_path) == ["vit"]  # an evaluation writes no run folder

@@ -1,4 +1,7 @@
-"""Training-side wrappers, one file per method: ``DISTILLERS[name](student, teacher, ...)``."""
+"""Training tasks, one file per method: ``build_distiller(name, student, teacher, ...)``.
+
+Each is a timm ``TrainingTask``: ``task(images, target) -> {"loss", "output", <parts>}``.
+"""
 
 from .base import Distiller
 from .ce import CE
@@ -10,13 +13,15 @@ from .ldrld import LDRLD
 DISTILLERS = {"ce": CE, "kd": KD, "dkd": DKD, "ldrld": LDRLD, "hcd": HCD}
 
 
-def build_distiller(name, student, teacher=None, **options):
-    """The distiller registered as ``name``, around ``student`` (and ``teacher``)."""
+def build_distiller(name, student, teacher=None, options=None, **settings):
+    """The distiller registered as ``name`` around ``student`` (and ``teacher``): ``options`` is
+    the method's options dataclass (``fastkd.options``), keyword ``settings`` are its fields or
+    the shared ones (``label_smoothing``, ``student_mean``, ``student_std``, ``backend``)."""
     if name not in DISTILLERS:
         raise ValueError(f"distiller must be one of {tuple(DISTILLERS)}, got {name!r}")
     if name != "ce" and teacher is None:
         raise ValueError(f"distiller {name!r} needs a teacher model")
-    return DISTILLERS[name](student, teacher, **options)
+    return DISTILLERS[name](student, teacher, options, **settings)
 
 
 __all__ = ["CE", "DKD", "DISTILLERS", "Distiller", "HCD", "KD", "LDRLD", "build_distiller"]

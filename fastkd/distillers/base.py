@@ -1,28 +1,93 @@
-"""What every distiller shares: a student, an optional frozen teacher, extra trainable modules."""
+"""What every distiller shares: a timm ``TrainingTask`` around a student, a frozen teacher and the
+method's options.
+
+``task(images, target) -> {"loss", "output", <parts>}``: ``loss`` is the total to backpropagate,
+``output`` the student's logits, the parts are detached values for logs. ``target`` is class
+indices ``[B]`` or, from timm's Mixup/CutMix, soft targets ``[B, C]`` (refused by the methods that
+need a hard label). Training loops written for timm's tasks drive these unchanged:
+``prepare_distributed`` wraps only the trainable module in DDP, ``setup_ema``/``update_ema`` keep
+an EMA of it, ``get_eval_model`` is the student and ``get_checkpoint_state`` saves the student's
+weights under timm's ``state_dict`` key (the method's extra modules under ``task_state``).
+"""
 
 import torch
-import torch.nn.functional as F
+from timm.task import TrainingTask
+from timm.task.classification import resolve_classification_loss
+from timm.task.distillation import DistillationTeacher
+from timm.utils import unwrap_model
 from torch import nn
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's fallback for a model without a pretrained_cfg
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-class Distiller(nn.Module):
-    """Training-time wrapper around a student (and a frozen teacher).
 
-    In training mode ``forward(images, target, **context)`` returns
-    ``(student_logits, {loss_name: loss})``; the loss to minimise is the sum of the values. In
-    eval mode it returns the student's logits alone. ``distiller.student`` is what is saved for
-    inference; ``extra_parameters()`` are the distiller's own trainable modules (projectors,
-    mappers), for the optimiser. The teacher stays in eval mode with no gradients.
+def normalisation(model):
+    """``(mean, std)`` a timm model expects its input normalised with (its pretrained_cfg)."""
+    config = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
+    return tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+
+
+class Distiller(TrainingTask):
+    """A student (``trainable_module``) trained with ``options_class``'s method against a frozen
+    teacher.
+
+    - ``teacher``: timm's ``DistillationTeacher`` (eval mode, no gradients, never in DDP). Its
+      input is the student's, converted from the student's normalisation (``student_mean``,
+      ``student_std``: what the data pipeline normalises with; default the student's own
+      pretrained_cfg) to the teacher's (its pretrained_cfg): x_t = (x_s std_s + mean_s - mean_t)
+      / std_t, decided once here so that a step costs no comparison.
+    - ``options``: the method's options dataclass; keyword ``overrides`` replace its fields.
+    - ``label_smoothing`` applies to the CE term on hard labels (soft targets carry their own).
     """
 
-    def __init__(self, student, teacher=None, label_smoothing=0.0):
-        super().__init__()
-        self.student = student
-        self.teacher = teacher
+    options_class = None  # the method's options dataclass (fastkd.options); None: no options
+    needs_hard_labels = False  # True: a loss term indexes the true class (no mixup/cutmix)
+
+    def __init__(self, student, teacher=None, options=None, *, label_smoothing=0.0,
+                 student_mean=None, student_std=None, backend="auto", **overrides):
+        super().__init__(verbose=False)
+        if self.options_class is None:
+            if options is not None or overrides:
+                raise TypeError(f"{type(self).__name__} takes no method options, got "
+                                f"{sorted(overrides) or options}")
+            self.options = None
+        else:
+            self.options = (options or self.options_class()).replace(**overrides)
+        check_class_counts(student, teacher)
+        self.trainable_module = student
+        self.backend = backend
+        self.hard_label_loss = resolve_classification_loss(
+            None, self.device, criterion_kwargs=dict(smoothing=label_smoothing))
+        self.soft_target_loss = resolve_classification_loss(
+            None, self.device, criterion_kwargs=dict(soft_targets=True))
         self.label_smoothing = label_smoothing
+        self.teacher = None
         if teacher is not None:
             teacher.requires_grad_(False)
-            teacher.eval()
+            self.teacher = DistillationTeacher(teacher)
+            default_mean, default_std = normalisation(student)
+            self._set_teacher_conversion(student_mean or default_mean, student_std or default_std,
+                                         *normalisation(teacher))
+
+    def _set_teacher_conversion(self, student_mean, student_std, teacher_mean, teacher_std):
+        """x_t = x_s * scale + shift, or None when the two normalisations agree."""
+        if (tuple(student_mean), tuple(student_std)) == (tuple(teacher_mean), tuple(teacher_std)):
+            self.teacher_input_scale = self.teacher_input_shift = None
+            return
+
+        def column(values):
+            return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+        scale = column(student_std) / column(teacher_std)
+        shift = (column(student_mean) - column(teacher_mean)) / column(teacher_std)
+        self.register_buffer("teacher_input_scale", scale, persistent=False)
+        self.register_buffer("teacher_input_shift", shift, persistent=False)
+
+    # -- the parts a subclass uses ----------------------------------------------------------------
+    @property
+    def student(self):
+        """The student model itself (not the DDP or compiled wrapper)."""
+        return unwrap_model(self.trainable_module)
 
     def train(self, mode=True):
         super().train(mode)
@@ -30,28 +95,60 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
-    def extra_parameters(self):
-        """Trainable parameters that belong to neither the student nor the teacher."""
-        return [parameter for name, child in self.named_children()
-                if name not in ("student", "teacher") for parameter in child.parameters()]
-
-    def cross_entropy(self, student_logits, target):
-        return F.cross_entropy(student_logits.float(), target,
-                               label_smoothing=self.label_smoothing)
+    def teacher_input(self, images):
+        if self.teacher_input_scale is None:
+            return images
+        return images * self.teacher_input_scale.to(images.dtype) + (
+            self.teacher_input_shift.to(images.dtype))
 
     def teacher_logits(self, images):
         with torch.no_grad():
-            return self.teacher(images)
+            return self.teacher(self.teacher_input(images))
 
-    def forward(self, images, target=None, **context):
-        if not self.training:
-            return self.student(images)
+    def cross_entropy(self, student_logits, target):
+        """CE on class indices (label-smoothed) or on soft targets [B, C] (mixup/cutmix)."""
+        if target.is_floating_point():
+            return self.soft_target_loss(student_logits.float(), target)
+        return self.hard_label_loss(student_logits.float(), target)
+
+    def check_target(self, target):
         if target is None:
-            raise ValueError("target must be given in training mode (the labels of the batch)")
-        return self.forward_train(images, target, **context)
+            raise ValueError("target must be given: class indices [B] or soft targets [B, C]")
+        if self.needs_hard_labels and target.is_floating_point():
+            raise ValueError(
+                f"{type(self).__name__} needs class indices [B] as target (a loss term indexes "
+                "the true class), got soft targets: train it without mixup/cutmix")
 
-    def forward_train(self, images, target, **context):
+    def forward(self, input, target, epoch=None):
+        """``{"loss", "output", <detached parts>}``; ``epoch`` (fractional) is for methods with
+        a warm-up of their loss (DKD)."""
+        self.check_target(target)
+        return self.compute(input, target, epoch)
+
+    def compute(self, images, target, epoch):
         raise NotImplementedError
+
+    @staticmethod
+    def result(output, **terms):
+        """The task's dict: ``loss`` = the sum of ``terms``, which are also returned detached."""
+        return {"loss": sum(terms.values()), "output": output,
+                **{name: value.detach() for name, value in terms.items()}}
+
+    # -- timm task protocol -----------------------------------------------------------------------
+    def prepare_distributed(self, device_ids=None, **ddp_kwargs):
+        """DDP around the trainable module only: the frozen teacher has nothing to reduce."""
+        self.trainable_module = nn.parallel.DistributedDataParallel(
+            self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend="inductor", mode=None, **compile_kwargs):
+        """torch.compile the trainable module and the teacher (before ``prepare_distributed``,
+        as timm orders it). Returns the compiled trainable module."""
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode,
+                                              **compile_kwargs)
+        if self.teacher is not None:
+            self.teacher.compile(backend=backend, mode=mode, **compile_kwargs)
+        return self.trainable_module
 
 
 def check_class_counts(student, teacher, num_classes=None):

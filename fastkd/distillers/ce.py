@@ -1,12 +1,12 @@
-"""No teacher: plain (label-smoothed) cross-entropy, for training teachers and baselines."""
+"""No teacher: plain (label-smoothed or soft-target) cross-entropy, for teachers and baselines."""
 
 from .base import Distiller
 
 
 class CE(Distiller):
-    def __init__(self, student, teacher=None, label_smoothing=0.0):
-        super().__init__(student, None, label_smoothing)
+    def __init__(self, student, teacher=None, options=None, **settings):
+        super().__init__(student, None, options, **settings)
 
-    def forward_train(self, images, target, **context):
-        student_logits = self.student(images)
-        return student_logits, {"ce": self.cross_entropy(student_logits, target)}
+    def compute(self, images, target, epoch):
+        student_logits = self.trainable_module(images)
+        return self.result(student_logits, ce=self.cross_entropy(student_logits, target))

@@ -1,26 +1,24 @@
 """Decoupled KD: CE + warm-up factor * (alpha TCKD + beta NCKD)."""
 
 from ..functional import dkd_loss
-from .base import Distiller, check_class_counts
+from ..options import DKDOptions
+from .base import Distiller
 
 
 class DKD(Distiller):
-    """``forward(images, target, epoch=e)`` scales the DKD term by min(e / warmup_epochs, 1), as
-    the authors' code does (20 warm-up epochs on CIFAR-100); without ``epoch`` the factor is 1."""
+    """``task(images, target, epoch=e)`` scales the DKD term by min(e / warmup_epochs, 1), as the
+    authors' code does (20 warm-up epochs on CIFAR-100); without ``epoch`` the factor is 1. TCKD
+    splits off the true class, so the target must be class indices (no mixup/cutmix)."""
 
-    def __init__(self, student, teacher, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20,
-                 label_smoothing=0.0, backend="auto"):
-        check_class_counts(student, teacher)
-        super().__init__(student, teacher, label_smoothing)
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
-        self.warmup_epochs, self.backend = warmup_epochs, backend
+    options_class = DKDOptions
+    needs_hard_labels = True
 
-    def forward_train(self, images, target, epoch=None, **context):
+    def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)
-        student_logits = self.student(images)
-        warmup = 1.0 if epoch is None or not self.warmup_epochs else min(
-            epoch / self.warmup_epochs, 1.0)
-        dkd = dkd_loss(student_logits.float(), teacher_logits.float(), target, alpha=self.alpha,
-                       beta=self.beta, temperature=self.temperature, backend=self.backend)
-        return student_logits, {"ce": self.cross_entropy(student_logits, target),
-                                "kd": warmup * dkd}
+        student_logits = self.trainable_module(images)
+        warmup_epochs = self.options.warmup_epochs
+        warmup = 1.0 if epoch is None or not warmup_epochs else min(epoch / warmup_epochs, 1.0)
+        dkd = dkd_loss(student_logits, teacher_logits, target, **self.options.loss_options(),
+                       backend=self.backend)
+        return self.result(student_logits, ce=self.cross_entropy(student_logits, target),
+                           kd=warmup * dkd)

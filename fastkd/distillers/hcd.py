@@ -2,16 +2,20 @@
 
 Per student stage: projector -> pooled feature p_s [B, D]; CFM(cat(p_s, f_t)) -> shared logits
 S [B, n*C], which ``hcd_logit_loss`` splits, fuses with the teacher and trains. D = max(d_s, d_t)
-with d_s the student's final feature width and d_t the teacher's embedding width.
+with d_s the student's final feature width and d_t the teacher's embedding width. The projectors
+and CFMs start as in the authors' code and OFA-KD, which it builds on (``init_weights``).
 """
 
 import math
 
 import torch
+from timm.layers import trunc_normal_
+from timm.utils import unwrap_model
 from torch import nn
 
 from ..functional import hcd_logit_loss, kd_loss
 from ..models.taps import embedding_width, stage_taps, student_outputs, teacher_outputs
+from ..options import HCDOptions
 from .base import Distiller, check_class_counts
 
 
@@ -67,23 +71,29 @@ def complementary_feature_mapper(in_width, teacher_width, out_width, kind):
     raise ValueError(f"cfm must be 'mlp' or 'linear', got {kind!r}")
 
 
-class HCD(Distiller):
-    """``HCD(student, teacher, num_classes)`` for any pair of timm models.
+def init_weights(module):
+    """OFA-KD's initialisation of the added modules: Linear weights trunc_normal_(std=0.02) with
+    zero bias, conv weights kaiming_normal_(mode="fan_out") with zero bias; norms keep PyTorch's
+    (weight 1, bias 0)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
-    Training forward returns ``(student_logits, {"ce", "kd", "sce", "sdd", "ol"})`` whose sum is
-    CE_eps(zs, y) + w_kd T^2 KL(zt || zs) + sum over stages of (w_gt L_sce + w_sdd L_sdd +
-    w_ol L_ol). The three stage terms come from one fused computation with one gradient: "sdd" and
-    "ol" are detached values for logging and "sce" carries the gradient of all three, so
-    backpropagate the sum, not an entry.
-    """
 
-    def __init__(self, student, teacher, num_classes, stages=(1, 2, 3, 4), num_sub=4, cfm="mlp",
-                 temperature=1.0, kd_weight=1.0, label_smoothing=0.0, theta=0.5, w_gt=1.0,
-                 w_sdd=6.0, w_ol=1.0, lam_s=1.0, lam_t=1.0, detach_target=False, backend="auto"):
-        check_class_counts(student, teacher, num_classes)
-        super().__init__(student, teacher, label_smoothing)
-        self.taps = stage_taps(student, stages)
-        teacher_width = embedding_width(teacher)
+class HCDStudent(nn.Module):
+    """Everything HCD trains, as one module (one DDP unit, one EMA): the student and, per tapped
+    stage, a projector and a CFM. ``forward(images, teacher_embedding)`` returns
+    ``(student_logits, [shared logits S [B, n*C] per stage])``."""
+
+    def __init__(self, student, teacher_width, num_classes, options):
+        super().__init__()
+        self.student = student
+        self.taps = stage_taps(student, options.stages)
         width = max(student.num_features, teacher_width)
         final_reduction = student.feature_info[-1]["reduction"]
         self.projectors = nn.ModuleList(
@@ -93,35 +103,85 @@ class HCD(Distiller):
             for tap in self.taps)
         self.mappers = nn.ModuleList(
             complementary_feature_mapper(width + teacher_width, teacher_width,
-                                         num_sub * num_classes, cfm)
+                                         options.num_sub * num_classes, options.cfm)
             for _ in self.taps)
-        self.temperature, self.kd_weight = temperature, kd_weight
-        self.stage_options = dict(
-            num_sub=num_sub, temperature=temperature, label_smoothing=label_smoothing,
-            theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t,
-            detach_target=detach_target, backend=backend)
-        self.backend = backend
+        self.projectors.apply(init_weights)
+        self.mappers.apply(init_weights)
 
-    def forward_train(self, images, target, **context):
-        with torch.no_grad():
-            teacher_logits, teacher_embedding = teacher_outputs(self.teacher, images)
-        teacher_logits, teacher_embedding = teacher_logits.float(), teacher_embedding.float()
+    def forward(self, images, teacher_embedding):
         student_logits, stage_features = student_outputs(self.student, images, self.taps)
-        logits = student_logits.float()
-        stage_total, parts = 0.0, {"sce": 0.0, "sdd": 0.0, "ol": 0.0}
-        for features, projector, mapper in zip(stage_features, self.projectors, self.mappers):
-            pooled = projector(features).float()
-            shared_logits = mapper(torch.cat([pooled, teacher_embedding], dim=1)).float()
-            loss, stage_parts = hcd_logit_loss(shared_logits, teacher_logits, logits, target,
+        shared_logits = [
+            mapper(torch.cat([projector(features).float(), teacher_embedding.float()], dim=1))
+            for features, projector, mapper in zip(stage_features, self.projectors, self.mappers)]
+        return student_logits, shared_logits
+
+
+class HCD(Distiller):
+    """``HCD(student, teacher)`` for any pair of timm models (``num_classes``, if given, is
+    checked against theirs); options as ``fastkd.options.HCDOptions``.
+
+    The task's loss is CE_eps(zs, y) + kd_weight T^2 KL(zt || zs) + sum over stages of
+    (w_gt L_sce + w_sdd L_sdd + w_ol L_ol); its parts "ce", "kd", "sce", "sdd", "ol" are the
+    weighted terms. L_sce and L_ol index the true class, so the target must be class indices.
+    """
+
+    options_class = HCDOptions
+    needs_hard_labels = True
+
+    def __init__(self, student, teacher, options=None, *, num_classes=None, **settings):
+        check_class_counts(student, teacher, num_classes)
+        super().__init__(student, teacher, options, **settings)
+        self.trainable_module = HCDStudent(student, embedding_width(teacher),
+                                           getattr(student, "num_classes", num_classes),
+                                           self.options)
+        self.stage_options = dict(self.options.loss_options(),
+                                  label_smoothing=self.label_smoothing, backend=self.backend)
+
+    @property
+    def student(self):
+        return self.hcd_student.student
+
+    @property
+    def hcd_student(self):
+        return unwrap_model(self.trainable_module)
+
+    def get_eval_model(self, module=None, ema=False):
+        """The student alone (the projectors and CFMs serve training only)."""
+        if module is None:
+            module = self.get_trainable_module(ema=ema)
+            module = unwrap_model(module) if ema else self.hcd_student
+        return module.student if isinstance(module, HCDStudent) else module
+
+    def get_task_state(self, module=None, ema=False):
+        """The projectors and CFMs, which are not part of the student's state_dict."""
+        trainable = unwrap_model(self.get_trainable_module(ema=ema))
+        return {"projectors": trainable.projectors.state_dict(),
+                "mappers": trainable.mappers.state_dict()}
+
+    def load_task_state(self, state, strict=True, module=None, ema=False):
+        if state:
+            trainable = unwrap_model(self.get_trainable_module(ema=ema))
+            trainable.projectors.load_state_dict(state["projectors"], strict=strict)
+            trainable.mappers.load_state_dict(state["mappers"], strict=strict)
+
+    def compute(self, images, target, epoch):
+        with torch.no_grad():
+            teacher_logits, teacher_embedding = teacher_outputs(self.teacher.model,
+                                                                self.teacher_input(images))
+        student_logits, shared_logits = self.trainable_module(images, teacher_embedding)
+        weights = {"sce": self.options.w_gt, "sdd": self.options.w_sdd, "ol": self.options.w_ol}
+        stage_total, parts = 0.0, dict.fromkeys(weights, 0.0)
+        for shared in shared_logits:
+            loss, stage_parts = hcd_logit_loss(shared, teacher_logits, student_logits, target,
                                                return_parts=True, **self.stage_options)
             stage_total = stage_total + loss
-            for name, weight in (("sce", "w_gt"), ("sdd", "w_sdd"), ("ol", "w_ol")):
-                parts[name] = parts[name] + self.stage_options[weight] * stage_parts[name]
-        kd = kd_loss(logits, teacher_logits, temperature=self.temperature, backend=self.backend)
-        return student_logits, {
-            "ce": self.cross_entropy(student_logits, target),
-            "kd": self.kd_weight * kd,
-            "sce": stage_total - (parts["sdd"] + parts["ol"]),
-            "sdd": parts["sdd"],
-            "ol": parts["ol"],
-        }
+            for name, weight in weights.items():
+                parts[name] = parts[name] + weight * stage_parts[name]
+        kd = kd_loss(student_logits, teacher_logits, temperature=self.options.temperature,
+                     backend=self.backend)
+        # One fused computation gives the three stage terms and one gradient: "sce" carries the
+        # stage total minus the (detached) other two, so the parts still sum to the loss.
+        return self.result(student_logits, ce=self.cross_entropy(student_logits, target),
+                           kd=self.options.kd_weight * kd,
+                           sce=stage_total - (parts["sdd"] + parts["ol"]),
+                           sdd=parts["sdd"], ol=parts["ol"])

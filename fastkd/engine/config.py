@@ -5,79 +5,145 @@ names (dashes or underscores); the command line wins over the file.
 """
 
 import argparse
+import dataclasses
+import math
 import os
 
 import yaml
+from timm.optim import list_optimizers
+from timm.utils import ParseKwargs
 
 from ..data import DATASETS, LOADERS
 from ..distillers import DISTILLERS
+from ..options import METHOD_OPTIONS
 
 # Dataset-specific defaults used when the corresponding option is not given.
 # The demo's learning rate is low for its 8 epochs because LDRLD's loss weights (alpha 10.5,
-# beta 7) make its gradients ~10x KD's; the authors tame that with 20 warm-up epochs.
+# beta 7) make its gradients ~10x KD's; the authors tame that with 20 warm-up epochs. Its one
+# warm-up epoch at half the rate, then x0.1 from epochs 5 and 7 (timm's multistep decays from
+# epoch m - 1, counting from 0).
 DEMO_DEFAULTS = dict(model="resnet20", teacher="wrn_16_2", epochs=8, batch_size=64, lr=0.02,
-                     warmup_epochs=2, decay_epochs=(5, 7), image_size=32)
-CIFAR_DEFAULTS = dict(image_size=32)
-IMAGENET_DEFAULTS = dict(image_size=224)
+                     warmup_epochs=1, warmup_lr=0.01, sched="multistep", decay_milestones=(6, 8),
+                     img_size=32)
+# Everything else: SGD 0.1 for 100 epochs, x0.1 every 30 (timm's step schedule).
+DEFAULTS = dict(epochs=100, batch_size=128, lr=0.1, warmup_epochs=0, warmup_lr=1e-5,
+                sched="step", decay_epochs=30, decay_milestones=(30, 60, 90))
+SCHEDULES = ("step", "multistep", "cosine")
+
+
+def add_method_options(parser):
+    """``--<method>-<field>`` for every field of every method's options dataclass: the flags and
+    their defaults come from ``fastkd.options`` and nowhere else."""
+    for method, options_class in METHOD_OPTIONS.items():
+        group = parser.add_argument_group(f"{method} options (with --distiller {method})")
+        for item in dataclasses.fields(options_class):
+            flag = f"--{method}-{item.name.replace('_', '-')}"
+            settings = dict(default=item.default, dest=f"{method}_{item.name}",
+                            help=f"{item.metadata['help']} (default: {item.default})")
+            if isinstance(item.default, bool):
+                settings["action"] = argparse.BooleanOptionalAction
+            elif isinstance(item.default, tuple):
+                settings.update(nargs="+", type=type(item.default[0]))
+            else:
+                settings.update(type=type(item.default), choices=item.metadata["choices"])
+            group.add_argument(flag, **settings)
+
+
+def method_options(args):
+    """The options dataclass of ``args.distiller`` from its flags (None for ``ce``)."""
+    options_class = METHOD_OPTIONS.get(args.distiller)
+    if options_class is None:
+        return None
+    values = {item.name: getattr(args, f"{args.distiller}_{item.name}")
+              for item in dataclasses.fields(options_class)}
+    return options_class(**{name: tuple(value) if isinstance(value, list) else value
+                            for name, value in values.items()})
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="fastkd-train", description="Knowledge distillation with fastkd (timm models).")
+        prog="fastkd-train", description="Knowledge distillation with fastkd (timm models). "
+        "Options named as in timm's train.py mean what they mean there.")
     parser.add_argument("--config", metavar="FILE", help="YAML file of option defaults")
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="student: any timm model or a CIFAR net (resnet8x4, ...)")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                       metavar="KEY=VALUE", help="keyword arguments for the student's "
+                       "timm.create_model, e.g. img_size=32 patch_size=4")
     group.add_argument("--teacher", help="teacher model name")
-    group.add_argument("--teacher-checkpoint", help="teacher weights (a fastkd best.pth or a "
-                       "state dict)")
+    group.add_argument("--teacher-kwargs", nargs="*", default={}, action=ParseKwargs,
+                       metavar="KEY=VALUE", help="keyword arguments for the teacher's "
+                       "timm.create_model")
+    group.add_argument("--teacher-checkpoint", help="teacher weights: a fastkd best.pth, a timm "
+                       "train.py checkpoint, a (DDP) state dict or a .safetensors file")
     group.add_argument("--teacher-pretrained", action="store_true",
                        help="timm hub weights for the teacher (needs the internet)")
     group.add_argument("--distiller", default="ldrld", choices=tuple(DISTILLERS))
-    group.add_argument("--num-classes", type=int)
+    group.add_argument("--num-classes", type=int, help="default: the dataset's")
+    group.add_argument("--img-size", type=int, help="input image size (default: the model's "
+                       "pretrained_cfg; 32 for the demo)")
+    group.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                       help="input dimensions, overrides --img-size")
     group.add_argument("--channels-last", action="store_true")
-    group.add_argument("--torchcompile", action="store_true", help="torch.compile the student")
+    group.add_argument("--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
+                       help="torch.compile the student and teacher (backend: inductor)")
+    group.add_argument("--model-ema", action="store_true",
+                       help="keep an EMA of the student (and HCD's modules), evaluated and saved")
+    group.add_argument("--model-ema-decay", type=float, default=0.9998)
 
-    group = parser.add_argument_group("data")
+    group = parser.add_argument_group("data and augmentation")
     group.add_argument("--data-dir", help="dataset root (not needed for the demo data)")
     group.add_argument("--dataset", default="demo", choices=DATASETS)
     group.add_argument("--loader", default="auto", choices=LOADERS)
-    group.add_argument("--image-size", type=int)
-    group.add_argument("--workers", type=int, default=2)
+    group.add_argument("-j", "--workers", type=int, default=2,
+                       help="data loading processes (DALI: threads) per training process")
     group.add_argument("--bad-images", default="skip", choices=("skip", "error"),
                        help="image files that do not decode: 'skip' leaves each out (replaced "
                        "by another sample of its split; listed in RUN/bad_images.txt), 'error' "
                        "stops the run naming them")
+    group.add_argument("--aa", metavar="POLICY", help="auto-augment policy, timm's names "
+                       "(rand-m9-mstd0.5-inc1, original, ...); DALI runs those it has")
+    group.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    group.add_argument("--remode", default="pixel", help="random erasing mode")
+    group.add_argument("--recount", type=int, default=1, help="random erasing count")
+    group.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (active if > 0)")
+    group.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (active if > 0)")
+    group.add_argument("--cutmix-minmax", type=float, nargs=2, help="cutmix min/max area ratio "
+                       "(overrides --cutmix)")
+    group.add_argument("--mixup-prob", type=float, default=1.0)
+    group.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+    group.add_argument("--mixup-off-epoch", type=int, default=0,
+                       help="turn mixup/cutmix off from this epoch (0: never)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int)
     group.add_argument("-b", "--batch-size", type=int, help="per process")
     group.add_argument("--lr", type=float)
-    group.add_argument("--opt", default="sgd", choices=("sgd", "adamw"))
+    group.add_argument("--opt", default="sgd", help="any timm optimizer (timm.optim)")
+    group.add_argument("--opt-eps", type=float)
+    group.add_argument("--opt-betas", type=float, nargs="+")
     group.add_argument("--momentum", type=float, default=0.9)
     group.add_argument("--weight-decay", type=float, default=5e-4)
-    group.add_argument("--sched", default="step", choices=("step", "cosine"))
-    group.add_argument("--decay-epochs", type=int, nargs="+", help="step schedule milestones")
+    group.add_argument("--clip-grad", type=float, help="clip gradients at this norm/value")
+    group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
+    group.add_argument("--sched", choices=SCHEDULES)
+    group.add_argument("--decay-epochs", type=float, help="step: epochs between decays")
+    group.add_argument("--decay-milestones", type=int, nargs="+",
+                       help="multistep: epochs at which to decay")
     group.add_argument("--decay-rate", type=float, default=0.1)
     group.add_argument("--warmup-epochs", type=int)
+    group.add_argument("--warmup-lr", type=float, help="learning rate at the warm-up's start")
+    group.add_argument("--warmup-prefix", action="store_true",
+                       help="warm-up epochs are not counted in the decay schedule")
+    group.add_argument("--min-lr", type=float, default=0.0, help="cosine: the final rate")
     group.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
     group.add_argument("--amp", action="store_true", help="mixed precision")
     group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
     group.add_argument("--seed", type=int, default=42)
 
-    group = parser.add_argument_group("distiller options")
-    group.add_argument("--kd-temperature", type=float, default=4.0)
-    group.add_argument("--kd-weight", type=float, default=1.0)
-    group.add_argument("--ldrld-top-d", type=int, default=7)
-    group.add_argument("--ldrld-alpha", type=float, default=10.5)
-    group.add_argument("--ldrld-beta", type=float, default=7.0)
-    group.add_argument("--dkd-alpha", type=float, default=1.0)
-    group.add_argument("--dkd-beta", type=float, default=8.0)
-    group.add_argument("--dkd-warmup-epochs", type=int, default=20)
-    group.add_argument("--hcd-num-sub", type=int, default=4)
-    group.add_argument("--hcd-stages", type=int, nargs="+", default=(1, 2, 3, 4))
-    group.add_argument("--hcd-cfm", default="mlp", choices=("mlp", "linear"))
-    group.add_argument("--hcd-temperature", type=float, default=1.0)
+    add_method_options(parser)
 
     group = parser.add_argument_group("run")
     group.add_argument("--output", default="output", help="runs go to OUTPUT/<run name>/")
@@ -86,7 +152,9 @@ def build_parser():
                        help="continue a run from its last.pth; 'auto': continue "
                        "OUTPUT/EXPERIMENT from its last.pth if it has one, else start it there "
                        "(for torchrun --max-restarts)")
-    group.add_argument("--eval-only", action="store_true")
+    group.add_argument("--eval-only", metavar="CHECKPOINT",
+                       help="evaluate a fastkd checkpoint's student (its EMA too, if saved) on "
+                       "the validation split; model settings come from the checkpoint")
     group.add_argument("--log-interval", type=int, default=50)
     return parser
 
@@ -109,20 +177,42 @@ def _config_defaults(parser, path):
 
 
 def parse_args(argv=None):
-    """Options with the file's values under the command line's, and dataset defaults filled."""
+    """Options with the file's values under the command line's, dataset defaults filled and, with
+    ``--eval-only``, the model settings taken from the checkpoint."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**_config_defaults(parser, known.config))
     args = parser.parse_args(argv)
-    defaults = {"demo": DEMO_DEFAULTS, "cifar100": CIFAR_DEFAULTS}.get(args.dataset,
-                                                                       IMAGENET_DEFAULTS)
-    for key, value in {**dict(epochs=100, batch_size=128, lr=0.1, warmup_epochs=0,
-                              decay_epochs=(30, 60, 90)), **defaults}.items():
+    if args.eval_only:
+        take_checkpoint_settings(parser, args)
+    defaults = {**DEFAULTS, **(DEMO_DEFAULTS if args.dataset == "demo" else {})}
+    for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     check_args(parser, args)
     return args
+
+
+# What --eval-only takes from the checkpoint: how to build the student and what it was trained as.
+CHECKPOINT_SETTINGS = ("model", "model_kwargs", "num_classes", "img_size", "input_size",
+                       "distiller", "teacher")
+
+
+def take_checkpoint_settings(parser, args):
+    from .checkpoint import load  # only --eval-only reads a checkpoint while parsing
+
+    if not os.path.isfile(args.eval_only):
+        parser.error(f"--eval-only {args.eval_only} is not a checkpoint file")
+    saved = load(args.eval_only)
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+        parser.error(f"--eval-only {args.eval_only} is not a fastkd checkpoint (no 'args' "
+                     "entry): evaluate timm checkpoints with timm's validate.py")
+    for name in CHECKPOINT_SETTINGS:
+        setattr(args, name, saved["args"].get(name))
+    for name, value in saved["args"].items():  # the method's options
+        if name.startswith(f"{args.distiller}_"):
+            setattr(args, name, value)
 
 
 def check_args(parser, args):
@@ -137,6 +227,8 @@ def check_args(parser, args):
         parser.error(f"--data-dir {args.data_dir} does not exist")
     if args.resume == "auto" and not args.experiment:
         parser.error("--resume auto needs --experiment NAME (the run folder to continue)")
+    if args.resume and args.eval_only:
+        parser.error("--resume and --eval-only exclude each other")
     if args.experiment and (os.sep in args.experiment or args.experiment in (".", "..")):
         parser.error(f"--experiment must be a folder name (the run goes to OUTPUT/NAME), got "
                      f"{args.experiment!r}")
@@ -146,11 +238,35 @@ def check_args(parser, args):
             problem = "is a folder, not a checkpoint file" if os.path.isdir(path) else (
                 "does not exist")
             parser.error(f"--{option.replace('_', '-')} {path} {problem}")
-    for option in ("epochs", "batch_size"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be positive, got "
-                         f"{getattr(args, option)}")
-    if args.workers < 0:
-        parser.error(f"--workers must be 0 or more, got {args.workers}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
+    positive = ["epochs", "batch_size", "lr", "recount", "decay_rate"]
+    positive += [name for name in ("img_size", "clip_grad", "decay_epochs")
+                 if getattr(args, name) is not None]
+    for name in positive:
+        value = getattr(args, name)
+        if not (value > 0 and math.isfinite(value)):  # also refuses nan
+            parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    for name in ("workers", "warmup_epochs", "min_lr", "warmup_lr", "mixup", "cutmix",
+                 "weight_decay", "momentum", "smoothing", "mixup_off_epoch"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+    for name in ("reprob", "mixup_prob", "mixup_switch_prob", "smoothing"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got "
+                         f"{getattr(args, name)}")
+    if not 0 < args.model_ema_decay < 1:
+        parser.error(f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
+    if args.opt.lower() not in list_optimizers():
+        parser.error(f"--opt {args.opt} is not a timm optimizer; see timm.optim.list_optimizers()")
+    if args.sched == "multistep" and not args.decay_milestones:
+        parser.error("--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
+    if mixes(args) and getattr(DISTILLERS[args.distiller], "needs_hard_labels", False):
+        parser.error(f"--distiller {args.distiller} needs hard labels (a loss term indexes the "
+                     "true class): --mixup/--cutmix give soft targets; drop them")
+    if args.input_size is not None and args.input_size[0] != 3:
+        parser.error(f"--input-size must have 3 channels (RGB), got {args.input_size[0]}")
+
+
+def mixes(args):
+    """Whether timm's Mixup is active: mixup, cutmix or a cutmix area range."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None

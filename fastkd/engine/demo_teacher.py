@@ -20,9 +20,9 @@ def teacher_args(args):
     """The teacher run's options: the demo recipe for ``args.teacher`` at the student's image
     size and classes, in a folder named by those settings, resumed there if interrupted."""
     epochs = DEMO_DEFAULTS["epochs"]
-    name = f"demo-teacher-{args.teacher}-{args.num_classes}cls-{args.image_size}px-{epochs}ep"
+    name = f"demo-teacher-{args.teacher}-{args.num_classes}cls-{args.img_size}px-{epochs}ep"
     settings = parse_args(["--dataset", "demo", "--distiller", "ce", "--model", args.teacher,
-                           "--epochs", str(epochs), "--image-size", str(args.image_size),
+                           "--epochs", str(epochs), "--img-size", str(args.img_size),
                            "--num-classes", str(args.num_classes), "--output", args.output,
                            "--experiment", name, "--resume", "auto", "--seed", str(args.seed),
                            "--workers", str(args.workers), "--loader", args.loader])
@@ -32,7 +32,7 @@ def teacher_args(args):
 
 def _record(settings):
     return {"model": settings.model, "epochs": settings.epochs,
-            "image_size": settings.image_size, "num_classes": settings.num_classes}
+            "img_size": settings.img_size, "num_classes": settings.num_classes}
 
 
 def finished(settings):

@@ -13,6 +13,8 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from ..data.common import CIFAR100_MEAN, CIFAR100_STD, DEFAULT_CROP_RATIO
+
 
 def conv3x3(in_channels, out_channels, stride=1, bias=False):
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
@@ -295,6 +297,10 @@ CIFAR_MODELS = {
 
 # Keyword arguments timm's create_model passes to every entry point.
 TIMM_PLUMBING = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
+# What timm's resolve_data_config and DistillationTeacher read from a model: these nets take
+# 32x32 inputs normalised with CIFAR-100's statistics.
+CIFAR_PRETRAINED_CFG = dict(input_size=(3, 32, 32), mean=CIFAR100_MEAN, std=CIFAR100_STD,
+                            crop_pct=DEFAULT_CROP_RATIO, interpolation="bilinear")
 
 
 def _register(name, build):
@@ -304,7 +310,10 @@ def _register(name, build):
         unknown = set(kwargs) - TIMM_PLUMBING
         if unknown:
             raise ValueError(f"{name} takes no options {sorted(unknown)} (only num_classes)")
-        return build(num_classes)
+        model = build(num_classes)
+        model.pretrained_cfg = dict(CIFAR_PRETRAINED_CFG, architecture=name,
+                                    num_classes=num_classes)
+        return model
 
     entrypoint.__name__ = name
     entrypoint.__doc__ = f"CIFAR-style {name} (32x32 inputs)."

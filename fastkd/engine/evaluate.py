@@ -1,0 +1,42 @@
+"""Accuracy over the validation split, and the closing report."""
+
+import torch
+
+
+def accuracy_counts(logits, target):
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    correct = top5 == target.unsqueeze(1)
+    return [correct[:, 0].sum().item(), correct.any(dim=1).sum().item(), len(target)]
+
+
+def evaluate(model, loader, world, autocast, convert_input=None):
+    """Top-1 and top-5 accuracy (%) over the whole validation set, all ranks together.
+    ``convert_input`` maps the loader's images to the model's normalisation (a teacher's)."""
+    model.eval()
+    counts = [0.0, 0.0, 0.0]
+    with torch.no_grad(), torch.autocast(world.device.type, dtype=autocast[1],
+                                         enabled=autocast[0]):
+        for images, target in loader:
+            if convert_input is not None:
+                images = convert_input(images)
+            counts = [a + b for a, b in zip(counts, accuracy_counts(model(images), target))]
+    top1, top5, total = world.sum(counts)
+    return 100 * top1 / total, 100 * top5 / total
+
+
+def report(args, world, run, rows, seconds):
+    """The closing table: teacher and student accuracy, wall time, throughput."""
+    lines = [f"{'':<10}{'model':<16}{'top-1':>8}{'top-5':>8}"]
+    if run.task.teacher is not None:
+        teacher_top1, teacher_top5 = evaluate(run.task.teacher, run.val_loader, world,
+                                              run.autocast, run.task.teacher_input)
+        lines.append(f"{'teacher':<10}{args.teacher:<16}{teacher_top1:>8.2f}"
+                     f"{teacher_top5:>8.2f}")
+    if rows:
+        last = rows[-1]
+        lines.append(f"{'student':<10}{args.model:<16}{last['eval_top1']:>8.2f}"
+                     f"{last['eval_top5']:>8.2f}")
+        rate = sum(row["img_per_s"] for row in rows) / len(rows)
+        lines.append(f"{args.distiller} run: {seconds:.0f} s wall, {rate:.0f} img/s training "
+                     f"(all ranks), outputs in {run.run_dir}")
+    world.log("\n".join(lines))

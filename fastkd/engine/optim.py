@@ -1,0 +1,51 @@
+"""Optimiser, learning-rate schedule, mixed precision and mixup, from timm's factories with timm
+train.py's flag meanings (``--decay-epochs`` an interval, ``--decay-milestones`` a list,
+``--warmup-lr`` the warm-up's first rate, ``--min-lr`` the cosine floor)."""
+
+import torch
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+
+def create_optimizer(args, trainable_module):
+    """timm's optimiser over the trainable module (biases and norms without weight decay)."""
+    return create_optimizer_v2(trainable_module, **optimizer_kwargs(args))
+
+
+def create_scheduler(args, optimizer):
+    """timm's per-epoch scheduler: ``scheduler.step(epoch)`` sets the rate of ``epoch``."""
+    scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args))
+    return scheduler
+
+
+def create_mixup(args, num_classes):
+    """timm's Mixup/CutMix (soft targets, label smoothing folded in), or None when off."""
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                 cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+                 switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def cpu_has_bf16():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_settings(args, device, log):
+    """(enabled, dtype) for torch.autocast; CPUs without bf16 instructions run fp32."""
+    if not args.amp:
+        return False, None
+    if device.type == "cpu":
+        if not cpu_has_bf16():
+            log("warning: --amp ignored: this CPU has no bf16 instructions, where autocast is "
+                "14-43x slower than fp32; running fp32")
+            return False, None
+        return True, torch.bfloat16
+    return True, getattr(torch, args.amp_dtype)

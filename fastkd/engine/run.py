@@ -1,0 +1,283 @@
+"""A run: the distiller (a timm TrainingTask), its optimiser and schedule, the epoch loop and its
+checkpoints.
+
+Checkpoints are timm-shaped: the student's weights under ``state_dict`` (the EMA student's under
+``state_dict_ema``), so ``timm.models.load_checkpoint(student, "best.pth")`` loads them, and every
+entry is a tensor or a plain value, so ``torch.load(..., weights_only=True)`` reads them. The rest
+(optimiser, scaler, epoch, args, data_config, summary rows, bad images, each rank's random state)
+is what ``--resume`` needs.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import timm
+import torch
+from timm.utils import dispatch_clip_grad, unwrap_model
+
+from ..data.bad_images import logger as data_logger
+from ..distillers import build_distiller
+from . import checkpoint
+from .config import method_options
+from .evaluate import evaluate
+from .optim import autocast_settings, create_mixup, create_optimizer, create_scheduler
+from .run_folder import BEST, LAST, plot_curves, write_bad_images, write_summary
+
+
+def build_task(args, data_config, teacher_checkpoint=None):
+    """The distiller of ``args.distiller`` around fresh timm models, the teacher's weights loaded.
+    The student's input is normalised as ``data_config`` says; a fastkd-trained teacher is fed
+    the normalisation it was trained with (its checkpoint's ``data_config``), any other teacher
+    that of its timm pretrained_cfg."""
+    student = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+    teacher = None
+    if args.distiller != "ce":
+        teacher = timm.create_model(args.teacher, num_classes=args.num_classes,
+                                    pretrained=args.teacher_pretrained, **args.teacher_kwargs)
+        if teacher_checkpoint:
+            checkpoint.load_weights(teacher, teacher_checkpoint, arch=args.teacher)
+            trained_with = checkpoint.data_config_of(teacher_checkpoint)
+            if trained_with:
+                teacher.pretrained_cfg = {**(getattr(teacher, "pretrained_cfg", None) or {}),
+                                          "mean": tuple(trained_with["mean"]),
+                                          "std": tuple(trained_with["std"])}
+    return build_distiller(args.distiller, student, teacher, method_options(args),
+                           label_smoothing=args.smoothing, student_mean=data_config["mean"],
+                           student_std=data_config["std"])
+
+
+class Stop(Exception):
+    """A signal asked the run to stop after saving."""
+
+    def __init__(self, number):
+        super().__init__(number)
+        self.number = number
+
+
+class Run:
+    """A distiller under training. ``run_dir`` is set by ``open_run`` once the run is known to
+    start."""
+
+    def __init__(self, args, world, loaders, data_config, teacher_checkpoint=None):
+        self.args, self.world, self.data_config, self.run_dir = args, world, data_config, None
+        self.train_loader, self.val_loader = loaders
+        self.task = build_task(args, data_config, teacher_checkpoint).to(world.device)
+        if args.channels_last:
+            self.task.to(memory_format=torch.channels_last)
+        # timm's order: optimiser and EMA over the plain module, then compile, then DDP.
+        self.optimizer = create_optimizer(args, self.task.get_trainable_module())
+        self.scheduler = create_scheduler(args, self.optimizer)
+        if args.model_ema:
+            self.task.setup_ema(decay=args.model_ema_decay)
+        if args.torchcompile:
+            self.task.compile(backend=args.torchcompile)
+        if world.world_size > 1:
+            self.task.prepare_distributed(
+                device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+        self.mixup = create_mixup(args, args.num_classes)
+        self.autocast = autocast_settings(args, world.device, world.log)
+        self.scaler = torch.amp.GradScaler(
+            enabled=self.autocast[0] and self.autocast[1] == torch.float16)
+        self.start_epoch, self.best_top1, self.stop_signal, self.updates = 0, -1.0, 0, 0
+        self.rows = []  # summary.csv's rows, one per finished epoch
+        self.bad_images = {}  # {path: reason}: image files skipped so far, found by any rank
+
+    def eval_models(self):
+        """``{"": student, "ema_": EMA student}`` (the EMA only with --model-ema), unwrapped from
+        DDP, whose forward would take part in collectives."""
+        models = {"": self.task.get_eval_model()}
+        if self.task.has_ema():
+            models["ema_"] = self.task.get_eval_model(ema=True)
+        return {prefix: model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                else model for prefix, model in models.items()}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state(self, epoch, rng):
+        state = {"arch": self.args.model, **self.task.get_checkpoint_state()}
+        if self.task.has_ema():
+            state.update(self.task.get_checkpoint_state(ema=True))
+        return {**state, "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "updates": self.updates,
+                "best_top1": self.best_top1, "args": vars(self.args),
+                "data_config": self.data_config, "summary": self.rows,
+                "bad_images": self.bad_images, "rng": rng}
+
+    def resume(self, state, path):
+        """Continue from ``state``, the checkpoint at ``path`` (already checked against this
+        run's settings)."""
+        self.task.load_checkpoint_state(state["state_dict"], state.get("task_state"))
+        if self.task.has_ema():
+            if "state_dict_ema" in state:
+                self.task.load_checkpoint_state(state["state_dict_ema"],
+                                                state.get("task_state_ema"), ema=True)
+            else:
+                self.world.log(f"warning: {path} has no EMA weights: the EMA restarts from the "
+                               "student's")
+                self.task.get_trainable_module(ema=True).set(
+                    unwrap_model(self.task.get_trainable_module()))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.best_top1 = state["epoch"], state["best_top1"]
+        self.updates = state["updates"]
+        # The checkpoint's rows, not summary.csv: a crash between the two writes at an epoch's
+        # end would otherwise repeat or lose that epoch's row.
+        self.rows, self.bad_images = state["summary"], state["bad_images"]
+        if len(state["rng"]) == self.world.world_size:  # each rank's own stream of augmentations
+            checkpoint.set_rng_state(state["rng"][self.world.rank])
+        else:
+            self.world.log(f"warning: {path} was saved by {len(state['rng'])} processes and "
+                           f"this run has {self.world.world_size}: random augmentations continue "
+                           "from this run's seeds, not from where they were")
+        self.world.log(f"resumed {path} at epoch {self.start_epoch}")
+
+    def save(self, epoch, top1=None):
+        """last.pth (resumes at ``epoch``), and best.pth when ``top1`` is a new best. Every rank
+        calls it: the checkpoint holds each rank's random generators."""
+        rng = self.world.gather(checkpoint.rng_state())
+        if not self.world.main:
+            return
+        state = self.state(epoch, rng)
+        checkpoint.save_atomic(state, os.path.join(self.run_dir, LAST))
+        if top1 is not None and top1 >= self.best_top1:
+            checkpoint.save_atomic(state, os.path.join(self.run_dir, BEST))
+
+    def saved_checkpoint(self):
+        """Where a stopped run can resume from, in words."""
+        path = os.path.join(self.run_dir, LAST)
+        if os.path.isfile(path):
+            return f"the last good checkpoint is {path} (resumes at epoch {len(self.rows)})"
+        return "no checkpoint was saved before it"
+
+    def share_bad_images(self):
+        """Every rank learns the image files any rank found bad, and skips them from now on;
+        rank 0 logs those found elsewhere (other ranks' data warnings are off) and lists them
+        all in bad_images.txt. Returns how many there are."""
+        loaders = (self.train_loader, self.val_loader)
+        own = {path: reason for loader in loaders for path, reason in loader.bad_images.items()}
+        for found in self.world.gather(own):
+            self.bad_images.update(found)
+        for loader in loaders:
+            loader.exclude(self.bad_images)
+        if self.world.main and self.bad_images:
+            for path in sorted(self.bad_images.keys() - own.keys()):
+                data_logger.warning("skipping bad image %s: %s", path, self.bad_images[path])
+            write_bad_images(self.run_dir, self.bad_images)
+        return len(self.bad_images)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def _on_signal(self, number, frame):
+        self.stop_signal = number
+
+    def step(self, images, target, progress):
+        """One optimiser step; returns the task's dict."""
+        if self.mixup is not None and progress < (self.args.mixup_off_epoch or float("inf")):
+            even = len(target) - len(target) % 2  # timm's Mixup pairs samples: an odd last
+            images, target = self.mixup(images[:even], target[:even])  # one sits out
+        with torch.autocast(self.world.device.type, dtype=self.autocast[1],
+                            enabled=self.autocast[0]):
+            result = self.task(images, target, epoch=progress)
+        return result
+
+    def backward(self, loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.args.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            dispatch_clip_grad(self.task.get_clip_parameters(), self.args.clip_grad,
+                               mode=self.args.clip_mode)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.updates += 1
+        self.task.update_ema(step=self.updates)
+
+    def train_epoch(self, epoch):
+        args, world = self.args, self.world
+        self.train_loader.set_epoch(epoch)
+        self.task.train()
+        totals, seen, started = {}, 0, time.perf_counter()
+        # Shards differ by at most one sample, which can give one rank one more (partial) batch:
+        # every rank takes the same number of steps, or DDP would wait for the missing one.
+        steps = int(world.min([len(self.train_loader)])[0])
+        show = world.main and sys.stderr.isatty()
+        for step, (images, target) in zip(range(steps), self.train_loader):
+            result = self.step(images, target, epoch + step / steps)
+            loss = result["loss"]
+            parts = {name: value for name, value in result.items() if name != "output"}
+            # One small all-reduce lets every rank agree to stop together (a NaN or a signal on
+            # one rank would otherwise leave the others waiting in the next collective).
+            non_finite, stop_signal = world.max([float(not torch.isfinite(loss).item()),
+                                                 float(self.stop_signal)])
+            if non_finite:
+                values = {name: value.detach().item() for name, value in parts.items()}
+                raise SystemExit(f"error: non-finite loss at epoch {epoch} step {step} "
+                                 f"({values}); {self.saved_checkpoint()}")
+            self.backward(loss)
+            batch = len(result["output"])
+            for name, value in parts.items():
+                totals[name] = totals.get(name, 0.0) + value.detach() * batch
+            seen += batch
+            if show or (world.main and (step + 1) % args.log_interval == 0):
+                rate = seen * world.world_size / (time.perf_counter() - started)
+                end = "\r" if show else "\n"
+                print(f"epoch {epoch} [{step + 1}/{steps}] loss {loss.detach().item():.4f} "
+                      f"{rate:.0f} img/s", end=end, file=sys.stderr, flush=True)
+            if stop_signal:
+                raise Stop(int(stop_signal))
+        if show:
+            print(file=sys.stderr)
+        names = sorted(totals)
+        sums = world.sum([float(totals[name]) for name in names] + [seen])
+        elapsed = time.perf_counter() - started
+        return ({name: value / sums[-1] for name, value in zip(names, sums)},
+                sums[-1] / elapsed, elapsed)
+
+    def fit(self):
+        """Train to ``args.epochs``; returns summary.csv's rows. SIGTERM and SIGINT stop it at the
+        next step, saved (their handlers are this run's until it returns)."""
+        handlers = {number: signal.signal(number, self._on_signal)
+                    for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._fit()
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+
+    def _fit(self):
+        args, world = self.args, self.world
+        self.share_bad_images()  # those found before the first step
+        for epoch in range(self.start_epoch, args.epochs):
+            self.scheduler.step(epoch)
+            lr = self.optimizer.param_groups[0]["lr"]
+            try:
+                train_metrics, images_per_second, elapsed = self.train_epoch(epoch)
+            except Stop as stop:
+                self.save(epoch)
+                world.log(f"{signal.Signals(stop.number).name}: saved "
+                          f"{os.path.join(self.run_dir, LAST)} (resumes at epoch {epoch}); "
+                          "exiting")
+                world.barrier()  # every rank exits once rank 0 has saved
+                # What a shell reports for a process killed by the signal: a scheduler must
+                # not mistake a stopped job for a finished one.
+                raise SystemExit(128 + stop.number)
+            accuracy = {}
+            for prefix, model in self.eval_models().items():
+                top1, top5 = evaluate(model, self.val_loader, world, self.autocast)
+                accuracy.update({f"eval_{prefix}top1": top1, f"eval_{prefix}top5": top5})
+            # With an EMA its accuracy picks best.pth, as in timm.
+            top1 = accuracy["eval_ema_top1" if self.task.has_ema() else "eval_top1"]
+            self.rows.append({
+                "epoch": epoch, "lr": lr,
+                **{f"train_{name}": value for name, value in train_metrics.items()},
+                **accuracy, "img_per_s": images_per_second, "epoch_time": elapsed,
+                "bad_images": self.share_bad_images()})
+            self.best_top1 = max(self.best_top1, top1)
+            self.save(epoch + 1, top1)
+            if world.main:
+                write_summary(self.run_dir, self.rows)
+                plot_curves(self.run_dir, self.rows)
+            world.log(f"epoch {epoch}: loss {train_metrics['loss']:.4f} top-1 "
+                      f"{accuracy['eval_top1']:.2f} top-5 {accuracy['eval_top5']:.2f} "
+                      f"({images_per_second:.0f} img/s)")
+        return self.rows

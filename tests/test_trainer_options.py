@@ -1,0 +1,146 @@
+"""The trainer's flags mean what timm train.py's mean: schedules against timm's own scheduler,
+the presets' schedules against their recipes, flags generated from the options dataclasses, and
+mistakes refused while parsing."""
+
+import dataclasses
+import glob
+import math
+import os
+
+import pytest
+import torch
+from timm.scheduler import create_scheduler_v2
+
+from fastkd.engine.config import method_options, parse_args
+from fastkd.engine.optim import create_optimizer, create_scheduler
+from fastkd.options import METHOD_OPTIONS
+
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "train", "configs")
+
+
+def rates(args):
+    """The learning rate of each epoch of ``args``'s schedule, as the trainer sets it."""
+    optimizer = create_optimizer(args, torch.nn.Linear(2, 2))
+    scheduler = create_scheduler(args, optimizer)
+    per_epoch = []
+    for epoch in range(args.epochs):
+        scheduler.step(epoch)
+        per_epoch.append(optimizer.param_groups[0]["lr"])
+    return per_epoch
+
+
+def test_step_schedule_equals_timms_on_the_same_flags():
+    """``--sched step --decay-epochs 1 --decay-rate 0.5``: decay_epochs is timm's interval."""
+    args = parse_args(["--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5",
+                       "--epochs", "5", "--lr", "0.4", "--warmup-epochs", "0"])
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.4)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=5, decay_epochs=1,
+                                       decay_rate=0.5, warmup_epochs=0)
+    expected = []
+    for epoch in range(5):
+        scheduler.step(epoch)
+        expected.append(optimizer.param_groups[0]["lr"])
+    assert rates(args) == pytest.approx(expected)
+    assert expected == pytest.approx([0.4, 0.2, 0.1, 0.05, 0.025])
+
+
+def test_warmup_and_cosine_floor_are_timms():
+    args = parse_args(["--sched", "cosine", "--epochs", "10", "--lr", "0.1", "--warmup-epochs",
+                       "2", "--warmup-lr", "0.01", "--min-lr", "0.001"])
+    lr = rates(args)
+    assert lr[0] == pytest.approx(0.01)  # the warm-up starts at --warmup-lr
+    assert lr[1] == pytest.approx(0.01 + (0.1 - 0.01) / 2)
+    assert min(lr[2:]) > 0.001 and lr[-1] < 0.005  # cosine towards --min-lr
+
+
+def preset(name, tmp_path):
+    return parse_args(["--config", os.path.join(CONFIGS, name), "--data-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("name", ["cifar100_resnet32x4_resnet8x4_ldrld.yaml",
+                                  "cifar100_resnet32x4_resnet8x4_kd.yaml",
+                                  "cifar100_resnet32x4_resnet8x4_dkd.yaml"])
+def test_cifar_presets_state_their_recipe(name, tmp_path):
+    """lr 0.05, x0.1 at epochs 150/180/210, 240 epochs, a linear 20-epoch warm-up."""
+    lr = rates(preset(name, tmp_path))
+    assert len(lr) == 240
+    for first, last, rate in ((20, 150, 0.05), (150, 180, 0.005), (180, 210, 5e-4),
+                              (210, 240, 5e-5)):
+        assert lr[first:last] == pytest.approx([rate] * (last - first)), (first, rate)
+    steps = [b - a for a, b in zip(lr[:20], lr[1:21])]
+    assert steps == pytest.approx([steps[0]] * 20)  # linear, reaching 0.05 at epoch 20
+
+
+def test_hcd_cifar_preset_states_its_recipe(tmp_path):
+    """Cosine from 0.05 to 1e-3 over the 300 epochs, the first 3 a warm-up (OFA-KD's recipe)."""
+    args = preset("cifar100_swint_resnet18_hcd.yaml", tmp_path)
+    lr = rates(args)
+    assert len(lr) == 300 and lr[0] < lr[1] < lr[2] < lr[3]
+    for epoch in (3, 100, 200, 299):
+        expected = 1e-3 + 0.5 * (0.05 - 1e-3) * (1 + math.cos(math.pi * epoch / 300))
+        assert lr[epoch] == pytest.approx(expected)
+    assert lr[299] == pytest.approx(1e-3, rel=1e-2)
+    assert (args.smoothing, args.weight_decay, args.img_size) == (0.1, 0.002, 224)
+
+
+def test_imagenet_presets_state_their_recipes(tmp_path):
+    lr = rates(preset("imagenet_resnet34_resnet18_ldrld.yaml", tmp_path))
+    assert lr == pytest.approx([0.2] * 30 + [0.02] * 30 + [0.002] * 30 + [2e-4] * 10)
+    lr = rates(preset("imagenet_deit_tiny_resnet18_hcd.yaml", tmp_path))
+    assert lr[0] < lr[4] < lr[5] == pytest.approx(0.1 * (1 + math.cos(math.pi * 5 / 100)))
+    assert all(a > b for a, b in zip(lr[5:], lr[6:]))
+
+
+def test_every_preset_parses(tmp_path):
+    names = sorted(os.path.basename(path) for path in glob.glob(os.path.join(CONFIGS, "*.yaml")))
+    assert len(names) == 6
+    for name in names:
+        args = preset(name, tmp_path)
+        assert method_options(args) == (METHOD_OPTIONS[args.distiller]()
+                                        .replace(**dataclasses.asdict(method_options(args))))
+
+
+def test_method_flags_come_from_the_options_dataclasses():
+    args = parse_args([])
+    for method, options_class in METHOD_OPTIONS.items():
+        for item in dataclasses.fields(options_class):
+            assert getattr(args, f"{method}_{item.name}") == item.default, (method, item.name)
+    args = parse_args(["--distiller", "hcd", "--hcd-stages", "2", "3", "--hcd-w-sdd", "3",
+                       "--hcd-detach-target", "--hcd-cfm", "linear"])
+    assert method_options(args) == METHOD_OPTIONS["hcd"](stages=(2, 3), w_sdd=3.0,
+                                                         detach_target=True, cfm="linear")
+    assert method_options(parse_args(["--distiller", "ce"])) is None
+
+
+def test_timm_flags_parse_as_in_timm():
+    args = parse_args(["-j", "3", "--model-kwargs", "img_size=32", "patch_size=4", "name=x",
+                       "--input-size", "3", "48", "48", "--torchcompile", "--model-ema",
+                       "--clip-grad", "1.5", "--mixup", "0.2", "--cutmix", "1.0", "--aa",
+                       "rand-m9-mstd0.5", "--reprob", "0.25", "--min-lr", "1e-5",
+                       "--warmup-lr", "1e-4", "--distiller", "kd", "--opt", "adamw"])
+    assert args.workers == 3
+    assert args.model_kwargs == {"img_size": 32, "patch_size": 4, "name": "x"}
+    assert args.input_size == [3, 48, 48] and args.torchcompile == "inductor"
+    assert args.model_ema and args.model_ema_decay == 0.9998 and args.clip_grad == 1.5
+    assert (args.mixup, args.cutmix, args.aa, args.reprob) == (0.2, 1.0, "rand-m9-mstd0.5", 0.25)
+    assert parse_args(["--torchcompile", "eager"]).torchcompile == "eager"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--distiller", "dkd", "--mixup", "0.2"], "--distiller dkd needs hard labels"),
+    (["--distiller", "hcd", "--cutmix", "1.0"], "--distiller hcd needs hard labels"),
+    (["--opt", "sgdd"], "--opt sgdd is not a timm optimizer"),
+    (["--sched", "multistep", "--decay-milestones"], "expected at least one argument"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--decay-epochs", "0"], "--decay-epochs must be a positive number"),
+    (["--reprob", "1.5"], "--reprob must be in [0, 1]"),
+    (["--model-ema-decay", "1"], "--model-ema-decay must be in (0, 1)"),
+    (["--input-size", "1", "32", "32"], "--input-size must have 3 channels"),
+    (["--ldrld-top-d", "seven"], "argument --ldrld-top-d: invalid int value"),
+    (["--hcd-cfm", "conv"], "argument --hcd-cfm: invalid choice"),
+])
+def test_mistakes_are_refused_while_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    error = capsys.readouterr().err
+    assert message in error, error
