@@ -87,8 +87,8 @@ class HCDOptions(MethodOptions):
     lam_s: float = option(1.0, "fusion weight of the shared sub-logits")
     lam_t: float = option(1.0, "fusion weight of the teacher's logits")
     detach_target: bool = option(False, "stop the L_sdd gradient on the fused (target) side")
-    stages: tuple = option((1, 2, 3, 4), "student stages (1-based) to tap",
-                           distiller_only=True)
+    stages: tuple = option((), "student stages (1-based) to tap; none given: all of them (4 for a "
+                           "pyramid or a ViT, 3 for the CIFAR ResNets)", distiller_only=True)
     cfm: str = option("mlp", "complementary feature mapper", distiller_only=True,
                       choices=("mlp", "linear"))
     kd_weight: float = option(1.0, "weight of the KD term on the student's logits",

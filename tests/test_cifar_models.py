@@ -58,8 +58,9 @@ def test_stage_taps_and_hcd_with_cifar_students():
     teacher = timm.create_model("resnet32x4", num_classes=100)
     student = timm.create_model("resnet8x4", num_classes=100)
     with pytest.raises(ValueError, match=r"subset of \(1, 2, 3\) for CifarNet, got \(1, 2, 3, 4\)"):
-        HCD(student, teacher)
-    distiller = HCD(student, teacher, num_classes=100, stages=(1, 2, 3)).train()
+        HCD(student, teacher, stages=(1, 2, 3, 4))
+    distiller = HCD(student, teacher, num_classes=100).train()  # all three stages
+    assert [tap.stage for tap in distiller.get_trainable_module().taps] == [1, 2, 3]
     result = distiller(torch.randn(2, 3, 32, 32), torch.tensor([3, 99]))
     result["loss"].backward()
     assert result["output"].shape == (2, 100)

@@ -12,6 +12,7 @@ import argparse
 import os
 import pickle
 import random
+import zipfile
 
 import numpy as np
 import timm.models
@@ -59,7 +60,9 @@ def _reason(path, error):
     objects = _pickled_objects(path)
     if objects:
         return "it holds Python objects, not only tensors and plain values: " + ", ".join(objects)
-    if any(isinstance(cause, pickle.UnpicklingError) for cause in (error, error.__cause__)):
+    if (any(isinstance(cause, pickle.UnpicklingError) for cause in (error, error.__cause__))
+            or not (zipfile.is_zipfile(path) or str(path).endswith(".safetensors"))):
+        # torch.save writes zip files; other bytes fail anywhere in unpickling (KeyError: 101)
         return "not a file that torch.save or safetensors wrote, or a damaged one"
     message = str(error).strip().splitlines()
     return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__

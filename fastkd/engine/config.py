@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 
+import timm
 import yaml
 from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
@@ -31,6 +32,16 @@ DEFAULTS = dict(epochs=100, batch_size=128, lr=0.1, warmup_epochs=0, warmup_lr=1
 SCHEDULES = ("step", "multistep", "cosine")
 
 
+class KeyValues(ParseKwargs):
+    """timm's ``key=value`` parsing, with a usage error rather than a traceback for a bare key."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for value in values:
+            if value and "=" not in value:
+                parser.error(f"{option_string} takes KEY=VALUE pairs, got {value!r}")
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_method_options(parser):
     """``--<method>-<field>`` for every field of every method's options dataclass: the flags and
     their defaults come from ``fastkd.options`` and nowhere else."""
@@ -42,8 +53,8 @@ def add_method_options(parser):
                             help=f"{item.metadata['help']} (default: {item.default})")
             if isinstance(item.default, bool):
                 settings["action"] = argparse.BooleanOptionalAction
-            elif isinstance(item.default, tuple):
-                settings.update(nargs="+", type=type(item.default[0]))
+            elif isinstance(item.default, tuple):  # stage numbers
+                settings.update(nargs="+", type=int)
             else:
                 settings.update(type=type(item.default), choices=item.metadata["choices"])
             group.add_argument(flag, **settings)
@@ -68,11 +79,11 @@ def build_parser():
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="student: any timm model or a CIFAR net (resnet8x4, ...)")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=KeyValues,
                        metavar="KEY=VALUE", help="keyword arguments for the student's "
                        "timm.create_model, e.g. img_size=32 patch_size=4")
     group.add_argument("--teacher", help="teacher model name")
-    group.add_argument("--teacher-kwargs", nargs="*", default={}, action=ParseKwargs,
+    group.add_argument("--teacher-kwargs", nargs="*", default={}, action=KeyValues,
                        metavar="KEY=VALUE", help="keyword arguments for the teacher's "
                        "timm.create_model")
     group.add_argument("--teacher-checkpoint", help="teacher weights: a fastkd best.pth, a timm "
@@ -166,14 +177,29 @@ def _config_defaults(parser, path):
         values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
         raise SystemExit(f"error: --config {path} must hold a mapping of option: value")
-    known = {action.dest for action in parser._actions}
+    actions = {action.dest: action for action in parser._actions}
     defaults = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
-        if dest not in known or dest == "config":
+        if dest not in actions or dest == "config":
             raise SystemExit(f"error: --config {path}: unknown option {key!r}")
-        defaults[dest] = value
+        defaults[dest] = _config_value(actions[dest], value, f"--config {path}: {key}")
     return defaults
+
+
+def _config_value(action, value, where):
+    """``value`` from a config file, checked and converted as the command line would be."""
+    takes_list = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0)
+    if isinstance(value, list) != takes_list and not isinstance(action, ParseKwargs):
+        expected = "a list" if takes_list else "one value"
+        raise SystemExit(f"error: {where} takes {expected}, got {value!r}")
+    convert = action.type
+    if convert is None or value is None or isinstance(action, ParseKwargs):
+        return value
+    try:
+        return [convert(item) for item in value] if takes_list else convert(value)
+    except (TypeError, ValueError):
+        raise SystemExit(f"error: {where}: invalid {convert.__name__} value {value!r}") from None
 
 
 def parse_args(argv=None):
@@ -221,6 +247,10 @@ def check_args(parser, args):
         parser.error("--model is required for this dataset")
     if args.distiller != "ce" and not args.teacher:
         parser.error(f"--distiller {args.distiller} needs --teacher")
+    for option in ("model", "teacher") if args.distiller != "ce" else ("model",):
+        if not timm.is_model(getattr(args, option)):
+            parser.error(f"--{option} {getattr(args, option)} is not a timm model (nor a "
+                         "fastkd CIFAR net); timm.list_models() lists them")
     if args.dataset != "demo" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir")
     if args.data_dir and not os.path.isdir(args.data_dir):
@@ -263,8 +293,10 @@ def check_args(parser, args):
     if mixes(args) and getattr(DISTILLERS[args.distiller], "needs_hard_labels", False):
         parser.error(f"--distiller {args.distiller} needs hard labels (a loss term indexes the "
                      "true class): --mixup/--cutmix give soft targets; drop them")
-    if args.input_size is not None and args.input_size[0] != 3:
-        parser.error(f"--input-size must have 3 channels (RGB), got {args.input_size[0]}")
+    if args.input_size is not None and (args.input_size[0] != 3
+                                        or args.input_size[1] != args.input_size[2]):
+        parser.error(f"--input-size must be 3 H W with H = W (RGB; the loaders crop squares), "
+                     f"got {' '.join(map(str, args.input_size))}")
 
 
 def mixes(args):

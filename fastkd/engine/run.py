@@ -15,7 +15,7 @@ import time
 
 import timm
 import torch
-from timm.utils import dispatch_clip_grad, unwrap_model
+from timm.utils import dispatch_clip_grad, distribute_bn, unwrap_model
 
 from ..data.bad_images import logger as data_logger
 from ..distillers import build_distiller
@@ -31,11 +31,11 @@ def build_task(args, data_config, teacher_checkpoint=None):
     The student's input is normalised as ``data_config`` says; a fastkd-trained teacher is fed
     the normalisation it was trained with (its checkpoint's ``data_config``), any other teacher
     that of its timm pretrained_cfg."""
-    student = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+    student = create_model(args.model, args.model_kwargs, "--model", args.num_classes)
     teacher = None
     if args.distiller != "ce":
-        teacher = timm.create_model(args.teacher, num_classes=args.num_classes,
-                                    pretrained=args.teacher_pretrained, **args.teacher_kwargs)
+        teacher = create_model(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes,
+                               pretrained=args.teacher_pretrained)
         if teacher_checkpoint:
             checkpoint.load_weights(teacher, teacher_checkpoint, arch=args.teacher)
             trained_with = checkpoint.data_config_of(teacher_checkpoint)
@@ -43,9 +43,23 @@ def build_task(args, data_config, teacher_checkpoint=None):
                 teacher.pretrained_cfg = {**(getattr(teacher, "pretrained_cfg", None) or {}),
                                           "mean": tuple(trained_with["mean"]),
                                           "std": tuple(trained_with["std"])}
-    return build_distiller(args.distiller, student, teacher, method_options(args),
-                           label_smoothing=args.smoothing, student_mean=data_config["mean"],
-                           student_std=data_config["std"])
+    try:
+        return build_distiller(args.distiller, student, teacher, method_options(args),
+                               label_smoothing=args.smoothing, student_mean=data_config["mean"],
+                               student_std=data_config["std"])
+    except ValueError as error:  # e.g. --hcd-stages beyond the student's stages
+        raise SystemExit(f"error: --distiller {args.distiller} on --model {args.model}: "
+                         f"{error}") from None
+
+
+def create_model(name, kwargs, flag, num_classes, pretrained=False):
+    """timm.create_model; keyword arguments the model refuses are an error naming the flag."""
+    try:
+        return timm.create_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError) as error:
+        given = " ".join(f"{key}={value}" for key, value in kwargs.items())
+        raise SystemExit(f"error: {flag} {name} {f'(kwargs {given}) ' if given else ''}"
+                         f"cannot be built: {error}") from None
 
 
 class Stop(Exception):
@@ -261,6 +275,12 @@ class Run:
                 # What a shell reports for a process killed by the signal: a scheduler must
                 # not mistake a stopped job for a finished one.
                 raise SystemExit(128 + stop.number)
+            if world.world_size > 1:
+                # timm's --dist-bn reduce: every rank evaluates (and rank 0 saves) the same
+                # BatchNorm statistics, the mean of the ranks'.
+                for ema in (False, True)[:1 + self.task.has_ema()]:
+                    distribute_bn(self.task.get_trainable_module(ema=ema), world.world_size,
+                                  reduce=True)
             accuracy = {}
             for prefix, model in self.eval_models().items():
                 top1, top5 = evaluate(model, self.val_loader, world, self.autocast)

@@ -27,7 +27,7 @@ from .config import parse_args
 from .distributed import World
 from .evaluate import evaluate, report
 from .optim import autocast_settings
-from .run import Run
+from .run import Run, build_task
 from .run_folder import BEST, checkpoint_to_resume, create_run_folder, write_args
 
 
@@ -96,9 +96,15 @@ def run_job(args, world):
             loader=args.loader, rank=world.rank, world_size=world.world_size,
             device=world.device, workers=args.workers, channels_last=args.channels_last,
             seed=args.seed, bad_images=args.bad_images)
+    except BadImageError:
+        raise
+    except ValueError as error:  # a setting the loaders refuse (--aa, ...), before any file
+        raise SystemExit(f"error: {error}") from None
     finally:
         if world.main:
             world.barrier()
+    world.log(f"loader: {type(loaders[0]).__name__} ({args.dataset}, "
+              f"{data_config['input_size'][-1]} px)")
     args.num_classes = args.num_classes or loaders[0].num_classes
     if args.eval_only:
         evaluate_checkpoint(args, world, loaders[1])
@@ -108,6 +114,7 @@ def run_job(args, world):
     teacher_checkpoint = args.teacher_checkpoint
     if (args.distiller != "ce" and args.dataset == "demo" and not teacher_checkpoint
             and not args.teacher_pretrained):
+        build_task(args, data_config)  # settings the models refuse cost no demo teacher
         teacher_checkpoint = train_demo_teacher(args, world, loaders, data_config)
     run = open_run(args, world, loaders, data_config, resume, teacher_checkpoint)
     rows = run.fit()

@@ -31,8 +31,8 @@ def _feature_info(model, role):
     return list(info)
 
 
-def stage_taps(model, stages=(1, 2, 3, 4)):
-    """The taps of the requested stages (1-based) of ``model``.
+def stage_taps(model, stages=()):
+    """The taps of the requested stages (1-based) of ``model``; ``()``: all of its stages.
 
     A pyramid (CNN, Swin) has a stage per resolution: stage i is the last feature at the i-th of
     its (at most four) coarsest reductions (ImageNet ResNet: layer1..layer4; CIFAR ResNet: its
@@ -55,9 +55,10 @@ def stage_taps(model, stages=(1, 2, 3, 4)):
             f"student {type(model).__name__} has feature reductions {reductions}: expected a "
             "pyramid of stages, or an isotropic model with at least four blocks")
     available = tuple(range(1, len(indices) + 1))
-    if not stages or any(stage not in available for stage in stages):
-        raise ValueError(f"stages must be a non-empty subset of {available} for "
-                         f"{type(model).__name__}, got {tuple(stages)}")
+    stages = tuple(stages) or available
+    if any(stage not in available for stage in stages):
+        raise ValueError(f"stages must be a subset of {available} for "
+                         f"{type(model).__name__}, got {stages}")
     return [StageTap(stage, indices[stage - 1], info[indices[stage - 1]]["num_chs"],
                      info[indices[stage - 1]]["reduction"], tokens) for stage in stages]
 
