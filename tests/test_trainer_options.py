@@ -134,3 +134,26 @@ def test_mistakes_are_refused_while_parsing(argv, message, capsys):
         parse_args(argv)
     error = capsys.readouterr().err
     assert message in error, error
+
+
+def test_a_fastkd_teacher_gets_the_normalisation_it_was_trained_with(tmp_path):
+    """A teacher checkpoint written by fastkd records its data_config; the teacher is fed that
+    normalisation, whatever its model's pretrained_cfg says."""
+    import timm
+
+    from fastkd.engine.checkpoint import save_atomic
+    from fastkd.engine.run import build_task
+    from fastkd.models import data_config
+
+    teacher = timm.create_model("resnet20", num_classes=10)
+    path = tmp_path / "best.pth"
+    save_atomic({"state_dict": teacher.state_dict(),
+                 "data_config": {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}}, path)
+    args = parse_args(["--distiller", "kd", "--teacher", "resnet20", "--teacher-checkpoint",
+                       str(path), "--num-classes", "10"])
+    student_config = data_config("resnet20")  # CIFAR-100's statistics
+    task = build_task(args, student_config, args.teacher_checkpoint)
+    images = torch.randn(2, 3, 32, 32)
+    mean = torch.tensor(student_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(student_config["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(task.teacher_input(images), (images * std + mean - 0.5) / 0.25)

@@ -11,20 +11,20 @@ weights under timm's ``state_dict`` key (the method's extra modules under ``task
 """
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.task import TrainingTask
 from timm.task.classification import resolve_classification_loss
 from timm.task.distillation import DistillationTeacher
 from timm.utils import unwrap_model
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's fallback for a model without a pretrained_cfg
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def normalisation(model):
-    """``(mean, std)`` a timm model expects its input normalised with (its pretrained_cfg)."""
+    """``(mean, std)`` a timm model expects its input normalised with: its pretrained_cfg's, or
+    ImageNet's as DistillationTeacher assumes without one."""
     config = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
-    return tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    return (tuple(config.get("mean", IMAGENET_DEFAULT_MEAN)),
+            tuple(config.get("std", IMAGENET_DEFAULT_STD)))
 
 
 class Distiller(TrainingTask):
