@@ -3,6 +3,7 @@ resume, options."""
 
 import csv
 import os
+import shutil
 import signal
 import sys
 import time
@@ -154,6 +155,12 @@ def test_config_file_and_command_line(tmp_path):
     config.write_text("lr: fast\n")
     with pytest.raises(SystemExit, match="lr: invalid float value 'fast'"):
         parse_args(["--config", str(config)])
+    config.write_text("amp: 'false'\n")  # a string, which would switch AMP on
+    with pytest.raises(SystemExit, match="amp takes true or false, got 'false'"):
+        parse_args(["--config", str(config)])
+    config.write_text("batch-size: 32.5\n")
+    with pytest.raises(SystemExit, match="batch-size: invalid int value 32.5"):
+        parse_args(["--config", str(config)])
     with pytest.raises(SystemExit, match="does not exist"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
 
@@ -178,6 +185,11 @@ def test_config_file_and_command_line(tmp_path):
     (["--distiller", "kd", "--teacher", "wrn_nope"], "--teacher wrn_nope is not a timm model"),
     (["--model-kwargs", "img_size"], "--model-kwargs takes KEY=VALUE pairs, got 'img_size'"),
     (["--input-size", "3", "32", "48"], "--input-size must be 3 H W with H = W"),
+    (["--log-interval", "0"], "--log-interval must be a positive number, got 0"),
+    (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 must be below --epochs 2"),
+    (["--dataset", "folder", "--data-dir", "/", "--model", "resnet20", "--distiller", "kd",
+      "--teacher", "resnet20"], "--distiller kd needs the teacher's weights: "
+     "--teacher-checkpoint FILE or --teacher-pretrained (or --allow-untrained-teacher"),
 ])
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -248,4 +260,46 @@ def test_settings_the_models_or_loaders_refuse_cost_no_demo_teacher(demo_dir, tm
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "demo teacher" not in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def untrained_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("untrained") / "resnet20.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet20", num_classes=10).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_class_data(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one-class")
+    for split in ("train", "val"):
+        first = sorted(os.listdir(os.path.join(demo_dir, split)))[0]
+        shutil.copytree(os.path.join(demo_dir, split, first), root / split / first)
+    return str(root)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("untrained teacher", "error: the teacher resnet20 scores"),
+    ("num classes", "error: --num-classes 5 but the data has 10 classes"),
+    ("top d", "error: --ldrld-top-d: top_d must be an integer in 1..10 (the classes), got 20"),
+    ("one class", "has 1 class folder: classification needs at least 2"),
+])
+def test_mistakes_found_with_the_data_leave_no_folder(demo_dir, untrained_teacher,
+                                                      one_class_data, tmp_path, case, message):
+    """Refused in one line before the first step and before any folder: a teacher at chance
+    level, classes that do not match the data, a loss setting the loss refuses."""
+    data = one_class_data if case == "one class" else demo_dir
+    extra = {"untrained teacher": ["--teacher", "resnet20", "--teacher-checkpoint",
+                                   untrained_teacher],
+             "num classes": ["--num-classes", "5"],
+             "top d": ["--ldrld-top-d", "20"],
+             "one class": ["--distiller", "ce"]}[case]
+    if case in ("num classes", "top d"):  # the data's check, not the teacher's
+        extra += ["--distiller", "ldrld", "--teacher", "resnet20", "--allow-untrained-teacher"]
+    result = run_main(["--dataset", "folder", "--data-dir", data, "--output",
+                       str(tmp_path / "out"), *FAST, *extra])
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

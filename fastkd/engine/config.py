@@ -90,6 +90,9 @@ def build_parser():
                        "train.py checkpoint, a (DDP) state dict or a .safetensors file")
     group.add_argument("--teacher-pretrained", action="store_true",
                        help="timm hub weights for the teacher (needs the internet)")
+    group.add_argument("--allow-untrained-teacher", action="store_true",
+                       help="distil from a teacher without weights, or one at chance level on "
+                       "the validation set (otherwise refused)")
     group.add_argument("--distiller", default="ldrld", choices=tuple(DISTILLERS))
     group.add_argument("--num-classes", type=int, help="default: the dataset's")
     group.add_argument("--img-size", type=int, help="input image size (default: the model's "
@@ -193,13 +196,26 @@ def _config_value(action, value, where):
     if isinstance(value, list) != takes_list and not isinstance(action, ParseKwargs):
         expected = "a list" if takes_list else "one value"
         raise SystemExit(f"error: {where} takes {expected}, got {value!r}")
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise SystemExit(f"error: {where} takes true or false, got {value!r}")
+        return value
     convert = action.type
     if convert is None or value is None or isinstance(action, ParseKwargs):
         return value
     try:
-        return [convert(item) for item in value] if takes_list else convert(value)
+        return [_strict(convert, item) for item in value] if takes_list else (
+            _strict(convert, value))
     except (TypeError, ValueError):
         raise SystemExit(f"error: {where}: invalid {convert.__name__} value {value!r}") from None
+
+
+def _strict(convert, value):
+    """``convert(value)``, refusing what the command line would refuse: 32.5 for an int (int()
+    would truncate it) and a bool for a number."""
+    if isinstance(value, bool) or (convert is int and isinstance(value, float)):
+        raise ValueError(value)
+    return convert(value)
 
 
 def parse_args(argv=None):
@@ -216,6 +232,8 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+            if key == "warmup_epochs":  # a default warm-up never outlasts a short run
+                args.warmup_epochs = min(value, args.epochs - 1 if args.epochs else value)
     check_args(parser, args)
     return args
 
@@ -268,7 +286,7 @@ def check_args(parser, args):
             problem = "is a folder, not a checkpoint file" if os.path.isdir(path) else (
                 "does not exist")
             parser.error(f"--{option.replace('_', '-')} {path} {problem}")
-    positive = ["epochs", "batch_size", "lr", "recount", "decay_rate"]
+    positive = ["epochs", "batch_size", "lr", "recount", "decay_rate", "log_interval"]
     positive += [name for name in ("img_size", "clip_grad", "decay_epochs")
                  if getattr(args, name) is not None]
     for name in positive:
@@ -288,6 +306,15 @@ def check_args(parser, args):
         parser.error(f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
     if args.opt.lower() not in list_optimizers():
         parser.error(f"--opt {args.opt} is not a timm optimizer; see timm.optim.list_optimizers()")
+    if args.warmup_epochs >= args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs "
+                     f"{args.epochs} (the run would end still warming up)")
+    if (args.distiller != "ce" and args.dataset != "demo" and not args.teacher_checkpoint
+            and not args.teacher_pretrained and not args.allow_untrained_teacher
+            and not args.eval_only):
+        parser.error(f"--distiller {args.distiller} needs the teacher's weights: "
+                     "--teacher-checkpoint FILE or --teacher-pretrained (or "
+                     "--allow-untrained-teacher to distil from random weights)")
     if args.sched == "multistep" and not args.decay_milestones:
         parser.error("--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
     if mixes(args) and getattr(DISTILLERS[args.distiller], "needs_hard_labels", False):
@@ -302,3 +329,32 @@ def check_args(parser, args):
 def mixes(args):
     """Whether timm's Mixup is active: mixup, cutmix or a cutmix area range."""
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def check_method_options(args):
+    """The method's options through its loss's own checks, on a dummy batch of
+    ``args.num_classes`` classes; an error names the flag (``--ldrld-top-d``), not the loss's
+    argument (``top_d``)."""
+    import torch
+
+    from .. import functional
+
+    options = method_options(args)
+    if options is None:
+        return
+    logits = torch.zeros(2, args.num_classes)
+    target = torch.zeros(2, dtype=torch.long)
+    loss = {"kd": lambda **o: functional.kd_loss(logits, logits, **o),
+            "dkd": lambda **o: functional.dkd_loss(logits, logits, target, **o),
+            "ldrld": lambda **o: functional.ldrld_loss(logits, logits, target, **o),
+            "hcd": lambda **o: functional.hcd_logit_loss(
+                torch.zeros(2, max(o["num_sub"], 1) * args.num_classes), logits, logits,
+                target, **o)}[args.distiller]
+    try:
+        loss(**options.loss_options(), backend="torch")
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        names = sorted((item.name for item in dataclasses.fields(options)
+                        if message.startswith(item.name)), key=len, reverse=True)
+        flag = f"--{args.distiller}-{names[0].replace('_', '-')}: " if names else ""
+        raise SystemExit(f"error: {flag}{message}") from None

@@ -27,15 +27,16 @@ def evaluate(model, loader, world, autocast, convert_input=None):
 def report(args, world, run, rows, seconds):
     """The closing table: teacher and student accuracy, wall time, throughput."""
     lines = [f"{'':<10}{'model':<16}{'top-1':>8}{'top-5':>8}"]
-    if run.task.teacher is not None:
-        teacher_top1, teacher_top5 = evaluate(run.task.teacher, run.val_loader, world,
-                                              run.autocast, run.task.teacher_input)
+    if run.teacher_accuracy is not None:
+        teacher_top1, teacher_top5 = run.teacher_accuracy
         lines.append(f"{'teacher':<10}{args.teacher:<16}{teacher_top1:>8.2f}"
                      f"{teacher_top5:>8.2f}")
     if rows:
-        last = rows[-1]
+        last, best = rows[-1], max(rows, key=lambda row: row["eval_top1"])
         lines.append(f"{'student':<10}{args.model:<16}{last['eval_top1']:>8.2f}"
-                     f"{last['eval_top5']:>8.2f}")
+                     f"{last['eval_top5']:>8.2f}  last epoch ({last['epoch']})")
+        lines.append(f"{'':<26}{best['eval_top1']:>8.2f}{best['eval_top5']:>8.2f}  best epoch "
+                     f"({best['epoch']})")
         rate = sum(row["img_per_s"] for row in rows) / len(rows)
         lines.append(f"{args.distiller} run: {seconds:.0f} s wall, {rate:.0f} img/s training "
                      f"(all ranks), outputs in {run.run_dir}")

@@ -8,6 +8,7 @@ entry is a tensor or a plain value, so ``torch.load(..., weights_only=True)`` re
 is what ``--resume`` needs.
 """
 
+import math
 import os
 import signal
 import sys
@@ -95,6 +96,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(
             enabled=self.autocast[0] and self.autocast[1] == torch.float16)
         self.start_epoch, self.best_top1, self.stop_signal, self.updates = 0, -1.0, 0, 0
+        self.teacher_accuracy = None  # (top-1, top-5), from check_teacher
         self.rows = []  # summary.csv's rows, one per finished epoch
         self.bad_images = {}  # {path: reason}: image files skipped so far, found by any rank
 
@@ -106,6 +108,24 @@ class Run:
             models["ema_"] = self.task.get_eval_model(ema=True)
         return {prefix: model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel)
                 else model for prefix, model in models.items()}
+
+    def check_teacher(self):
+        """The teacher's validation accuracy, logged before training; a teacher no better than
+        chance (1/C plus three binomial standard errors over the validation set) stops the run
+        before it starts, unless --allow-untrained-teacher."""
+        self.teacher_accuracy = evaluate(self.task.teacher, self.val_loader, self.world,
+                                         self.autocast, self.task.teacher_input)
+        top1, top5 = self.teacher_accuracy
+        self.world.log(f"teacher {self.args.teacher}: top-1 {top1:.2f} top-5 {top5:.2f}")
+        chance = 1 / self.args.num_classes
+        threshold = 100 * (chance + 3 * math.sqrt(chance * (1 - chance)
+                                                  / self.val_loader.dataset_size))
+        if top1 <= threshold and not self.args.allow_untrained_teacher:
+            raise SystemExit(
+                f"error: the teacher {self.args.teacher} scores {top1:.2f}% top-1, no better "
+                f"than chance ({100 * chance:.2f}%): are its weights loaded "
+                "(--teacher-checkpoint, --teacher-pretrained)? --allow-untrained-teacher "
+                "distils from it anyway")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, epoch, rng):

@@ -23,7 +23,7 @@ from ..data.bad_images import BadImageError
 from ..data.bad_images import logger as data_logger
 from ..models import data_config as model_data_config
 from . import checkpoint, demo_teacher
-from .config import parse_args
+from .config import check_method_options, parse_args
 from .distributed import World
 from .evaluate import evaluate, report
 from .optim import autocast_settings
@@ -47,6 +47,8 @@ def open_run(args, world, loaders, data_config, resume, teacher_checkpoint=None)
     known to start, its folder and args.yaml: a failed start writes nothing."""
     resume_from, state = resume
     run = Run(args, world, loaders, data_config, teacher_checkpoint)
+    if run.task.teacher is not None:
+        run.check_teacher()
     if state:
         run.resume(state, resume_from)
     run.run_dir = world.broadcast(create_run_folder(args, resume_from) if world.main else None)
@@ -105,18 +107,26 @@ def run_job(args, world):
             world.barrier()
     world.log(f"loader: {type(loaders[0]).__name__} ({args.dataset}, "
               f"{data_config['input_size'][-1]} px)")
-    args.num_classes = args.num_classes or loaders[0].num_classes
+    data_classes = loaders[0].num_classes
+    if data_classes < 2:
+        raise SystemExit(f"error: --data-dir {args.data_dir} has {data_classes} class folder: "
+                         "classification needs at least 2")
+    if args.num_classes not in (None, data_classes):
+        raise SystemExit(f"error: --num-classes {args.num_classes} but the data has "
+                         f"{data_classes} classes")
+    args.num_classes = data_classes
+    check_method_options(args)
     if args.eval_only:
         evaluate_checkpoint(args, world, loaders[1])
         return
     started = time.perf_counter()
     resume = resume_point(args, world)  # refused settings cost no demo teacher
-    teacher_checkpoint = args.teacher_checkpoint
-    if (args.distiller != "ce" and args.dataset == "demo" and not teacher_checkpoint
+    if (args.distiller != "ce" and args.dataset == "demo" and not args.teacher_checkpoint
             and not args.teacher_pretrained):
         build_task(args, data_config)  # settings the models refuse cost no demo teacher
-        teacher_checkpoint = train_demo_teacher(args, world, loaders, data_config)
-    run = open_run(args, world, loaders, data_config, resume, teacher_checkpoint)
+        # args.yaml names the teacher used
+        args.teacher_checkpoint = train_demo_teacher(args, world, loaders, data_config)
+    run = open_run(args, world, loaders, data_config, resume, args.teacher_checkpoint)
     rows = run.fit()
     report(args, world, run, rows, time.perf_counter() - started)
 
