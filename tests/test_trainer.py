@@ -20,8 +20,11 @@ from fastkd.engine.config import parse_args
 @pytest.fixture(scope="module")
 def teacher_checkpoint(demo_dir, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("teacher"))
+    # Two epochs at batch 32 per process: clearly better than chance, which a teacher must be.
     result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
-                       "--output", output, "--experiment", "teacher", *FAST], processes=2)
+                       "--output", output, "--experiment", "teacher", *FAST, "--epochs", "2",
+                       "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "0"],
+                      processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return os.path.join(output, "teacher", "best.pth")
 
@@ -202,7 +205,8 @@ def test_presets_parse():
     presets = sorted(name for name in os.listdir(folder) if name.endswith(".yaml"))
     assert len(presets) >= 5
     for name in presets:
-        args = parse_args(["--config", os.path.join(folder, name), "--data-dir", "/"])
+        args = parse_args(["--config", os.path.join(folder, name), "--data-dir", "/",
+                           "--allow-untrained-teacher"])
         assert args.model and args.epochs > 0
 
 

@@ -228,13 +228,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.eval_only:
         take_checkpoint_settings(parser, args)
+    given = {key for key, value in vars(args).items() if value is not None}
     defaults = {**DEFAULTS, **(DEMO_DEFAULTS if args.dataset == "demo" else {})}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-            if key == "warmup_epochs":  # a default warm-up never outlasts a short run
-                args.warmup_epochs = min(value, args.epochs - 1 if args.epochs else value)
-    check_args(parser, args)
+    check_args(parser, args, given)
     return args
 
 
@@ -259,8 +258,9 @@ def take_checkpoint_settings(parser, args):
             setattr(args, name, value)
 
 
-def check_args(parser, args):
-    """Errors a user can fix from the message, before any model or data is built."""
+def check_args(parser, args, given=()):
+    """Errors a user can fix from the message, before any model or data is built. ``given``:
+    the options the user set (command line or config), as opposed to defaults."""
     if args.model is None:
         parser.error("--model is required for this dataset")
     if args.distiller != "ce" and not args.teacher:
@@ -306,7 +306,8 @@ def check_args(parser, args):
         parser.error(f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
     if args.opt.lower() not in list_optimizers():
         parser.error(f"--opt {args.opt} is not a timm optimizer; see timm.optim.list_optimizers()")
-    if args.warmup_epochs >= args.epochs:
+    # A default warm-up may fill a short smoke run; one the user asked for must end in it.
+    if "warmup_epochs" in given and args.warmup_epochs >= args.epochs > 0:
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs "
                      f"{args.epochs} (the run would end still warming up)")
     if (args.distiller != "ce" and args.dataset != "demo" and not args.teacher_checkpoint
