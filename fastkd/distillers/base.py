@@ -38,13 +38,16 @@ class Distiller(TrainingTask):
       / std_t, decided once here so that a step costs no comparison.
     - ``options``: the method's options dataclass; keyword ``overrides`` replace its fields.
     - ``label_smoothing`` applies to the CE term on hard labels (soft targets carry their own).
+    - ``num_classes``, if given, is checked against the student's and the teacher's.
     """
 
     options_class = None  # the method's options dataclass (fastkd.options); None: no options
     needs_hard_labels = False  # True: a loss term indexes the true class (no mixup/cutmix)
+    fixed_loss_options = {}  # loss arguments the method sets whatever its options say
 
     def __init__(self, student, teacher=None, options=None, *, label_smoothing=0.0,
-                 student_mean=None, student_std=None, backend="auto", **overrides):
+                 student_mean=None, student_std=None, backend="auto", num_classes=None,
+                 **overrides):
         super().__init__(verbose=False)
         if self.options_class is None:
             if options is not None or overrides:
@@ -53,7 +56,10 @@ class Distiller(TrainingTask):
             self.options = None
         else:
             self.options = (options or self.options_class()).replace(**overrides)
-        check_class_counts(student, teacher)
+            # The loss function's keyword arguments, once: a step only unpacks them.
+            self.loss_keywords = {**self.options.loss_options(), **self.fixed_loss_options,
+                                  "backend": backend}
+        check_class_counts(student, teacher, num_classes)
         self.trainable_module = student
         self.backend = backend
         self.hard_label_loss = resolve_classification_loss(

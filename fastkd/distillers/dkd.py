@@ -18,7 +18,6 @@ class DKD(Distiller):
         student_logits = self.trainable_module(images)
         warmup_epochs = self.options.warmup_epochs
         warmup = 1.0 if epoch is None or not warmup_epochs else min(epoch / warmup_epochs, 1.0)
-        dkd = dkd_loss(student_logits, teacher_logits, target, **self.options.loss_options(),
-                       backend=self.backend)
+        dkd = dkd_loss(student_logits, teacher_logits, target, **self.loss_keywords)
         return self.result(student_logits, ce=self.cross_entropy(student_logits, target),
                            kd=warmup * dkd)

@@ -16,7 +16,7 @@ from torch import nn
 from ..functional import hcd_logit_loss, kd_loss
 from ..models.taps import embedding_width, stage_taps, student_outputs, teacher_outputs
 from ..options import HCDOptions
-from .base import Distiller, check_class_counts
+from .base import Distiller
 
 
 def sep_conv(in_channels, out_channels):
@@ -129,13 +129,11 @@ class HCD(Distiller):
     needs_hard_labels = True
 
     def __init__(self, student, teacher, options=None, *, num_classes=None, **settings):
-        check_class_counts(student, teacher, num_classes)
-        super().__init__(student, teacher, options, **settings)
+        super().__init__(student, teacher, options, num_classes=num_classes, **settings)
         self.trainable_module = HCDStudent(student, embedding_width(teacher),
                                            getattr(student, "num_classes", num_classes),
                                            self.options)
-        self.stage_options = dict(self.options.loss_options(),
-                                  label_smoothing=self.label_smoothing, backend=self.backend)
+        self.stage_options = dict(self.loss_keywords, label_smoothing=self.label_smoothing)
 
     @property
     def student(self):
@@ -148,8 +146,7 @@ class HCD(Distiller):
     def get_eval_model(self, module=None, ema=False):
         """The student alone (the projectors and CFMs serve training only)."""
         if module is None:
-            module = self.get_trainable_module(ema=ema)
-            module = unwrap_model(module) if ema else self.hcd_student
+            module = unwrap_model(self.get_trainable_module(ema=ema))
         return module.student if isinstance(module, HCDStudent) else module
 
     def get_task_state(self, module=None, ema=False):

@@ -11,7 +11,6 @@ class KD(Distiller):
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)
         student_logits = self.trainable_module(images)
-        kd = kd_loss(student_logits, teacher_logits, **self.options.loss_options(),
-                     backend=self.backend)
+        kd = kd_loss(student_logits, teacher_logits, **self.loss_keywords)
         return self.result(student_logits, ce=self.cross_entropy(student_logits, target),
                            kd=self.options.weight * kd)

@@ -10,13 +10,12 @@ class LDRLD(Distiller):
     loss runs with ce_weight=0 and no label: its local and remainder terms never use one."""
 
     options_class = LDRLDOptions
+    fixed_loss_options = {"ce_weight": 0.0}
 
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)
         student_logits = self.trainable_module(images)
-        relational = ldrld_loss(student_logits, teacher_logits, None,
-                                **self.options.replace(ce_weight=0.0).loss_options(),
-                                backend=self.backend)
+        relational = ldrld_loss(student_logits, teacher_logits, None, **self.loss_keywords)
         return self.result(student_logits,
                            ce=self.options.ce_weight * self.cross_entropy(student_logits, target),
                            kd=relational)

@@ -7,6 +7,8 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
+from .config import mixes
+
 
 def create_optimizer(args, trainable_module):
     """timm's optimiser over the trainable module (biases and norms without weight decay)."""
@@ -21,7 +23,7 @@ def create_scheduler(args, optimizer):
 
 def create_mixup(args, num_classes):
     """timm's Mixup/CutMix (soft targets, label smoothing folded in), or None when off."""
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+    if not mixes(args):
         return None
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
                  cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
