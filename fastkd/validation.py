@@ -48,6 +48,15 @@ def check_logits(student_logits, teacher_logits):
         )
 
 
+def reads_values(tensor):
+    """Whether checks may read ``tensor``'s values on the host: always for CPU tensors (free),
+    on other devices only with ``FASTKD_VALIDATE=1`` (on CUDA a read is a device sync), and
+    never under torch.compile (a graph break)."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or os.environ.get("FASTKD_VALIDATE") == "1"
+
+
 def check_target(target, student_logits):
     """Integer class indices ``[B]`` in ``0..C-1`` on the logits' device."""
     batch, num_classes = student_logits.shape
@@ -64,10 +73,7 @@ def check_target(target, student_logits):
             f"target must be on the device of student_logits ({student_logits.device}), "
             f"got {target.device}"
         )
-    # Reading the labels' range is a device sync on CUDA, and under torch.compile a graph break.
-    if torch.compiler.is_compiling():
-        return
-    if target.device.type == "cpu" or os.environ.get("FASTKD_VALIDATE") == "1":
+    if reads_values(target):
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high

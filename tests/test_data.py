@@ -172,6 +172,9 @@ def test_auto_falls_back_to_torchvision_with_one_log_line(tree, monkeypatch, cap
         "DALI is not installed (pip install 'fastkd[dali]'): using the torchvision loader"]
     with pytest.raises(ValueError, match=r"loader='dali' needs nvidia-dali"):
         create_loaders("folder", str(tree), batch_size=4, loader="dali")
+    with pytest.raises(ValueError, match=r"loader='nvjpeg' decodes on a CUDA device; this run's "
+                                         r"device is cpu"):
+        create_loaders("folder", str(tree), batch_size=4, loader="nvjpeg")
 
 
 def test_bad_input(tmp_path, tree):

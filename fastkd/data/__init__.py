@@ -1,4 +1,5 @@
-"""Training and evaluation input: one loader interface over DALI and torchvision.
+"""Training and evaluation input: one loader interface over DALI, torchvision's GPU decoding
+(nvJPEG) and torchvision on the CPU.
 
 ``create_loaders(dataset, data_dir, ...)`` returns ``(train_loader, val_loader)``. Iterating a
 loader yields ``(images [B, 3, H, W] float normalised by mean and std, labels [B] int64)`` on the
@@ -19,6 +20,8 @@ Bad image files (``bad_images="skip"`` or ``"error"``, see ``bad_images.py``): e
 
 import logging
 
+import torch
+
 from ..optional import importable
 from .augment import random_erasing, timm_auto_augment
 from .bad_images import bad_files_error, check_mode
@@ -33,10 +36,12 @@ from .common import (
 )
 from .demo import build_demo_dataset, default_demo_root
 from .folders import scan_split_folders
+from .nvjpeg import NvJpegLoader
+from .synthetic import synthetic_loaders
 from .torch_loader import FileDataset, TorchLoader, image_transform
 
-DATASETS = ("demo", "imagenet", "folder", "cifar100")
-LOADERS = ("auto", "dali", "torch")
+DATASETS = ("demo", "imagenet", "folder", "cifar100", "synthetic")
+LOADERS = ("auto", "dali", "nvjpeg", "torch")
 logger = logging.getLogger(__name__)
 
 
@@ -44,22 +49,29 @@ def dali_available():
     return importable("nvidia.dali")
 
 
-def resolve_loader(loader, dataset):
+def resolve_loader(loader, dataset, device):
+    """The loader ``loader`` names for ``dataset`` on ``device``; ``"auto"``: DALI when
+    installed, else on CUDA torchvision's nvJPEG decoding, else torchvision on the CPU."""
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    cuda = torch.device(device).type == "cuda"
     if dataset == "cifar100":
-        if loader == "dali":
-            raise ValueError("loader='dali' does not read CIFAR-100 (already-decoded arrays); "
-                             "use loader='torch' or 'auto'")
+        if loader in ("dali", "nvjpeg"):
+            raise ValueError(f"loader={loader!r} does not read CIFAR-100 (already-decoded "
+                             "arrays); use loader='torch' or 'auto'")
         return "torch"
     if loader == "auto":
         if dali_available():
             return "dali"
-        logger.warning("DALI is not installed (pip install 'fastkd[dali]'): using the "
+        logger.warning("DALI is not installed (pip install 'fastkd[dali]'): using the %s",
+                       "nvjpeg loader (torchvision's GPU decoding)" if cuda else
                        "torchvision loader")
-        return "torch"
+        return "nvjpeg" if cuda else "torch"
     if loader == "dali" and not dali_available():
         raise ValueError("loader='dali' needs nvidia-dali (pip install 'fastkd[dali]')")
+    if loader == "nvjpeg" and not cuda:
+        raise ValueError(f"loader='nvjpeg' decodes on a CUDA device; this run's device is "
+                         f"{device}: use loader='torch'")
     return loader
 
 
@@ -67,19 +79,23 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                    eval_batch_size=None, rank=0, world_size=1, device="cpu", workers=4,
                    channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO,
                    bad_images="skip", mean=None, std=None, auto_augment=None, re_prob=0.0,
-                   re_mode="pixel", re_count=1):
+                   re_mode="pixel", re_count=1, num_classes=None, synthetic_samples=None):
     """``(train_loader, val_loader)`` for ``dataset``.
 
     - ``dataset``: ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and
       ``data_dir/val/<class>/*``; ``"demo"``: the bundled digits, written as JPEGs under
       ``data_dir`` (default: the user cache) on first use; ``"cifar100"``: the python archive
-      under ``data_dir`` (torchvision loader).
+      under ``data_dir`` (torchvision loader); ``"synthetic"``: random images and labels of
+      ``num_classes`` classes made once on ``device``, ``synthetic_samples`` per training epoch
+      (no files, no loader, no augmentation: see ``synthetic.py``).
     - ``batch_size`` / ``eval_batch_size`` (default ``batch_size``): per rank, per batch.
     - ``image_size``: the square side of every batch; defaults to 224 for folders and 32 for
       demo and CIFAR-100. Training crops at random (random-resized-crop + flip; CIFAR-100: padded
       random crop + flip); evaluation resizes the shorter side to ``image_size / crop_ratio`` and
       centre-crops (CIFAR-100: resize only).
-    - ``loader``: ``"dali"``, ``"torch"`` (torchvision) or ``"auto"`` (DALI when installed).
+    - ``loader``: ``"dali"``, ``"nvjpeg"`` (torchvision's JPEG decoding on the CUDA device;
+      workers read the files' bytes, see ``nvjpeg.py``), ``"torch"`` (torchvision on CPU
+      workers) or ``"auto"`` (DALI when installed, else nvjpeg on CUDA, else torch).
     - ``rank`` / ``world_size``: this process's shard; ``seed``: the per-epoch shuffle (and
       DALI's random augmentations); ``device``: where batches are delivered; ``workers``: DALI
       threads or DataLoader processes; ``channels_last``: that memory format for the images.
@@ -110,9 +126,17 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     check_mode(bad_images)
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if dataset == "synthetic":
+        if loader != "auto":
+            raise ValueError(f"synthetic data is made on the device, without a loader: got "
+                             f"loader={loader!r}")
+        return synthetic_loaders(num_classes, synthetic_samples, batch_size=batch_size,
+                                 eval_batch_size=eval_batch_size, image_size=image_size or 224,
+                                 rank=rank, world_size=world_size, device=device,
+                                 channels_last=channels_last, seed=seed)
     if dataset != "demo" and not data_dir:
         raise ValueError(f"dataset {dataset!r} needs data_dir (the dataset's root directory)")
-    kind = resolve_loader(loader, dataset)
+    kind = resolve_loader(loader, dataset, device)
     image_size = image_size or (224 if dataset in ("imagenet", "folder") else 32)
     default_mean, default_std = ((CIFAR100_MEAN, CIFAR100_STD) if dataset == "cifar100"
                                  else (IMAGENET_MEAN, IMAGENET_STD))
@@ -126,6 +150,11 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
         dali_auto_augment(auto_augment)
         train_augment = dict(auto_augment=auto_augment,
                              random_erasing=random_erasing(re_prob, re_mode, re_count, device))
+    elif kind == "nvjpeg":
+        if auto_augment:
+            raise ValueError(f"loader='nvjpeg' has no auto-augment (got {auto_augment!r}): use "
+                             "loader='torch' (timm's policies) or 'dali'")
+        train_augment = dict(random_erasing=random_erasing(re_prob, re_mode, re_count, device))
     else:  # timm's transforms, per sample on the DataLoader workers
         train_augment = dict(auto_augment=pil_auto_augment,
                              random_erasing=random_erasing(re_prob, re_mode, re_count, "cpu"))
@@ -144,7 +173,9 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     if dataset == "demo":
         data_dir = build_demo_dataset(data_dir or default_demo_root())
     folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/val")
-    if kind == "dali" or bad_images == "error":
+    # DALI cannot skip a file inside its pipeline, and nvJPEG decodes corrupt JPEGs without an
+    # error (to wrong pixels): both need every file decoded once by PIL first.
+    if kind in ("dali", "nvjpeg") or bad_images == "error":
         from .verify import verify_images
 
         verification = verify_images(
@@ -163,6 +194,11 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                 folder.samples, folder.num_classes, training=training, batch_size=size,
                 image_size=image_size, mean=mean, std=std, crop_ratio=crop_ratio,
                 known_bad=folder.bad, **augment, **common))
+        elif kind == "nvjpeg":
+            loaders.append(NvJpegLoader(
+                folder.samples, folder.num_classes, training=training, batch_size=size,
+                image_size=image_size, mean=mean, std=std, crop_ratio=crop_ratio,
+                known_bad=folder.bad, bad_images=bad_images, **augment, **common))
         else:
             transform = image_transform(training, image_size, mean, std, crop_ratio, **augment)
             loaders.append(TorchLoader(FileDataset(folder.samples, transform, bad_images),

@@ -26,6 +26,8 @@ from ..options import METHOD_OPTIONS
 DEMO_DEFAULTS = dict(model="resnet20", teacher="wrn_16_2", epochs=8, batch_size=64, lr=0.02,
                      warmup_epochs=1, warmup_lr=0.01, sched="multistep", decay_milestones=(6, 8),
                      img_size=32)
+DATASET_DEFAULTS = {"demo": DEMO_DEFAULTS,
+                    "synthetic": dict(num_classes=1000, synthetic_samples=12800)}
 # Everything else: SGD 0.1 for 100 epochs, x0.1 every 30 (timm's step schedule).
 DEFAULTS = dict(epochs=100, batch_size=128, lr=0.1, warmup_epochs=0, warmup_lr=1e-5,
                 sched="step", decay_epochs=30, decay_milestones=(30, 60, 90))
@@ -94,7 +96,8 @@ def build_parser():
                        help="distil from a teacher without weights, or one at chance level on "
                        "the validation set (otherwise refused)")
     group.add_argument("--distiller", default="ldrld", choices=tuple(DISTILLERS))
-    group.add_argument("--num-classes", type=int, help="default: the dataset's")
+    group.add_argument("--num-classes", type=int,
+                       help="default: the dataset's (synthetic: 1000)")
     group.add_argument("--img-size", type=int, help="input image size (default: the model's "
                        "pretrained_cfg; 32 for the demo)")
     group.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
@@ -109,7 +112,12 @@ def build_parser():
     group = parser.add_argument_group("data and augmentation")
     group.add_argument("--data-dir", help="dataset root (not needed for the demo data)")
     group.add_argument("--dataset", default="demo", choices=DATASETS)
-    group.add_argument("--loader", default="auto", choices=LOADERS)
+    group.add_argument("--loader", default="auto", choices=LOADERS,
+                       help="auto: DALI when installed, else on CUDA torchvision's nvJPEG "
+                       "decoding (nvjpeg), else torchvision on the CPU (torch)")
+    group.add_argument("--synthetic-samples", type=int,
+                       help="--dataset synthetic: training samples per epoch, all ranks "
+                       "(default 12800)")
     group.add_argument("-j", "--workers", type=int, default=2,
                        help="data loading processes (DALI: threads) per training process")
     group.add_argument("--bad-images", default="skip", choices=("skip", "error"),
@@ -169,7 +177,9 @@ def build_parser():
     group.add_argument("--eval-only", metavar="CHECKPOINT",
                        help="evaluate a fastkd checkpoint's student (its EMA too, if saved) on "
                        "the validation split; model settings come from the checkpoint")
-    group.add_argument("--log-interval", type=int, default=50)
+    group.add_argument("--log-interval", type=int, default=50,
+                       help="steps between log lines; also how often the loss is read back "
+                       "from the device and a non-finite loss or a stop signal acted on")
     return parser
 
 
@@ -229,7 +239,7 @@ def parse_args(argv=None):
     if args.eval_only:
         take_checkpoint_settings(parser, args)
     given = {key for key, value in vars(args).items() if value is not None}
-    defaults = {**DEFAULTS, **(DEMO_DEFAULTS if args.dataset == "demo" else {})}
+    defaults = {**DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, {})}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -269,8 +279,19 @@ def check_args(parser, args, given=()):
         if not timm.is_model(getattr(args, option)):
             parser.error(f"--{option} {getattr(args, option)} is not a timm model (nor a "
                          "fastkd CIFAR net); timm.list_models() lists them")
-    if args.dataset != "demo" and not args.data_dir:
+    if args.dataset not in ("demo", "synthetic") and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir")
+    if args.dataset == "synthetic":
+        # No files and no loader: options that would change nothing are mistakes.
+        unused = [flag for flag, used in (("--data-dir", args.data_dir),
+                                          ("--loader", args.loader != "auto"),
+                                          ("--aa", args.aa), ("--reprob", args.reprob))
+                  if used]
+        if unused:
+            parser.error(f"--dataset synthetic makes random tensors on the device: "
+                         f"{', '.join(unused)} would change nothing")
+    elif args.synthetic_samples is not None:
+        parser.error(f"--synthetic-samples is for --dataset synthetic, not {args.dataset}")
     if args.data_dir and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist")
     if args.resume == "auto" and not args.experiment:
@@ -287,7 +308,7 @@ def check_args(parser, args, given=()):
                 "does not exist")
             parser.error(f"--{option.replace('_', '-')} {path} {problem}")
     positive = ["epochs", "batch_size", "lr", "recount", "decay_rate", "log_interval"]
-    positive += [name for name in ("img_size", "clip_grad", "decay_epochs")
+    positive += [name for name in ("img_size", "clip_grad", "decay_epochs", "synthetic_samples")
                  if getattr(args, name) is not None]
     for name in positive:
         value = getattr(args, name)

@@ -45,17 +45,20 @@ def init_process_group(backend, rank, world_size):
 
 class World:
     """Rank, world size and device from torchrun's environment; one process per device (NCCL on
-    CUDA, gloo on CPU). Without torchrun it is a world of one and every collective is local."""
+    CUDA, gloo on CPU). Under torchrun the job is a process group even with one process, so that
+    one GPU runs the code that several run (DDP, collectives); without torchrun it is a world of
+    one and every collective is local."""
 
     def __init__(self):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.distributed = self.world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not dist.is_initialized():
+        if self.distributed and not dist.is_initialized():
             init_process_group("nccl" if cuda else "gloo", self.rank, self.world_size)
 
     @property
@@ -63,37 +66,40 @@ class World:
         return self.rank == 0
 
     def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
+        if self.distributed:
+            dist.barrier(device_ids=[self.local_rank] if self.device.type == "cuda" else None)
 
     def _reduce(self, values, op):
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
+        """One collective and one host read for the whole list, whose items may be numbers or
+        one-element tensors on any device (made on the device, they are not read one by one)."""
+        tensor = torch.stack([torch.as_tensor(value, device=self.device).to(torch.float64)
+                              .reshape(()) for value in values])
+        if self.distributed:
             dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
     def sum(self, values):
-        """Element-wise sum over ranks of a list of numbers."""
+        """Element-wise sum over ranks of a list of numbers or one-element tensors."""
         return self._reduce(values, dist.ReduceOp.SUM)
 
     def min(self, values):
-        """Element-wise minimum over ranks of a list of numbers."""
+        """Element-wise minimum over ranks of a list of numbers or one-element tensors."""
         return self._reduce(values, dist.ReduceOp.MIN)
 
     def max(self, values):
-        """Element-wise maximum over ranks of a list of numbers."""
+        """Element-wise maximum over ranks of a list of numbers or one-element tensors."""
         return self._reduce(values, dist.ReduceOp.MAX)
 
     def broadcast(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
         box = [value]
-        if self.world_size > 1:
+        if self.distributed:
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def gather(self, value):
         """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
-        if self.world_size == 1:
+        if not self.distributed:
             return [value]
         values = [None] * self.world_size
         dist.all_gather_object(values, value)
@@ -115,7 +121,7 @@ class World:
         group (DDP modules keep it: the caller must have dropped them; ``gc.collect`` frees those
         still in reference cycles), no worker outlives this call.
         """
-        if self.world_size > 1 and dist.is_initialized():
+        if self.distributed and dist.is_initialized():
             gc.collect()
             dist.destroy_process_group()
             gc.collect()

@@ -4,23 +4,25 @@ import torch
 
 
 def accuracy_counts(logits, target):
+    """``[top-1 correct, top-5 correct]`` as a device tensor (not read: a read is a sync)."""
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
     correct = top5 == target.unsqueeze(1)
-    return [correct[:, 0].sum().item(), correct.any(dim=1).sum().item(), len(target)]
+    return torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum()])
 
 
 def evaluate(model, loader, world, autocast, convert_input=None):
     """Top-1 and top-5 accuracy (%) over the whole validation set, all ranks together.
     ``convert_input`` maps the loader's images to the model's normalisation (a teacher's)."""
     model.eval()
-    counts = [0.0, 0.0, 0.0]
+    correct, total = torch.zeros(2, dtype=torch.int64, device=world.device), 0
     with torch.no_grad(), torch.autocast(world.device.type, dtype=autocast[1],
                                          enabled=autocast[0]):
         for images, target in loader:
             if convert_input is not None:
                 images = convert_input(images)
-            counts = [a + b for a, b in zip(counts, accuracy_counts(model(images), target))]
-    top1, top5, total = world.sum(counts)
+            correct += accuracy_counts(model(images), target)
+            total += len(target)
+    top1, top5, total = world.sum([*correct, total])
     return 100 * top1 / total, 100 * top5 / total
 
 

@@ -10,8 +10,17 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from .config import mixes
 
 
-def create_optimizer(args, trainable_module):
-    """timm's optimiser over the trainable module (biases and norms without weight decay)."""
+def create_optimizer(args, trainable_module, grad_scaler=False):
+    """timm's optimiser over the trainable module (biases and norms without weight decay).
+
+    With ``grad_scaler`` (fp16), the fused form where the optimiser has one (torch's SGD, Adam,
+    AdamW): a GradScaler reads its found-inf flag on the host every step, a device sync, unless
+    the optimiser applies the scale itself, which the fused ones do."""
+    if grad_scaler:
+        try:
+            return create_optimizer_v2(trainable_module, **optimizer_kwargs(args), fused=True)
+        except TypeError:  # no fused form: the GradScaler reads the flag
+            pass
     return create_optimizer_v2(trainable_module, **optimizer_kwargs(args))
 
 

@@ -71,6 +71,39 @@ class Stop(Exception):
         self.number = number
 
 
+class StepMeter:
+    """The task's loss parts summed over samples, for the epoch and since the last log point,
+    and the first step whose loss was not finite (-1: none), all kept on the device so that a
+    step reads nothing back. ``seen`` counts samples on the host (batch sizes are shapes)."""
+
+    def __init__(self, device):
+        self.names, self.totals, self.interval = None, None, None
+        self.seen = self.interval_seen = 0
+        self.first_bad_step = torch.tensor(-1, device=device)
+
+    def add(self, result, step):
+        if self.names is None:
+            self.names = sorted(name for name in result if name != "output")
+            self.totals = torch.zeros(len(self.names), device=self.first_bad_step.device)
+            self.interval = torch.zeros_like(self.totals)
+        batch = len(result["output"])
+        parts = torch.stack([result[name].detach().float() for name in self.names]) * batch
+        self.totals += parts
+        self.interval += parts
+        self.seen += batch
+        self.interval_seen += batch
+        bad = ~torch.isfinite(result["loss"].detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+
+    def interval_means(self):
+        """``{name: mean since the last log point}``: one read of the device."""
+        return dict(zip(self.names, (self.interval / self.interval_seen).tolist()))
+
+    def start_interval(self):
+        self.interval.zero_()
+        self.interval_seen = 0
+
+
 class Run:
     """A distiller under training. ``run_dir`` is set by ``open_run`` once the run is known to
     start."""
@@ -81,20 +114,21 @@ class Run:
         self.task = build_task(args, data_config, teacher_checkpoint).to(world.device)
         if args.channels_last:
             self.task.to(memory_format=torch.channels_last)
+        self.autocast = autocast_settings(args, world.device, world.log)
+        self.scaler = torch.amp.GradScaler(
+            enabled=self.autocast[0] and self.autocast[1] == torch.float16)
         # timm's order: optimiser and EMA over the plain module, then compile, then DDP.
-        self.optimizer = create_optimizer(args, self.task.get_trainable_module())
+        self.optimizer = create_optimizer(args, self.task.get_trainable_module(),
+                                          grad_scaler=self.scaler.is_enabled())
         self.scheduler = create_scheduler(args, self.optimizer)
         if args.model_ema:
             self.task.setup_ema(decay=args.model_ema_decay)
         if args.torchcompile:
             self.task.compile(backend=args.torchcompile)
-        if world.world_size > 1:
+        if world.distributed:
             self.task.prepare_distributed(
                 device_ids=[world.local_rank] if world.device.type == "cuda" else None)
         self.mixup = create_mixup(args, args.num_classes)
-        self.autocast = autocast_settings(args, world.device, world.log)
-        self.scaler = torch.amp.GradScaler(
-            enabled=self.autocast[0] and self.autocast[1] == torch.float16)
         self.start_epoch, self.best_top1, self.stop_signal, self.updates = 0, -1.0, 0, 0
         self.teacher_accuracy = None  # (top-1, top-5), from check_teacher
         self.rows = []  # summary.csv's rows, one per finished epoch
@@ -227,49 +261,69 @@ class Run:
         self.task.update_ema(step=self.updates)
 
     def train_epoch(self, epoch):
+        """One epoch; returns ``(mean loss parts, img/s, seconds, seconds waiting for data)``.
+
+        A step reads nothing back from the device: on a GPU each read (``item``, ``tolist``,
+        ``bool``) waits for all queued work and stops the host from queueing the next step. The
+        loss parts and a non-finite flag accumulate on the device; every ``--log-interval``
+        steps and at the epoch's end they are read once, and one all-reduce lets every rank
+        agree to stop together (a non-finite loss or a signal on one rank would otherwise leave
+        the others waiting in the next collective).
+        """
         args, world = self.args, self.world
         self.train_loader.set_epoch(epoch)
         self.task.train()
-        totals, seen, started = {}, 0, time.perf_counter()
         # Shards differ by at most one sample, which can give one rank one more (partial) batch:
         # every rank takes the same number of steps, or DDP would wait for the missing one.
         steps = int(world.min([len(self.train_loader)])[0])
-        show = world.main and sys.stderr.isatty()
-        for step, (images, target) in zip(range(steps), self.train_loader):
+        meter = StepMeter(world.device)
+        started = checked = time.perf_counter()
+        data_time, checked_seen = 0.0, 0
+        batches = iter(self.train_loader)
+        for step in range(steps):
+            waiting = time.perf_counter()
+            images, target = next(batches)
+            data_time += time.perf_counter() - waiting
             result = self.step(images, target, epoch + step / steps)
-            loss = result["loss"]
-            parts = {name: value for name, value in result.items() if name != "output"}
-            # One small all-reduce lets every rank agree to stop together (a NaN or a signal on
-            # one rank would otherwise leave the others waiting in the next collective).
-            non_finite, stop_signal = world.max([float(not torch.isfinite(loss).item()),
-                                                 float(self.stop_signal)])
-            if non_finite:
-                values = {name: value.detach().item() for name, value in parts.items()}
-                raise SystemExit(f"error: non-finite loss at epoch {epoch} step {step} "
-                                 f"({values}); {self.saved_checkpoint()}")
-            self.backward(loss)
-            batch = len(result["output"])
-            for name, value in parts.items():
-                totals[name] = totals.get(name, 0.0) + value.detach() * batch
-            seen += batch
-            if show or (world.main and (step + 1) % args.log_interval == 0):
-                rate = seen * world.world_size / (time.perf_counter() - started)
-                end = "\r" if show else "\n"
-                print(f"epoch {epoch} [{step + 1}/{steps}] loss {loss.detach().item():.4f} "
-                      f"{rate:.0f} img/s", end=end, file=sys.stderr, flush=True)
+            meter.add(result, step)
+            self.backward(result["loss"])
+            if (step + 1) % args.log_interval and step + 1 < steps:
+                continue
+            bad_step, stop_signal = world.max([meter.first_bad_step, self.stop_signal])
+            if bad_step >= 0:
+                raise SystemExit(f"error: non-finite loss at epoch {epoch} step {int(bad_step)} "
+                                 f"(seen at step {step}); {self.saved_checkpoint()}")
             if stop_signal:
                 raise Stop(int(stop_signal))
-        if show:
-            print(file=sys.stderr)
-        names = sorted(totals)
-        sums = world.sum([float(totals[name]) for name in names] + [seen])
+            if world.main:
+                now = time.perf_counter()
+                interval = meter.interval_means()
+                rate = (meter.seen - checked_seen) * world.world_size / (now - checked)
+                eta = (now - started) / (step + 1) * (steps - step - 1)
+                print(f"epoch {epoch} [{step + 1}/{steps}] loss {interval['loss']:.4f} "
+                      f"lr {self.optimizer.param_groups[0]['lr']:.3g} {rate:.0f} img/s "
+                      f"data {100 * data_time / (now - started):.0f}% "
+                      f"eta {eta:.0f} s", file=sys.stderr, flush=True)
+                checked, checked_seen = now, meter.seen
+            meter.start_interval()
         elapsed = time.perf_counter() - started
-        return ({name: value / sums[-1] for name, value in zip(names, sums)},
-                sums[-1] / elapsed, elapsed)
+        sums = world.sum([*meter.totals, meter.seen])
+        return ({name: value / sums[-1] for name, value in zip(meter.names, sums)},
+                sums[-1] / elapsed, elapsed, data_time)
+
+    def memory_use(self):
+        """``{"max_memory_gib": peak CUDA memory allocated since the last call}`` (empty on
+        CPU)."""
+        if self.world.device.type != "cuda":
+            return {}
+        peak = torch.cuda.max_memory_allocated(self.world.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.world.device)
+        return {"max_memory_gib": peak}
 
     def fit(self):
         """Train to ``args.epochs``; returns summary.csv's rows. SIGTERM and SIGINT stop it at the
-        next step, saved (their handlers are this run's until it returns)."""
+        next log point (within ``--log-interval`` steps), saved (their handlers are this run's
+        until it returns)."""
         handlers = {number: signal.signal(number, self._on_signal)
                     for number in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -285,7 +339,7 @@ class Run:
             self.scheduler.step(epoch)
             lr = self.optimizer.param_groups[0]["lr"]
             try:
-                train_metrics, images_per_second, elapsed = self.train_epoch(epoch)
+                train_metrics, images_per_second, elapsed, data_time = self.train_epoch(epoch)
             except Stop as stop:
                 self.save(epoch)
                 world.log(f"{signal.Signals(stop.number).name}: saved "
@@ -295,7 +349,7 @@ class Run:
                 # What a shell reports for a process killed by the signal: a scheduler must
                 # not mistake a stopped job for a finished one.
                 raise SystemExit(128 + stop.number)
-            if world.world_size > 1:
+            if world.distributed:
                 # timm's --dist-bn reduce: every rank evaluates (and rank 0 saves) the same
                 # BatchNorm statistics, the mean of the ranks'.
                 for ema in (False, True)[:1 + self.task.has_ema()]:
@@ -311,6 +365,7 @@ class Run:
                 "epoch": epoch, "lr": lr,
                 **{f"train_{name}": value for name, value in train_metrics.items()},
                 **accuracy, "img_per_s": images_per_second, "epoch_time": elapsed,
+                "data_wait": data_time / elapsed, **self.memory_use(),
                 "bad_images": self.share_bad_images()})
             self.best_top1 = max(self.best_top1, top1)
             self.save(epoch + 1, top1)

@@ -79,6 +79,10 @@ def train_demo_teacher(args, world, loaders, data_config):
 
 
 def run_job(args, world):
+    if world.distributed:
+        world.log(f"process group: {torch.distributed.get_backend()}, {world.world_size} "
+                  f"process{'es' if world.world_size > 1 else ''} on {world.device.type}")
+    torch.backends.cudnn.benchmark = True  # as timm's train.py: fixed shapes, fastest kernels
     torch.manual_seed(args.seed + world.rank)
     np.random.seed(args.seed + world.rank)
     random.seed(args.seed + world.rank)
@@ -97,7 +101,8 @@ def run_job(args, world):
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
             loader=args.loader, rank=world.rank, world_size=world.world_size,
             device=world.device, workers=args.workers, channels_last=args.channels_last,
-            seed=args.seed, bad_images=args.bad_images)
+            seed=args.seed, bad_images=args.bad_images, num_classes=args.num_classes,
+            synthetic_samples=args.synthetic_samples)
     except BadImageError:
         raise
     except ValueError as error:  # a setting the loaders refuse (--aa, ...), before any file

@@ -3,7 +3,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..precision import compute_dtype
 from ..reference.ldrld import masked_kl
@@ -21,7 +20,8 @@ def dkd_rows(student_logits, teacher_logits, target, *, alpha, beta, temperature
     zs = student_logits.to(dtype)
     zt = teacher_logits.detach().to(dtype)
     target = target.long()
-    is_target = F.one_hot(target, zs.shape[1]).to(torch.bool)
+    # A comparison, not F.one_hot: one_hot reads the labels' range on the host (on CPU).
+    is_target = target.unsqueeze(1) == torch.arange(zs.shape[1], device=zs.device)
 
     def target_gap(logits):
         scaled = logits / temperature

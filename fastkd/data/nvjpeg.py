@@ -1,0 +1,310 @@
+"""The nvJPEG loader: JPEGs decoded on the training device by torchvision (nvJPEG on CUDA), for
+GPU machines without DALI.
+
+Design:
+
+- DataLoader workers only read files. A JPEG travels as its compressed bytes (a 1-D uint8
+  tensor, about a tenth of its pixels), so the workers need little CPU and the batches little
+  inter-process memory. A file that is not a JPEG (PNG, BMP, WebP; rare) is decoded in the worker
+  with PIL and travels as pixels ([3, H, W] uint8). Images are not stacked (each has its own size
+  until it is cropped): a batch's JPEG bytes travel concatenated in one tensor, since each tensor
+  costs a shared-memory transfer between processes.
+- The main process decodes each batch's JPEGs with one batched ``decode_jpeg`` call on the
+  device, then crops, resizes, flips and normalises there. Crop parameters come from the decoded
+  shapes (host metadata) and a host ``torch.Generator`` seeded from (seed, epoch, rank): the
+  augmentations are reproducible and nothing in a batch's path waits for the device.
+- Everything runs in the training process's thread, queued on the device without waiting for
+  it, so the device's decode and transform work overlaps the host's. A background thread on a
+  side stream, decoding batches ahead, was tried and did not pay on an H200 (256 500x375 JPEGs a
+  batch, 8 workers): the loader alone delivered 4300-5900 images/s with it and 8100-9800
+  without, and with a matmul "training step" the two were within noise.
+- Order, sharding and ``bad_images`` are ``TorchLoader``'s (this class is one, with a different
+  DataLoader): the same labels in the same order as the torchvision loader for the same seed,
+  epoch and rank.
+
+Bad files: a file that cannot be read, a non-JPEG or a truncated JPEG that PIL cannot decode is
+met in a worker and replaced there as ``FileDataset`` does. Any other broken JPEG is met when
+decoding: when the batched decode fails, each image is decoded alone, on the device and then with
+PIL on the CPU (nvJPEG does not take every JPEG, e.g. CMYK ones); a file PIL cannot decode either
+is bad, by PIL's verdict as everywhere in fastkd, and is replaced by the next readable sample of
+the split in file order (or, with ``bad_images="error"``, raises ``BadImageError`` naming it).
+nvJPEG, unlike libjpeg-turbo and PIL, decodes a JPEG whose compressed data is corrupt (or
+missing) without an error, to wrong pixels: on CUDA such files are found only by decoding every
+file with PIL before the run (``verify.py``, as for DALI).
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, default_collate
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.functional import pil_to_tensor
+
+from .bad_images import DECODE_ERRORS, BadImageError, describe, read_rgb, wrap_from
+from .common import eval_resize, to_device
+from .torch_loader import FileDataset, TorchLoader
+
+JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker and the next marker's first byte
+JPEG_END = b"\xff\xd9"  # end-of-image marker
+SCALE = (0.08, 1.0)  # RandomResizedCrop's defaults: area fraction and aspect-ratio range
+RATIO = (3 / 4, 4 / 3)
+# torchvision takes the logs in float32; the same values give the same crops for the same draws.
+LOG_RATIO = tuple(torch.log(torch.tensor(RATIO)).tolist())
+
+
+def read_encoded(path):
+    """The file at ``path`` as a uint8 tensor: a JPEG's bytes (1-D, for ``decode_jpeg``), any
+    other image decoded with PIL ([3, H, W], RGB). A JPEG that does not end with its end-of-image
+    marker (truncated, or with bytes after it) is decoded with PIL too: nvJPEG decodes a
+    truncated JPEG without an error, to grey where the data is missing. Raises one of
+    ``DECODE_ERRORS`` for a file that cannot be read or, decoded here, does not decode."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if data[:3].tobytes() == JPEG_MAGIC and data[-2:].tobytes() == JPEG_END:
+        return torch.from_numpy(data)
+    return pil_to_tensor(read_rgb(path))  # by path: PIL's messages name the file
+
+
+def bad_file_error(path, error):
+    return BadImageError(f"{path}: {describe(error)} (bad_images='error'; fastkd-verify-data "
+                         "lists every bad file)")
+
+
+class EncodedFileDataset(FileDataset):
+    """``FileDataset`` whose items keep JPEGs encoded: item ``index`` is ``(data, label, bad,
+    read)``, ``data`` from ``read_encoded``, ``bad`` the files found bad while reading it and
+    ``read`` the index of the sample read (``index`` or the one that replaced it)."""
+
+    def __init__(self, samples, bad_images="skip"):
+        super().__init__(samples, transform=None, bad_images=bad_images)
+
+    def __getitem__(self, index):
+        found = {}
+        for candidate in wrap_from(index, len(self.samples)):
+            path, label = self.samples[candidate]
+            if path in self.failed:
+                continue
+            try:
+                return read_encoded(path), label, found, candidate
+            except DECODE_ERRORS as error:
+                if self.mode == "error":
+                    raise bad_file_error(path, error) from error
+                self.failed[path] = found[path] = describe(error)
+        raise BadImageError(f"none of the {len(self.samples)} files of this split decodes")
+
+
+def collate_encoded(batch):
+    """``(packed, parts, labels, bad, read)`` from ``EncodedFileDataset`` items: the JPEG bytes
+    concatenated into one uint8 tensor ``packed``, and ``parts`` that say what each item is: its
+    number of bytes in ``packed`` (in order), or its image decoded in the worker. One tensor
+    crosses from the worker process, not one per image (each costs a shared-memory transfer);
+    ``unpack`` restores the list. Then the labels as one tensor, the items' bad files merged
+    into one dict and the sample indices read."""
+    data, labels, found, read = zip(*batch)
+    jpegs = [item for item in data if item.dim() == 1]
+    packed = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)
+    parts = [len(item) if item.dim() == 1 else item for item in data]
+    bad = {}
+    for sample_bad in found:
+        bad.update(sample_bad)
+    return packed, parts, default_collate(labels), bad, list(read)
+
+
+def unpack(packed, parts):
+    """The items of ``collate_encoded``'s batch, each as ``read_encoded`` gave it: views of
+    ``packed`` for the JPEGs (no copy), the decoded images as they came."""
+    views = iter(torch.split(packed, [part for part in parts if isinstance(part, int)]))
+    return [next(views) if isinstance(part, int) else part for part in parts]
+
+
+def decode_file(path, data, device):
+    """One file as a uint8 [3, H, W] image on ``device``, from its ``read_encoded`` tensor
+    ``data``: decoded on the device, and where that fails, the file with PIL on the CPU (whose
+    error, one of ``DECODE_ERRORS``, is raised where that fails too)."""
+    if data.dim() == 3:  # decoded in the worker
+        return data.to(device, non_blocking=True)
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # e.g. a CMYK JPEG on nvJPEG, or a broken body
+        return pil_to_tensor(read_rgb(path)).to(device, non_blocking=True)
+
+
+def decode_images(encoded, paths, device):
+    """``(images, failures)`` for a batch of ``read_encoded`` tensors of the files ``paths``:
+    uint8 [3, H, W] images on ``device`` (None where no decoder takes the file) and {position:
+    PIL's error} of those. All JPEGs go in one batched decode; if that raises (one image fails
+    the whole call), each file is decoded alone (``decode_file``)."""
+    images, failures = [None] * len(encoded), {}
+    jpegs = [position for position, data in enumerate(encoded) if data.dim() == 1]
+    if jpegs:
+        try:
+            decoded = decode_jpeg([encoded[position] for position in jpegs],
+                                  mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = []  # each alone, below
+        for position, image in zip(jpegs, decoded):
+            images[position] = image
+    for position, (path, data) in enumerate(zip(paths, encoded)):
+        if images[position] is None:
+            try:
+                images[position] = decode_file(path, data, device)
+            except DECODE_ERRORS as error:
+                failures[position] = error
+    return images, failures
+
+
+def crop_params(height, width, generator):
+    """``(top, left, crop_height, crop_width)`` of a random-resized crop of a ``height`` x
+    ``width`` image: torchvision's ``RandomResizedCrop.get_params`` (area in ``SCALE``, aspect
+    ratio log-uniform in ``RATIO``, ten tries, then the central crop of the nearest ratio), with
+    the same draws in the same order, from ``generator`` (host) instead of the global RNG."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(*SCALE, generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(*LOG_RATIO, generator=generator)).item()
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = torch.randint(0, height - crop_height + 1, (1,), generator=generator).item()
+            left = torch.randint(0, width - crop_width + 1, (1,), generator=generator).item()
+            return top, left, crop_height, crop_width
+    if width / height < min(RATIO):
+        crop_width, crop_height = width, int(round(width / min(RATIO)))
+    elif width / height > max(RATIO):
+        crop_width, crop_height = int(round(height * max(RATIO))), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def resize(image, height, width):
+    """``image`` ([3, H, W], any dtype) resized to float [3, height, width]: bilinear with
+    antialiasing, torchvision's ``Resize(antialias=True)`` on float tensors."""
+    return F.interpolate(image[None].float(), size=(height, width), mode="bilinear",
+                         antialias=True, align_corners=False)[0]
+
+
+def resized_crop(image, top, left, crop_height, crop_width, size):
+    """The crop, resized to float [3, size, size] (cropped first: only its pixels are read)."""
+    return resize(image[:, top:top + crop_height, left:left + crop_width], size, size)
+
+
+def resize_centre_crop(image, resize_to, size):
+    """Evaluation: the shorter side resized to ``resize_to`` (the longer one in proportion,
+    truncated, as torchvision's ``Resize(int)``), then torchvision's ``CenterCrop(size)``: zero
+    padding where the image is smaller, the crop's corner rounded half to even."""
+    _, height, width = image.shape
+    longer = int(resize_to * max(height, width) / min(height, width))
+    height, width = (longer, resize_to) if width <= height else (resize_to, longer)
+    image = resize(image, height, width)
+    pad_height, pad_width = max(size - height, 0), max(size - width, 0)
+    if pad_height or pad_width:
+        image = F.pad(image, (pad_width // 2, (pad_width + 1) // 2,
+                              pad_height // 2, (pad_height + 1) // 2))
+        height, width = height + pad_height, width + pad_width
+    top, left = int(round((height - size) / 2)), int(round((width - size) / 2))
+    return image[:, top:top + size, left:left + size]
+
+
+def flip(images, mask):
+    """``images`` [B, C, H, W] with the samples where ``mask`` [B] (bool, on their device) is
+    set mirrored left-right: one batched select, no host sync."""
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
+def epoch_generator(seed, epoch, rank):
+    """The host generator of one rank's augmentations in one epoch: a distinct stream for each
+    (seed, epoch, rank)."""
+    state = np.random.SeedSequence([seed % 2**64, epoch, rank]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+class NvJpegLoader(TorchLoader):
+    """Batches ``(images [B, 3, S, S] float32, labels [B] int64)`` on ``device``, JPEGs decoded
+    there (see the module's docstring). ``samples``: ``((path, label), ...)`` as
+    ``ImageFolder.samples``; ``bad_images``: "skip" or "error" for files found bad while reading;
+    ``known_bad``, ``bad_images`` (the attribute) and ``exclude`` as ``TorchLoader``'s.
+    Training: random-resized crop (``SCALE``, ``RATIO``) to ``image_size`` and a horizontal flip
+    of half the samples, then ``random_erasing`` (a callable on the normalised batch, on
+    ``device``; see ``augment.random_erasing``); evaluation: the shorter side resized to
+    ``eval_resize(image_size, crop_ratio)`` and a centre crop. Resizing is bilinear with
+    antialiasing, on float pixels (not rounded to uint8 as PIL and DALI do)."""
+
+    def __init__(self, samples, num_classes, *, training, batch_size, image_size, mean, std,
+                 crop_ratio, rank=0, world_size=1, device="cpu", workers=4,
+                 channels_last=False, seed=0, known_bad=None, bad_images="skip",
+                 random_erasing=None):
+        dataset = EncodedFileDataset(samples, bad_images)
+        super().__init__(dataset, num_classes, training=training, batch_size=batch_size,
+                         rank=rank, world_size=world_size, device=device, workers=workers,
+                         channels_last=channels_last, seed=seed, known_bad=known_bad)
+        # TorchLoader's DataLoader over encoded items: collated by collate_encoded (bytes packed,
+        # images not stacked) and not pinned (decode_jpeg copies the bytes itself).
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                 num_workers=workers, collate_fn=collate_encoded,
+                                 persistent_workers=workers > 0, drop_last=False)
+        self.training, self.image_size, self.seed, self.rank = training, image_size, seed, rank
+        self.resize_to = eval_resize(image_size, crop_ratio)
+        self.random_erasing = random_erasing
+        # (x / 255 - mean) / std as one multiply-add, on the device.
+        std = torch.tensor(std, dtype=torch.float32)
+        self.scale = (1 / (255 * std)).view(1, 3, 1, 1).to(self.device)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32) / std).view(1, 3, 1, 1).to(
+            self.device)
+
+    def _replacement(self, index, error, found):
+        """``(image, label)`` for sample ``index``, whose file no decoder takes (``error``):
+        the next sample in file order (wrapping) that decodes, as ``FileDataset`` replaces a
+        bad file; ``found`` gets the bad files met. Raises with ``bad_images="error"``."""
+        samples = self.dataset.samples
+        self._found_bad(samples[index][0], error, found)
+        for candidate in wrap_from(index, len(samples)):
+            path, label = samples[candidate]
+            if path in found or path in self.bad_images:
+                continue
+            try:
+                return decode_file(path, read_encoded(path), self.device), label
+            except DECODE_ERRORS as failure:
+                self._found_bad(path, failure, found)
+        raise BadImageError(f"none of the {len(samples)} files of this split decodes")
+
+    def _found_bad(self, path, error, found):
+        if self.dataset.mode == "error":
+            raise bad_file_error(path, error) from error
+        found[path] = describe(error)
+
+    def prepare(self, batch, generator):
+        """One DataLoader batch as the training step takes it: ``(images, labels, bad)`` on the
+        device, ``bad`` the files found bad in the workers or here."""
+        packed, parts, labels, bad, read = batch
+        encoded = unpack(packed, parts)
+        found = dict(bad)
+        samples = self.dataset.samples
+        images, failures = decode_images(encoded, [samples[index][0] for index in read],
+                                         self.device)
+        for position, error in failures.items():
+            images[position], labels[position] = self._replacement(read[position], error,
+                                                                   found)
+        if self.training:
+            images = torch.stack([
+                resized_crop(image, *crop_params(*image.shape[1:], generator), self.image_size)
+                for image in images])
+            mirror = torch.rand(len(images), generator=generator) < 0.5
+            images = flip(images, mirror.to(self.device, non_blocking=True))
+        else:
+            images = torch.stack([resize_centre_crop(image, self.resize_to, self.image_size)
+                                  for image in images])
+        images, labels = to_device(images.mul_(self.scale).add_(self.shift), labels, self.device,
+                                   self.channels_last)
+        if self.random_erasing:
+            images = self.random_erasing(images)
+        return images, labels, found
+
+    def __iter__(self):
+        generator = epoch_generator(self.seed, self.sampler.epoch, self.rank)
+        for batch in self.loader:
+            images, labels, bad = self.prepare(batch, generator)
+            if bad:
+                self._add_bad(bad, log=True)
+            yield images, labels
