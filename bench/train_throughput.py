@@ -92,6 +92,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--distillers", nargs="+", choices=DISTILLERS, default=DISTILLERS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -107,7 +108,7 @@ def main(argv=None):
 
     stand_in_before = {"without teacher": time_stand_in(False), "with teacher": time_stand_in(True)}
     rows = []
-    for name in DISTILLERS:
+    for name in args.distillers:
         student, teacher = models(args)
         try:
             distiller = build_distiller(name, student, None if name == "ce" else teacher)
