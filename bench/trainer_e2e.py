@@ -161,8 +161,9 @@ def measure(name, options, run_dir, log_path, cap):
                                       "--experiment", os.path.basename(run_dir)], log_path, cap)
     result = {"exit": status, "seconds": round(seconds, 1), "hung_at_exit": hung}
     log = open(log_path).read()
-    result["process_group"] = next((line for line in log.splitlines()
-                                    if line.startswith("process group:")), None)
+    result["process_group"] = next((line[line.index("process group:"):]
+                                    for line in log.splitlines() if "process group:" in line),
+                                   None)
     if os.path.isfile(os.path.join(run_dir, "summary.csv")):
         row = last_epoch(run_dir)
         result.update(epoch=int(row["epoch"]), images_per_s=row["img_per_s"],
@@ -192,7 +193,7 @@ def sigterm_and_resume(options, run_dir, log_dir, cap):
     log = open(os.path.join(log_dir, "resume.log")).read()
     result["resume"] = {"exit": status, "seconds": round(seconds, 1), "hung_at_exit": hung,
                         "resumed": [line for line in log.splitlines()
-                                    if line.startswith("resumed")]}
+                                    if " resumed " in line]}
     if os.path.isfile(os.path.join(run_dir, "summary.csv")):
         result["resume"]["epochs"] = int(last_epoch(run_dir)["epoch"]) + 1
     if status != 0:

@@ -104,8 +104,8 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_dir, tmp_path):
                      *FAST, "--epochs", "5", "--batch-size", "16", "--log-interval", "5"])
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until training steps are running
-        line = process.stderr.readline()
-        if line.startswith("epoch 0 ["):
+        line = process.stdout.readline()
+        if "epoch 0 [" in line:
             break
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=120)

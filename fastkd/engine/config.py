@@ -196,6 +196,8 @@ def _config_defaults(parser, path):
         dest = str(key).replace("-", "_")
         if dest not in actions or dest == "config":
             raise SystemExit(f"error: --config {path}: unknown option {key!r}")
+        if value is None:  # YAML null: not set (as args.yaml records unset options)
+            continue
         defaults[dest] = _config_value(actions[dest], value, f"--config {path}: {key}")
     return defaults
 

@@ -2,7 +2,9 @@
 shutdown of the process group."""
 
 import gc
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,32 @@ def init_process_group(backend, rank, world_size):
                             world_size=world_size)
 
 
+logger = logging.getLogger("fastkd.train")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record comes (a test's capture replaces it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(main):
+    """The trainer's log: timestamped lines on stdout from rank 0; other ranks log only
+    warnings and errors."""
+    if not logger.handlers:
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+
+
 class World:
     """Rank, world size and device from torchrun's environment; one process per device (NCCL on
     CUDA, gloo on CPU). Under torchrun the job is a process group even with one process, so that
@@ -54,6 +82,7 @@ class World:
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.distributed = self.world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+        configure_logging(self.main)
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
         if cuda:
@@ -106,8 +135,8 @@ class World:
         return values
 
     def log(self, message):
-        if self.main:
-            print(message, flush=True)
+        """``message`` through the ``fastkd.train`` logger, which only rank 0 writes."""
+        logger.info(message)
 
     def close(self):
         """Destroy the process group while the interpreter is still whole.

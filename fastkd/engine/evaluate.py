@@ -1,6 +1,7 @@
 """Accuracy over the validation split, and the closing report."""
 
 import torch
+import torch.nn.functional as F
 
 
 def accuracy_counts(logits, target):
@@ -11,19 +12,23 @@ def accuracy_counts(logits, target):
 
 
 def evaluate(model, loader, world, autocast, convert_input=None):
-    """Top-1 and top-5 accuracy (%) over the whole validation set, all ranks together.
-    ``convert_input`` maps the loader's images to the model's normalisation (a teacher's)."""
+    """Top-1 and top-5 accuracy (%) and the mean cross-entropy over the whole validation set, all
+    ranks together; read from the device once. ``convert_input`` maps the loader's images to the
+    model's normalisation (a teacher's)."""
     model.eval()
-    correct, total = torch.zeros(2, dtype=torch.int64, device=world.device), 0
+    correct = torch.zeros(2, dtype=torch.int64, device=world.device)
+    loss, total = torch.zeros((), dtype=torch.float64, device=world.device), 0
     with torch.no_grad(), torch.autocast(world.device.type, dtype=autocast[1],
                                          enabled=autocast[0]):
         for images, target in loader:
             if convert_input is not None:
                 images = convert_input(images)
-            correct += accuracy_counts(model(images), target)
+            logits = model(images)
+            correct += accuracy_counts(logits, target)
+            loss += F.cross_entropy(logits.float(), target, reduction="sum")
             total += len(target)
-    top1, top5, total = world.sum([*correct, total])
-    return 100 * top1 / total, 100 * top5 / total
+    top1, top5, loss, total = world.sum([*correct, loss, total])
+    return 100 * top1 / total, 100 * top5 / total, loss / total
 
 
 def report(args, world, run, rows, seconds):

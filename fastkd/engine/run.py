@@ -11,7 +11,6 @@ is what ``--resume`` needs.
 import math
 import os
 import signal
-import sys
 import time
 
 import timm
@@ -83,7 +82,7 @@ class StepMeter:
 
     def add(self, result, step):
         if self.names is None:
-            self.names = sorted(name for name in result if name != "output")
+            self.names = ["loss", *sorted(set(result) - {"loss", "output"})]
             self.totals = torch.zeros(len(self.names), device=self.first_bad_step.device)
             self.interval = torch.zeros_like(self.totals)
         batch = len(result["output"])
@@ -147,9 +146,9 @@ class Run:
         """The teacher's validation accuracy, logged before training; a teacher no better than
         chance (1/C plus three binomial standard errors over the validation set) stops the run
         before it starts, unless --allow-untrained-teacher."""
-        self.teacher_accuracy = evaluate(self.task.teacher, self.val_loader, self.world,
-                                         self.autocast, self.task.teacher_input)
-        top1, top5 = self.teacher_accuracy
+        top1, top5, _ = evaluate(self.task.teacher, self.val_loader, self.world, self.autocast,
+                                 self.task.teacher_input)
+        self.teacher_accuracy = top1, top5
         self.world.log(f"teacher {self.args.teacher}: top-1 {top1:.2f} top-5 {top5:.2f}")
         chance = 1 / self.args.num_classes
         threshold = 100 * (chance + 3 * math.sqrt(chance * (1 - chance)
@@ -297,13 +296,13 @@ class Run:
                 raise Stop(int(stop_signal))
             if world.main:
                 now = time.perf_counter()
-                interval = meter.interval_means()
+                parts = " ".join(f"{name} {value:.4f}"
+                                 for name, value in meter.interval_means().items())
                 rate = (meter.seen - checked_seen) * world.world_size / (now - checked)
                 eta = (now - started) / (step + 1) * (steps - step - 1)
-                print(f"epoch {epoch} [{step + 1}/{steps}] loss {interval['loss']:.4f} "
-                      f"lr {self.optimizer.param_groups[0]['lr']:.3g} {rate:.0f} img/s "
-                      f"data {100 * data_time / (now - started):.0f}% "
-                      f"eta {eta:.0f} s", file=sys.stderr, flush=True)
+                world.log(f"epoch {epoch} [{step + 1}/{steps}] {parts} "
+                          f"lr {self.optimizer.param_groups[0]['lr']:.3g} {rate:.0f} img/s "
+                          f"data {100 * data_time / (now - started):.0f}% eta {eta:.0f} s")
                 checked, checked_seen = now, meter.seen
             meter.start_interval()
         elapsed = time.perf_counter() - started
@@ -357,8 +356,9 @@ class Run:
                                   reduce=True)
             accuracy = {}
             for prefix, model in self.eval_models().items():
-                top1, top5 = evaluate(model, self.val_loader, world, self.autocast)
-                accuracy.update({f"eval_{prefix}top1": top1, f"eval_{prefix}top5": top5})
+                top1, top5, loss = evaluate(model, self.val_loader, world, self.autocast)
+                accuracy.update({f"eval_{prefix}loss": loss, f"eval_{prefix}top1": top1,
+                                 f"eval_{prefix}top5": top5})
             # With an EMA its accuracy picks best.pth, as in timm.
             top1 = accuracy["eval_ema_top1" if self.task.has_ema() else "eval_top1"]
             self.rows.append({
@@ -371,7 +371,9 @@ class Run:
             self.save(epoch + 1, top1)
             if world.main:
                 write_summary(self.run_dir, self.rows)
-                plot_curves(self.run_dir, self.rows)
+                teacher = f" <- {args.teacher}" if self.task.teacher is not None else ""
+                plot_curves(self.run_dir, self.rows,
+                            f"{args.distiller}: {args.model}{teacher} ({args.dataset})")
             world.log(f"epoch {epoch}: loss {train_metrics['loss']:.4f} top-1 "
                       f"{accuracy['eval_top1']:.2f} top-5 {accuracy['eval_top5']:.2f} "
                       f"({images_per_second:.0f} img/s)")

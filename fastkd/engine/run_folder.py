@@ -4,7 +4,9 @@ calls these."""
 
 import csv
 import fcntl
+import importlib
 import os
+import subprocess
 import time
 
 import yaml
@@ -63,9 +65,47 @@ def lock(folder):
 
 
 def write_args(folder, args):
+    """``args.yaml``: the run's options as resolved, headed by comments naming the library
+    versions and the git commit of the code that ran. ``--config args.yaml`` takes it back (the
+    config file the run read, if any, is already folded into the values)."""
     with atomic_write(os.path.join(folder, "args.yaml")) as handle:
+        handle.write("".join(f"# {line}\n" for line in provenance()))
         yaml.safe_dump({key: list(value) if isinstance(value, tuple) else value
-                        for key, value in vars(args).items()}, handle)
+                        for key, value in vars(args).items() if key != "config"}, handle)
+
+
+def provenance():
+    """Lines naming Python, torch, timm, triton, DALI and fastkd's git commit."""
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for name, module in (("torch", "torch"), ("timm", "timm"), ("triton", "triton"),
+                         ("dali", "nvidia.dali"), ("torchvision", "torchvision")):
+        try:
+            versions[name] = importlib.import_module(module).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    return [", ".join(f"{name} {version}" for name, version in versions.items()),
+            f"fastkd commit {git_commit()}"]
+
+
+def git_commit():
+    """The checkout's HEAD (with ``-dirty`` if files changed), or "unknown" outside git."""
+    source = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*arguments):
+        return subprocess.run(["git", "-C", source, *arguments], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        # An installed copy may sit inside some other repository (a venv in a checkout).
+        if not os.path.samefile(os.path.join(top, "fastkd", "engine"), source):
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def write_summary(folder, rows):
@@ -83,24 +123,33 @@ def write_bad_images(folder, bad):
         handle.writelines(f"{path}\t{bad[path]}\n" for path in sorted(bad))
 
 
-def plot_curves(folder, rows):
-    """``curves.png``: training losses and evaluation accuracy per epoch."""
+def plot_curves(folder, rows, title):
+    """``curves.png``: training losses, evaluation accuracy and the learning rate per epoch,
+    titled ``title``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in rows]
-    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(10, 4))
+
+    def curve(axes, key, label):  # markers: a one-epoch run still shows its point
+        axes.plot(epochs, [row.get(key, float("nan")) for row in rows], "o-", label=label)
+
+    figure, (losses, accuracy, rate) = plt.subplots(1, 3, figsize=(14, 4))
     for key in rows[-1]:
-        if key.startswith("train_"):
-            losses.plot(epochs, [row.get(key, float("nan")) for row in rows], label=key[6:])
-    losses.set(xlabel="epoch", ylabel="train loss", yscale="log")
+        if key.startswith("train_") or key == "eval_loss":
+            curve(losses, key, key.replace("train_", "train ").replace("eval_", "eval "))
+    losses.set(xlabel="epoch", ylabel="loss", yscale="log")
     losses.legend()
-    for key in ("eval_top1", "eval_top5"):
-        accuracy.plot(epochs, [row[key] for row in rows], label=key[5:])
+    for key in rows[-1]:
+        if key.startswith("eval_") and key[-4:] in ("top1", "top5"):
+            curve(accuracy, key, key[5:].replace("_", " "))
     accuracy.set(xlabel="epoch", ylabel="accuracy (%)")
     accuracy.legend()
+    curve(rate, "lr", "lr")
+    rate.set(xlabel="epoch", ylabel="learning rate")
+    figure.suptitle(title)
     figure.tight_layout()
     with atomic_write(os.path.join(folder, "curves.png"), "wb") as handle:
         figure.savefig(handle, format="png")

@@ -144,8 +144,9 @@ def evaluate_checkpoint(args, world, val_loader):
         model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
         checkpoint.load_weights(model, args.eval_only, flag="--eval-only", use_ema=use_ema,
                                 arch=args.model)
-        top1, top5 = evaluate(model.to(world.device), val_loader, world, autocast)
-        world.log(f"{label} {args.model} ({args.eval_only}): top-1 {top1:.2f} top-5 {top5:.2f}")
+        top1, top5, loss = evaluate(model.to(world.device), val_loader, world, autocast)
+        world.log(f"{label} {args.model} ({args.eval_only}): top-1 {top1:.2f} top-5 {top5:.2f} "
+                  f"loss {loss:.4f}")
 
 
 def main(argv=None):

@@ -1,0 +1,94 @@
+"""What a run tells its user: the log's lines, summary.csv, args.yaml and curves.png."""
+
+import csv
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+
+from fastkd.data import create_loaders
+from fastkd.engine import checkpoint
+from fastkd.engine.config import parse_args
+from fastkd.engine.trainer import main
+
+TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-epoch LDRLD run on synthetic data, 4 steps an epoch, a log line every 2."""
+    output = tmp_path_factory.mktemp("runs")
+    capture = pytest.MonkeyPatch()
+    lines = []
+    capture.setattr("sys.stdout", _Lines(lines))
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(["--dataset", "synthetic", "--num-classes", "10", "--img-size", "32",
+                  "--model", "resnet20", "--teacher", "resnet20", "--allow-untrained-teacher",
+                  "--synthetic-samples", "32", "-b", "8", "--epochs", "2", "--lr", "0.01",
+                  "--log-interval", "2", "--output", str(output), "--experiment", "run"])
+    finally:
+        capture.undo()
+    assert stop.value.code == 0
+    return output / "run", "".join(lines).splitlines()
+
+
+class _Lines:
+    def __init__(self, lines):
+        self.lines = lines
+
+    def write(self, text):
+        self.lines.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_each_line_is_timestamped_and_steps_are_logged_at_the_interval(run):
+    _, lines = run
+    logged = [line for line in lines if re.match(TIMESTAMP, line)]
+    assert logged and lines[0] == logged[0]
+    steps = [line for line in logged if re.search(r"epoch \d \[\d/4\]", line)]
+    assert [re.search(r"\[(\d)/4\]", line).group(1) for line in steps] == ["2", "4"] * 2
+    for line in steps:
+        assert re.search(r"loss [\d.]+ ce [\d.]+ kd [\d.]+ lr 0\.01 \d+ img/s data \d+% "
+                         r"eta \d+ s$", line), line
+
+
+def test_summary_has_timm_columns_the_loss_parts_and_eval_loss(run):
+    folder, _ = run
+    with open(folder / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    for column in ("lr", "train_loss", "train_ce", "train_kd", "eval_loss", "eval_top1",
+                   "eval_top5", "data_wait"):
+        assert all(float(row[column]) >= 0 for row in rows), column
+    # eval_loss: the saved student's mean cross-entropy over the (regenerated) evaluation batch.
+    student = timm.create_model("resnet20", num_classes=10)
+    checkpoint.load_weights(student, str(folder / "last.pth"))
+    _, val = create_loaders("synthetic", batch_size=8, image_size=32, num_classes=10,
+                            synthetic_samples=32, seed=42)
+    (images, labels), = list(val)
+    with torch.no_grad():
+        expected = F.cross_entropy(student.eval()(images), labels).item()
+    assert float(rows[-1]["eval_loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_args_yaml_names_versions_and_commit_and_reads_back_as_a_config(run):
+    folder, _ = run
+    text = (folder / "args.yaml").read_text()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert f"torch {torch.__version__}" in header[0]
+    assert re.match(r"# fastkd commit ([0-9a-f]{40}(-dirty)?|unknown)$", header[1])
+    saved = yaml.safe_load(text)
+    assert saved["num_classes"] == 10 and saved["distiller"] == "ldrld"
+    again = parse_args(["--config", str(folder / "args.yaml")])
+    assert (again.model, again.lr, again.synthetic_samples) == ("resnet20", 0.01, 32)
+
+
+def test_curves_png_is_written(run):
+    folder, _ = run
+    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
