@@ -1,6 +1,7 @@
 """timm's training augmentations in both loaders, on the demo JPEGs: auto-augment (``--aa``),
 random erasing (``--reprob``, ``--remode``, ``--recount``) and the normalisation mean/std."""
 
+import os
 import random
 import re
 
@@ -10,7 +11,9 @@ import torch
 
 from fastkd import data
 from fastkd.data import create_loaders
+from fastkd.data.augment import CropFlip
 from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD
+from fastkd.data.nvjpeg import NvJpegLoader
 
 needs_dali = pytest.mark.skipif(not data.dali_available(), reason="nvidia-dali is not installed")
 LOADERS = [pytest.param("dali", marks=needs_dali), "torch"]
@@ -171,3 +174,65 @@ def test_bad_settings_refused_before_reading(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         create_loaders("folder", str(tmp_path / "nowhere"), batch_size=4, loader="torch",
                        **options)
+
+
+@pytest.fixture(scope="module")
+def same_split_tree(tmp_path_factory, demo_dir):
+    """Two digit classes whose train and val folders hold the same 12 JPEGs."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("same")
+    for label in ("0", "1"):
+        files = sorted(os.listdir(os.path.join(demo_dir, "train", label)))[:6]
+        for split in ("train", "val"):
+            os.makedirs(root / split / label)
+            for name in files:
+                shutil.copy(os.path.join(demo_dir, "train", label, name), root / split / label)
+    return root
+
+
+def whole_epoch(loader):
+    return torch.cat([images.clone() for images, _ in loader])
+
+
+def matched(train_images, val_images, tolerance):
+    """How many training images equal some validation image within ``tolerance``."""
+    return sum(bool(((val_images - image).abs().amax(dim=(1, 2, 3)) < tolerance).any())
+               for image in train_images)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+@pytest.mark.parametrize("kind", [*LOADERS, "nvjpeg"])
+def test_crop_flip_settings_reach_every_loader(same_split_tree, kind):
+    """Whole-image crops (--scale 1 1 --ratio 1 1) without flips (--hflip 0) leave each
+    training image as evaluation sees it (crop_ratio 1: no resize, no crop); timm's defaults do
+    not."""
+    def epoch_images(crop_flip):
+        options = dict(batch_size=4, image_size=32, crop_ratio=1.0, workers=0,
+                       crop_flip=crop_flip)
+        if kind == "nvjpeg":  # decoding on the CPU stands in for the GPU here
+            folders = data.scan_split_folders(f"{same_split_tree}/train",
+                                              f"{same_split_tree}/val")
+            loaders = [NvJpegLoader(folder.samples, 2, training=training, mean=IMAGENET_MEAN,
+                                    std=IMAGENET_STD, **options)
+                       for folder, training in zip(folders, (True, False))]
+        else:
+            loaders = create_loaders("folder", str(same_split_tree), loader=kind, **options)
+        return [whole_epoch(loader) for loader in loaders]
+
+    train, val = epoch_images(CropFlip(scale=(1, 1), ratio=(1, 1), hflip=0.0))
+    assert len(train) == len(val) == 12
+    assert matched(train, val, 1e-4) == 12
+    train, val = epoch_images(CropFlip())
+    assert matched(train, val, 1e-4) < 12
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(scale=(0, 1)), "scale must be two area fractions 0 < low <= high <= 1"),
+    (dict(scale=(0.9, 0.5)), "scale must be two area fractions"),
+    (dict(ratio=(2, 1)), "ratio must be two aspect ratios 0 < low <= high"),
+    (dict(hflip=1.5), "hflip must be a probability in [0, 1], got 1.5"),
+])
+def test_crop_flip_refuses_bad_ranges(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CropFlip(**settings)

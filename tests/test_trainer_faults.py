@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import torch
+import yaml
 from test_bad_images import BAD_FILES
 from test_data import needs_dali, write_tree
 from trainer_helpers import (
@@ -42,6 +43,11 @@ sys.exit(status)
 """
 
 
+def summary_top1(folder):
+    with open(os.path.join(folder, "summary.csv"), newline="") as handle:
+        return float(list(csv.DictReader(handle))[-1]["eval_top1"])
+
+
 def summary_epochs(folder):
     with open(os.path.join(folder, "summary.csv"), newline="") as handle:
         return [row["epoch"] for row in csv.DictReader(handle)]
@@ -68,7 +74,7 @@ def test_no_gloo_thread_outlives_a_two_process_run(demo_dir, tmp_path, stop):
 def test_interrupted_demo_teacher_is_resumed_not_reused(demo_dir, tmp_path):
     args = ["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "kd", "--teacher",
             "resnet20", "--output", str(tmp_path), "--experiment", "student", *FAST]
-    teacher = tmp_path / "demo-teacher-resnet20-10cls-32px-8ep"
+    teacher = tmp_path / "demo-teacher-resnet20-10cls-32px-8ep-scale0.5-1-flip0"
     process = start(command(args))
     wait_for(teacher / "last.pth", process)
     process.kill()
@@ -81,8 +87,19 @@ def test_interrupted_demo_teacher_is_resumed_not_reused(demo_dir, tmp_path):
     assert f"resumed {teacher}/last.pth at epoch" in result.stdout
     with open(teacher / "complete.json") as handle:
         assert json.load(handle) == {"model": "resnet20", "epochs": 8, "img_size": 32,
-                                     "num_classes": 10}
+                                     "num_classes": 10, "scale": [0.5, 1.0],
+                                     "ratio": [0.75, 4 / 3], "hflip": 0.0}
     assert summary_epochs(teacher) == [str(epoch) for epoch in range(8)]
+    # The demo's CE baseline: the student's model, seed and epochs, no teacher; the closing
+    # table gives the distilled student's gain over it.
+    baseline = tmp_path / "student-ce-baseline"
+    settings = yaml.safe_load((baseline / "args.yaml").read_text())
+    student = yaml.safe_load((tmp_path / "student" / "args.yaml").read_text())
+    assert settings["distiller"] == "ce" and student["distiller"] == "kd"
+    assert all(settings[key] == student[key] for key in ("model", "seed", "epochs", "lr"))
+    gain = (summary_top1(tmp_path / "student") - summary_top1(baseline))
+    assert "baseline  resnet20 (ce)" in result.stdout
+    assert f"kd - ce top-1: {gain:+.2f} last, {gain:+.2f} best" in result.stdout
 
     again = run_main(args)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -130,6 +130,12 @@ def test_timm_flags_parse_as_in_timm():
     (["--input-size", "1", "32", "32"], "--input-size must be 3 H W with H = W"),
     (["--ldrld-top-d", "seven"], "argument --ldrld-top-d: invalid int value"),
     (["--hcd-cfm", "conv"], "argument --hcd-cfm: invalid choice"),
+    (["--scale", "0", "1"], "--scale must be two area fractions 0 < low <= high <= 1"),
+    (["--ratio", "1.5", "1"], "--ratio must be two aspect ratios 0 < low <= high"),
+    (["--hflip", "-0.5"], "--hflip must be a probability in [0, 1], got -0.5"),
+    (["--dataset", "cifar100", "--data-dir", ".", "--model", "resnet20", "--distiller", "ce",
+      "--scale", "0.5", "1"],
+     "--scale and --ratio set a random-resized crop; CIFAR-100 trains with a padded random"),
 ])
 def test_mistakes_are_refused_while_parsing(argv, message, capsys):
     with pytest.raises(SystemExit):

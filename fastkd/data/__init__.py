@@ -23,7 +23,7 @@ import logging
 import torch
 
 from ..optional import importable
-from .augment import random_erasing, timm_auto_augment
+from .augment import CropFlip, random_erasing, timm_auto_augment
 from .bad_images import bad_files_error, check_mode
 from .cifar import CIFAR100, cifar_transform
 from .common import (
@@ -79,7 +79,8 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                    eval_batch_size=None, rank=0, world_size=1, device="cpu", workers=4,
                    channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO,
                    bad_images="skip", mean=None, std=None, auto_augment=None, re_prob=0.0,
-                   re_mode="pixel", re_count=1, num_classes=None, synthetic_samples=None):
+                   re_mode="pixel", re_count=1, crop_flip=CropFlip(), num_classes=None,
+                   synthetic_samples=None):
     """``(train_loader, val_loader)`` for ``dataset``.
 
     - ``dataset``: ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and
@@ -103,6 +104,10 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
       model's ``resolve_data_config``; default ImageNet's, CIFAR-100's for ``"cifar100"``.
 
     Training augmentations (the training split only; evaluation is never augmented):
+
+    - ``crop_flip``: the random-resized crop's area and aspect-ratio ranges and the flip
+      probability (``augment.CropFlip``; timm's ``--scale``, ``--ratio``, ``--hflip``); CIFAR-100
+      takes only the flip probability (its crop is a padded random crop).
 
     - ``auto_augment``: a timm auto-augment string (timm's ``--aa``: ``"v0"``, ``"original"``,
       ``"rand-m9-mstd0.5-inc1"``, ``"augmix-m5-w4-d2"``, ...), applied after crop and flip. The
@@ -158,6 +163,7 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     else:  # timm's transforms, per sample on the DataLoader workers
         train_augment = dict(auto_augment=pil_auto_augment,
                              random_erasing=random_erasing(re_prob, re_mode, re_count, "cpu"))
+    train_augment["crop_flip"] = crop_flip
     common = dict(rank=rank, world_size=world_size, device=device, workers=workers,
                   channels_last=channels_last, seed=seed)
     splits = (("train", True, train_augment, batch_size),

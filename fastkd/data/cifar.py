@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from .augment import compose_transform
+from .augment import CropFlip, compose_transform
 from .common import CIFAR100_MEAN, CIFAR100_STD
 
 ARCHIVE = "cifar-100-python"
@@ -28,14 +28,16 @@ def find_archive(path):
 
 
 def cifar_transform(training, image_size=32, mean=CIFAR100_MEAN, std=CIFAR100_STD,
-                    auto_augment=None, random_erasing=None):
-    """Random crop 32 with padding 4 + flip for training; optionally resized (HCD's timm recipes
-    train at 224). ``auto_augment`` (timm's PIL policy, on the resized image) and
-    ``random_erasing`` (timm's, on the normalised tensor) are the training split's (see
+                    auto_augment=None, random_erasing=None, crop_flip=CropFlip()):
+    """Random crop 32 with padding 4 + flip (with ``crop_flip.hflip``; its scale and ratio are
+    for random-resized crops) for training; optionally resized (HCD's timm recipes train at
+    224). ``auto_augment`` (timm's PIL policy, on the resized image) and ``random_erasing``
+    (timm's, on the normalised tensor) are the training split's (see
     ``augment.compose_transform``)."""
     steps = []
     if training:
-        steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        steps = [transforms.RandomCrop(32, padding=4),
+                 transforms.RandomHorizontalFlip(crop_flip.hflip)]
     if image_size != 32:
         steps.append(transforms.Resize(image_size))
     return compose_transform(steps, mean, std, auto_augment, random_erasing)

@@ -21,6 +21,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import auto_augment as policies
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from .augment import CropFlip
 from .bad_images import record_bad
 from .common import epoch_order, eval_resize, to_device
 from .folders import shard_bounds
@@ -52,16 +53,16 @@ def dali_auto_augment(config):
 
 @pipeline_def(enable_conditionals=True)  # DALI's auto-augment chooses operators per sample
 def image_pipeline(files, labels, training, image_size, resize_size, mean, std, gpu,
-                   auto_augment_args):
+                   auto_augment_args, crop_flip):
     jpegs, labels = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                     pad_last_batch=True, name=READER)
     decode_device = "mixed" if gpu else "cpu"
     if training:
         images = fn.decoders.image_random_crop(
             jpegs, device=decode_device, output_type=types.RGB,
-            random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+            random_area=list(crop_flip.scale), random_aspect_ratio=list(crop_flip.ratio))
         images = fn.resize(images, resize_x=image_size, resize_y=image_size)
-        mirror = fn.random.coin_flip(probability=0.5)
+        mirror = fn.random.coin_flip(probability=crop_flip.hflip)
         if auto_augment_args:
             # timm's order: crop, flip, policy. Where timm fills with the mean colour, DALI
             # takes one grey level: the average of that colour's channels.
@@ -95,7 +96,7 @@ class DaliLoader:
     def __init__(self, samples, num_classes, *, training, batch_size, image_size, mean, std,
                  crop_ratio, rank=0, world_size=1, device="cpu", workers=4,
                  channels_last=False, seed=0, known_bad=None, auto_augment=None,
-                 random_erasing=None):
+                 random_erasing=None, crop_flip=CropFlip()):
         self.samples, self.num_classes, self.dataset_size = samples, num_classes, len(samples)
         self.training, self.batch_size = training, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -104,7 +105,8 @@ class DaliLoader:
             training=training, image_size=image_size,
             resize_size=eval_resize(image_size, crop_ratio),
             mean=mean, std=std, gpu=self.device.type == "cuda",
-            auto_augment_args=dali_auto_augment(auto_augment), batch_size=batch_size,
+            auto_augment_args=dali_auto_augment(auto_augment), crop_flip=crop_flip,
+            batch_size=batch_size,
             num_threads=max(workers, 1),
             device_id=(self.device.index or 0) if self.device.type == "cuda" else None)
         self.random_erasing = random_erasing

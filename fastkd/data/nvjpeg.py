@@ -42,16 +42,13 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
+from .augment import CropFlip
 from .bad_images import DECODE_ERRORS, BadImageError, describe, read_rgb, wrap_from
 from .common import eval_resize, to_device
 from .torch_loader import FileDataset, TorchLoader
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker and the next marker's first byte
 JPEG_END = b"\xff\xd9"  # end-of-image marker
-SCALE = (0.08, 1.0)  # RandomResizedCrop's defaults: area fraction and aspect-ratio range
-RATIO = (3 / 4, 4 / 3)
-# torchvision takes the logs in float32; the same values give the same crops for the same draws.
-LOG_RATIO = tuple(torch.log(torch.tensor(RATIO)).tolist())
 
 
 def read_encoded(path):
@@ -154,25 +151,30 @@ def decode_images(encoded, paths, device):
     return images, failures
 
 
-def crop_params(height, width, generator):
+def crop_params(height, width, generator, crop_flip=CropFlip()):
     """``(top, left, crop_height, crop_width)`` of a random-resized crop of a ``height`` x
-    ``width`` image: torchvision's ``RandomResizedCrop.get_params`` (area in ``SCALE``, aspect
-    ratio log-uniform in ``RATIO``, ten tries, then the central crop of the nearest ratio), with
-    the same draws in the same order, from ``generator`` (host) instead of the global RNG."""
+    ``width`` image: torchvision's ``RandomResizedCrop.get_params`` (area fraction in
+    ``crop_flip.scale``, aspect ratio log-uniform in ``crop_flip.ratio``, ten tries, then the
+    central crop of the nearest ratio), with the same draws in the same order, from
+    ``generator`` (host) instead of the global RNG."""
     area = height * width
+    low, high = crop_flip.ratio
+    # torchvision takes the logs in float32: the same values give the same crops.
+    log_ratio = torch.log(torch.tensor(crop_flip.ratio)).tolist()
     for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(*SCALE, generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(*LOG_RATIO, generator=generator)).item()
+        target_area = area * torch.empty(1).uniform_(*crop_flip.scale,
+                                                     generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(*log_ratio, generator=generator)).item()
         crop_width = int(round(math.sqrt(target_area * aspect)))
         crop_height = int(round(math.sqrt(target_area / aspect)))
         if 0 < crop_width <= width and 0 < crop_height <= height:
             top = torch.randint(0, height - crop_height + 1, (1,), generator=generator).item()
             left = torch.randint(0, width - crop_width + 1, (1,), generator=generator).item()
             return top, left, crop_height, crop_width
-    if width / height < min(RATIO):
-        crop_width, crop_height = width, int(round(width / min(RATIO)))
-    elif width / height > max(RATIO):
-        crop_width, crop_height = int(round(height * max(RATIO))), height
+    if width / height < low:
+        crop_width, crop_height = width, int(round(width / low))
+    elif width / height > high:
+        crop_width, crop_height = int(round(height * high)), height
     else:
         crop_width, crop_height = width, height
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
@@ -225,16 +227,16 @@ class NvJpegLoader(TorchLoader):
     there (see the module's docstring). ``samples``: ``((path, label), ...)`` as
     ``ImageFolder.samples``; ``bad_images``: "skip" or "error" for files found bad while reading;
     ``known_bad``, ``bad_images`` (the attribute) and ``exclude`` as ``TorchLoader``'s.
-    Training: random-resized crop (``SCALE``, ``RATIO``) to ``image_size`` and a horizontal flip
-    of half the samples, then ``random_erasing`` (a callable on the normalised batch, on
-    ``device``; see ``augment.random_erasing``); evaluation: the shorter side resized to
+    Training: random-resized crop to ``image_size`` and a horizontal flip (``crop_flip``), then
+    ``random_erasing`` (a callable on the normalised batch, on ``device``; see
+    ``augment.random_erasing``); evaluation: the shorter side resized to
     ``eval_resize(image_size, crop_ratio)`` and a centre crop. Resizing is bilinear with
     antialiasing, on float pixels (not rounded to uint8 as PIL and DALI do)."""
 
     def __init__(self, samples, num_classes, *, training, batch_size, image_size, mean, std,
                  crop_ratio, rank=0, world_size=1, device="cpu", workers=4,
                  channels_last=False, seed=0, known_bad=None, bad_images="skip",
-                 random_erasing=None):
+                 random_erasing=None, crop_flip=CropFlip()):
         dataset = EncodedFileDataset(samples, bad_images)
         super().__init__(dataset, num_classes, training=training, batch_size=batch_size,
                          rank=rank, world_size=world_size, device=device, workers=workers,
@@ -246,7 +248,7 @@ class NvJpegLoader(TorchLoader):
                                  persistent_workers=workers > 0, drop_last=False)
         self.training, self.image_size, self.seed, self.rank = training, image_size, seed, rank
         self.resize_to = eval_resize(image_size, crop_ratio)
-        self.random_erasing = random_erasing
+        self.random_erasing, self.crop_flip = random_erasing, crop_flip
         # (x / 255 - mean) / std as one multiply-add, on the device.
         std = torch.tensor(std, dtype=torch.float32)
         self.scale = (1 / (255 * std)).view(1, 3, 1, 1).to(self.device)
@@ -288,9 +290,10 @@ class NvJpegLoader(TorchLoader):
                                                                    found)
         if self.training:
             images = torch.stack([
-                resized_crop(image, *crop_params(*image.shape[1:], generator), self.image_size)
+                resized_crop(image, *crop_params(*image.shape[1:], generator, self.crop_flip),
+                             self.image_size)
                 for image in images])
-            mirror = torch.rand(len(images), generator=generator) < 0.5
+            mirror = torch.rand(len(images), generator=generator) < self.crop_flip.hflip
             images = flip(images, mirror.to(self.device, non_blocking=True))
         else:
             images = torch.stack([resize_centre_crop(image, self.resize_to, self.image_size)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms
 
-from .augment import compose_transform
+from .augment import CropFlip, compose_transform
 from .bad_images import (
     DECODE_ERRORS,
     BadImageError,
@@ -25,13 +25,15 @@ from .folders import shard_bounds
 
 
 def image_transform(training, image_size, mean, std, crop_ratio, auto_augment=None,
-                    random_erasing=None):
-    """timm/ImageNet convention: random-resized-crop + flip for training; resize the shorter
-    side to image_size / crop_ratio and centre-crop for evaluation. ``auto_augment`` (timm's PIL
-    policy) and ``random_erasing`` (timm's, on the normalised tensor) are the training split's
-    (see ``augment.compose_transform``)."""
+                    random_erasing=None, crop_flip=CropFlip()):
+    """timm/ImageNet convention: random-resized-crop + flip (``crop_flip``) for training; resize
+    the shorter side to image_size / crop_ratio and centre-crop for evaluation. ``auto_augment``
+    (timm's PIL policy) and ``random_erasing`` (timm's, on the normalised tensor) are the
+    training split's (see ``augment.compose_transform``)."""
     if training:
-        steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+        steps = [transforms.RandomResizedCrop(image_size, scale=crop_flip.scale,
+                                              ratio=crop_flip.ratio),
+                 transforms.RandomHorizontalFlip(crop_flip.hflip)]
     else:
         steps = [transforms.Resize(eval_resize(image_size, crop_ratio)),
                  transforms.CenterCrop(image_size)]

@@ -18,21 +18,28 @@ COMPLETE = "complete.json"
 
 def teacher_args(args):
     """The teacher run's options: the demo recipe for ``args.teacher`` at the student's image
-    size and classes, in a folder named by those settings, resumed there if interrupted."""
+    size, classes and crop and flip, in a folder named by those settings, resumed there if
+    interrupted."""
     epochs = DEMO_DEFAULTS["epochs"]
-    name = f"demo-teacher-{args.teacher}-{args.num_classes}cls-{args.img_size}px-{epochs}ep"
+    low, high = args.scale
+    name = (f"demo-teacher-{args.teacher}-{args.num_classes}cls-{args.img_size}px-{epochs}ep-"
+            f"scale{low:g}-{high:g}-flip{args.hflip:g}")
     settings = parse_args(["--dataset", "demo", "--distiller", "ce", "--model", args.teacher,
                            "--epochs", str(epochs), "--img-size", str(args.img_size),
                            "--num-classes", str(args.num_classes), "--output", args.output,
                            "--experiment", name, "--resume", "auto", "--seed", str(args.seed),
-                           "--workers", str(args.workers), "--loader", args.loader])
+                           "--workers", str(args.workers), "--loader", args.loader,
+                           "--scale", str(low), str(high),
+                           "--ratio", *map(str, args.ratio), "--hflip", str(args.hflip)])
     settings.amp = args.amp
     return settings
 
 
 def _record(settings):
     return {"model": settings.model, "epochs": settings.epochs,
-            "img_size": settings.img_size, "num_classes": settings.num_classes}
+            "img_size": settings.img_size, "num_classes": settings.num_classes,
+            "scale": list(settings.scale), "ratio": list(settings.ratio),
+            "hflip": settings.hflip}
 
 
 def finished(settings):

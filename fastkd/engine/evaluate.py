@@ -31,20 +31,36 @@ def evaluate(model, loader, world, autocast, convert_input=None):
     return 100 * top1 / total, 100 * top5 / total, loss / total
 
 
-def report(args, world, run, rows, seconds):
-    """The closing table: teacher and student accuracy, wall time, throughput."""
-    lines = [f"{'':<10}{'model':<16}{'top-1':>8}{'top-5':>8}"]
+def report(args, world, run, baseline, seconds):
+    """The closing table: the teacher's accuracy, the student's at its last and best epochs
+    and, for the demo, the CE-only baseline student's and the student's gain over it."""
+    lines = [f"{'':<10}{'model':<24}{'top-1':>8}{'top-5':>8}"]
     if run.teacher_accuracy is not None:
         teacher_top1, teacher_top5 = run.teacher_accuracy
-        lines.append(f"{'teacher':<10}{args.teacher:<16}{teacher_top1:>8.2f}"
+        lines.append(f"{'teacher':<10}{args.teacher:<24}{teacher_top1:>8.2f}"
                      f"{teacher_top5:>8.2f}")
-    if rows:
-        last, best = rows[-1], max(rows, key=lambda row: row["eval_top1"])
-        lines.append(f"{'student':<10}{args.model:<16}{last['eval_top1']:>8.2f}"
-                     f"{last['eval_top5']:>8.2f}  last epoch ({last['epoch']})")
-        lines.append(f"{'':<26}{best['eval_top1']:>8.2f}{best['eval_top5']:>8.2f}  best epoch "
-                     f"({best['epoch']})")
-        rate = sum(row["img_per_s"] for row in rows) / len(rows)
+    students = [("baseline", baseline), ("student", run)] if baseline else [("student", run)]
+    for role, student in students:
+        if student.rows:
+            last, best = last_and_best(student.rows)
+            name = f"{student.args.model} ({student.args.distiller})"
+            lines.append(f"{role:<10}{name:<24}{last['eval_top1']:>8.2f}"
+                         f"{last['eval_top5']:>8.2f}  last epoch ({last['epoch']})")
+            lines.append(f"{'':<34}{best['eval_top1']:>8.2f}{best['eval_top5']:>8.2f}  best "
+                         f"epoch ({best['epoch']})")
+    if baseline and baseline.rows and run.rows:
+        gains = [distilled["eval_top1"] - plain["eval_top1"] for distilled, plain
+                 in zip(last_and_best(run.rows), last_and_best(baseline.rows))]
+        verdict = "beats" if min(gains) > 0 else "does not beat"
+        lines.append(f"{args.distiller} - ce top-1: {gains[0]:+.2f} last, {gains[1]:+.2f} best: "
+                     f"on this data {args.distiller} {verdict} the CE baseline")
+    if run.rows:
+        rate = sum(row["img_per_s"] for row in run.rows) / len(run.rows)
         lines.append(f"{args.distiller} run: {seconds:.0f} s wall, {rate:.0f} img/s training "
                      f"(all ranks), outputs in {run.run_dir}")
     world.log("\n".join(lines))
+
+
+def last_and_best(rows):
+    """summary.csv's rows of the last epoch and of the best top-1."""
+    return rows[-1], max(rows, key=lambda row: row["eval_top1"])

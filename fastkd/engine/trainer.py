@@ -8,6 +8,7 @@ a non-finite loss stops the run, keeping the last good checkpoint. The pieces: `
 distiller and its loop), ``evaluate``, ``run_folder`` and ``checkpoint`` (files).
 """
 
+import argparse
 import logging
 import os
 import random
@@ -23,7 +24,7 @@ from ..data.bad_images import BadImageError
 from ..data.bad_images import logger as data_logger
 from ..models import data_config as model_data_config
 from . import checkpoint, demo_teacher
-from .config import check_method_options, parse_args
+from .config import check_method_options, crop_flip, parse_args
 from .distributed import World
 from .evaluate import evaluate, report
 from .optim import autocast_settings
@@ -78,14 +79,33 @@ def train_demo_teacher(args, world, loaders, data_config):
     return os.path.join(run.run_dir, BEST)
 
 
+def seed_everything(args, world):
+    """Each rank's own seed for torch, numpy and random: set before each run (teacher, baseline,
+    student), so that runs compared with each other start alike."""
+    torch.manual_seed(args.seed + world.rank)
+    np.random.seed(args.seed + world.rank)
+    random.seed(args.seed + world.rank)
+
+
+def train_demo_baseline(args, world, loaders, data_config):
+    """The demo's CE-only student: the distilled student's model, seed and schedule without a
+    teacher, trained first so that the closing table shows what distillation adds."""
+    baseline = argparse.Namespace(**{**vars(args), "distiller": "ce", "teacher_checkpoint": None})
+    if args.experiment:
+        baseline.experiment = f"{args.experiment}-ce-baseline"
+    world.log(f"training the CE baseline {args.model} first ({args.epochs} epochs, no teacher)")
+    seed_everything(args, world)
+    run = open_run(baseline, world, loaders, data_config, (None, None))
+    run.fit()
+    return run
+
+
 def run_job(args, world):
     if world.distributed:
         world.log(f"process group: {torch.distributed.get_backend()}, {world.world_size} "
                   f"process{'es' if world.world_size > 1 else ''} on {world.device.type}")
     torch.backends.cudnn.benchmark = True  # as timm's train.py: fixed shapes, fastest kernels
-    torch.manual_seed(args.seed + world.rank)
-    np.random.seed(args.seed + world.rank)
-    random.seed(args.seed + world.rank)
+    seed_everything(args, world)
     # The student's timm data config decides the input size and normalisation, as in timm.
     data_config = model_data_config(args.model, args.img_size, args.input_size)
     if not world.main:
@@ -99,6 +119,7 @@ def run_job(args, world):
             image_size=data_config["input_size"][-1], mean=data_config["mean"],
             std=data_config["std"], crop_ratio=data_config["crop_pct"], auto_augment=args.aa,
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+            crop_flip=crop_flip(args),
             loader=args.loader, rank=world.rank, world_size=world.world_size,
             device=world.device, workers=args.workers, channels_last=args.channels_last,
             seed=args.seed, bad_images=args.bad_images, num_classes=args.num_classes,
@@ -126,14 +147,20 @@ def run_job(args, world):
         return
     started = time.perf_counter()
     resume = resume_point(args, world)  # refused settings cost no demo teacher
-    if (args.distiller != "ce" and args.dataset == "demo" and not args.teacher_checkpoint
-            and not args.teacher_pretrained):
+    # The demo: distillation from the demo teacher, beside a CE baseline (a resumed run's
+    # baseline was its first run's).
+    demo = (args.distiller != "ce" and args.dataset == "demo" and not args.teacher_checkpoint
+            and not args.teacher_pretrained)
+    if demo:
         build_task(args, data_config)  # settings the models refuse cost no demo teacher
         # args.yaml names the teacher used
         args.teacher_checkpoint = train_demo_teacher(args, world, loaders, data_config)
+    baseline = (train_demo_baseline(args, world, loaders, data_config)
+                if demo and not resume[0] else None)
+    seed_everything(args, world)
     run = open_run(args, world, loaders, data_config, resume, args.teacher_checkpoint)
-    rows = run.fit()
-    report(args, world, run, rows, time.perf_counter() - started)
+    run.fit()
+    report(args, world, run, baseline, time.perf_counter() - started)
 
 
 def evaluate_checkpoint(args, world, val_loader):
