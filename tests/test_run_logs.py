@@ -92,3 +92,13 @@ def test_args_yaml_names_versions_and_commit_and_reads_back_as_a_config(run):
 def test_curves_png_is_written(run):
     folder, _ = run
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_pth_is_the_epoch_the_closing_table_calls_best(run):
+    """The first of tied epochs is the best, in best.pth as in the table (and in timm)."""
+    folder, lines = run
+    with open(folder / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    best = max(rows, key=lambda row: float(row["eval_top1"]))
+    assert any(f"best epoch ({best['epoch']})" in line for line in lines)
+    assert torch.load(folder / "best.pth", weights_only=True)["epoch"] == int(best["epoch"]) + 1

@@ -166,6 +166,10 @@ def test_config_file_and_command_line(tmp_path):
         parse_args(["--config", str(config)])
     with pytest.raises(SystemExit, match="does not exist"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+    config.write_text("model: [1, 2\n")  # PyYAML's own parser error, in one line
+    with pytest.raises(SystemExit, match=r"recipe.yaml is not valid YAML: while parsing a flow "
+                                         r"sequence .* expected ',' or ']'"):
+        parse_args(["--config", str(config)])
 
 
 @pytest.mark.parametrize("argv,message", [

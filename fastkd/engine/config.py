@@ -195,8 +195,12 @@ def build_parser():
 def _config_defaults(parser, path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: --config {path} does not exist")
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise SystemExit(f"error: --config {path} is not valid YAML: "
+                         f"{' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
         raise SystemExit(f"error: --config {path} must hold a mapping of option: value")
     actions = {action.dest: action for action in parser._actions}

@@ -58,7 +58,8 @@ def report(args, world, run, baseline, seconds):
         rate = sum(row["img_per_s"] for row in run.rows) / len(run.rows)
         lines.append(f"{args.distiller} run: {seconds:.0f} s wall, {rate:.0f} img/s training "
                      f"(all ranks), outputs in {run.run_dir}")
-    world.log("\n".join(lines))
+    for line in lines:  # one log record each: every row under the same timestamp width
+        world.log(line)
 
 
 def last_and_best(rows):

@@ -199,15 +199,15 @@ class Run:
                            "from this run's seeds, not from where they were")
         self.world.log(f"resumed {path} at epoch {self.start_epoch}")
 
-    def save(self, epoch, top1=None):
-        """last.pth (resumes at ``epoch``), and best.pth when ``top1`` is a new best. Every rank
-        calls it: the checkpoint holds each rank's random generators."""
+    def save(self, epoch, best=False):
+        """last.pth (resumes at ``epoch``), and best.pth too if ``best``. Every rank calls it:
+        the checkpoint holds each rank's random generators."""
         rng = self.world.gather(checkpoint.rng_state())
         if not self.world.main:
             return
         state = self.state(epoch, rng)
         checkpoint.save_atomic(state, os.path.join(self.run_dir, LAST))
-        if top1 is not None and top1 >= self.best_top1:
+        if best:
             checkpoint.save_atomic(state, os.path.join(self.run_dir, BEST))
 
     def saved_checkpoint(self):
@@ -367,14 +367,16 @@ class Run:
                 **accuracy, "img_per_s": images_per_second, "epoch_time": elapsed,
                 "data_wait": data_time / elapsed, **self.memory_use(),
                 "bad_images": self.share_bad_images()})
+            # The first of tied epochs stays best, as the closing table and timm count it.
+            new_best = top1 > self.best_top1
             self.best_top1 = max(self.best_top1, top1)
-            self.save(epoch + 1, top1)
+            self.save(epoch + 1, best=new_best)
             if world.main:
                 write_summary(self.run_dir, self.rows)
                 teacher = f" <- {args.teacher}" if self.task.teacher is not None else ""
                 plot_curves(self.run_dir, self.rows,
                             f"{args.distiller}: {args.model}{teacher} ({args.dataset})")
-            world.log(f"epoch {epoch}: loss {train_metrics['loss']:.4f} top-1 "
-                      f"{accuracy['eval_top1']:.2f} top-5 {accuracy['eval_top5']:.2f} "
-                      f"({images_per_second:.0f} img/s)")
+            world.log(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, eval loss "
+                      f"{accuracy['eval_loss']:.4f} top-1 {accuracy['eval_top1']:.2f} top-5 "
+                      f"{accuracy['eval_top5']:.2f} ({images_per_second:.0f} img/s)")
         return self.rows
