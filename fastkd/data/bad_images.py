@@ -51,6 +51,13 @@ def decode_failure(path):
     return None
 
 
+def bad_file_error(path, error):
+    """``BadImageError`` for the one file ``path`` met while reading, with ``bad_images="error"``
+    (``error``: what its reader raised)."""
+    return BadImageError(f"{path}: {describe(error)} (bad_images='error'; fastkd-verify-data "
+                         "lists every bad file)")
+
+
 def bad_files_error(bad):
     """``BadImageError`` listing every file of ``bad`` ({path: reason}), sorted by path."""
     lines = "".join(f"\n  {path}: {bad[path]}" for path in sorted(bad))

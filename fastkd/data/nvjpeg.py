@@ -43,7 +43,14 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from .augment import CropFlip
-from .bad_images import DECODE_ERRORS, BadImageError, describe, read_rgb, wrap_from
+from .bad_images import (
+    DECODE_ERRORS,
+    BadImageError,
+    bad_file_error,
+    describe,
+    read_rgb,
+    wrap_from,
+)
 from .common import eval_resize, to_device
 from .torch_loader import FileDataset, TorchLoader
 
@@ -63,32 +70,18 @@ def read_encoded(path):
     return pil_to_tensor(read_rgb(path))  # by path: PIL's messages name the file
 
 
-def bad_file_error(path, error):
-    return BadImageError(f"{path}: {describe(error)} (bad_images='error'; fastkd-verify-data "
-                         "lists every bad file)")
-
-
 class EncodedFileDataset(FileDataset):
     """``FileDataset`` whose items keep JPEGs encoded: item ``index`` is ``(data, label, bad,
-    read)``, ``data`` from ``read_encoded``, ``bad`` the files found bad while reading it and
-    ``read`` the index of the sample read (``index`` or the one that replaced it)."""
+    read)`` (``FileDataset.first_readable``), ``data`` from ``read_encoded``."""
 
     def __init__(self, samples, bad_images="skip"):
         super().__init__(samples, transform=None, bad_images=bad_images)
 
+    def read(self, path):
+        return read_encoded(path)
+
     def __getitem__(self, index):
-        found = {}
-        for candidate in wrap_from(index, len(self.samples)):
-            path, label = self.samples[candidate]
-            if path in self.failed:
-                continue
-            try:
-                return read_encoded(path), label, found, candidate
-            except DECODE_ERRORS as error:
-                if self.mode == "error":
-                    raise bad_file_error(path, error) from error
-                self.failed[path] = found[path] = describe(error)
-        raise BadImageError(f"none of the {len(self.samples)} files of this split decodes")
+        return self.first_readable(index)
 
 
 def collate_encoded(batch):

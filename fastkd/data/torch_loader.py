@@ -14,6 +14,7 @@ from .augment import CropFlip, compose_transform
 from .bad_images import (
     DECODE_ERRORS,
     BadImageError,
+    bad_file_error,
     check_mode,
     describe,
     read_rgb,
@@ -54,23 +55,31 @@ class FileDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, index):
+    def read(self, path):
+        """The file at ``path`` as the items carry it; one of ``DECODE_ERRORS`` if it is bad."""
+        return read_rgb(path)
+
+    def first_readable(self, index):
+        """``(data, label, bad, read)``: ``read`` (from ``self.read``) of sample ``index``, or
+        of the next sample in file order (wrapping) that reads, with that sample's label; ``bad``
+        the files found bad on the way and ``read`` the index of the sample read. With
+        ``bad_images="error"`` a bad file raises ``BadImageError`` naming it."""
         found = {}
         for candidate in wrap_from(index, len(self.samples)):
             path, label = self.samples[candidate]
             if path in self.failed:
                 continue
             try:
-                image = read_rgb(path)
+                return self.read(path), label, found, candidate
             except DECODE_ERRORS as error:
                 if self.mode == "error":
-                    raise BadImageError(
-                        f"{path}: {describe(error)} (bad_images='error'; fastkd-verify-data "
-                        "lists every bad file)") from error
+                    raise bad_file_error(path, error) from error
                 self.failed[path] = found[path] = describe(error)
-                continue
-            return self.transform(image), label, found
         raise BadImageError(f"none of the {len(self.samples)} files of this split decodes")
+
+    def __getitem__(self, index):
+        image, label, found, _ = self.first_readable(index)
+        return self.transform(image), label, found
 
 
 def collate_samples(batch):
