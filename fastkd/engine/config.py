@@ -294,6 +294,10 @@ def check_args(parser, args, given=()):
         if not timm.is_model(getattr(args, option)):
             parser.error(f"--{option} {getattr(args, option)} is not a timm model (nor a "
                          "fastkd CIFAR net); timm.list_models() lists them")
+    try:
+        crop_flip(args)
+    except ValueError as error:  # its message starts with the field's name
+        parser.error(f"--{error}")
     if args.dataset not in ("demo", "synthetic") and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir")
     if args.dataset == "synthetic":
@@ -359,10 +363,6 @@ def check_args(parser, args, given=()):
     if mixes(args) and getattr(DISTILLERS[args.distiller], "needs_hard_labels", False):
         parser.error(f"--distiller {args.distiller} needs hard labels (a loss term indexes the "
                      "true class): --mixup/--cutmix give soft targets; drop them")
-    try:
-        crop_flip(args)
-    except ValueError as error:  # its message starts with the field's name
-        parser.error(f"--{error}")
     if args.dataset == "cifar100" and {"scale", "ratio"} & crop_flip_changes(args):
         parser.error("--scale and --ratio set a random-resized crop; CIFAR-100 trains with a "
                      "padded random crop (only --hflip applies)")
@@ -380,8 +380,9 @@ def crop_flip(args):
 def crop_flip_changes(args):
     """Which of --scale, --ratio, --hflip differ from timm's defaults (as values, not as given:
     a run's args.yaml, read back with --config, holds the defaults too)."""
+    current = dataclasses.asdict(crop_flip(args))
     return {name for name, default in dataclasses.asdict(CropFlip()).items()
-            if getattr(crop_flip(args), name) != default}
+            if current[name] != default}
 
 
 def mixes(args):

@@ -277,7 +277,7 @@ class Run:
         steps = int(world.min([len(self.train_loader)])[0])
         meter = StepMeter(world.device)
         started = checked = time.perf_counter()
-        data_time, checked_seen = 0.0, 0
+        data_time = 0.0
         batches = iter(self.train_loader)
         for step in range(steps):
             waiting = time.perf_counter()
@@ -298,12 +298,12 @@ class Run:
                 now = time.perf_counter()
                 parts = " ".join(f"{name} {value:.4f}"
                                  for name, value in meter.interval_means().items())
-                rate = (meter.seen - checked_seen) * world.world_size / (now - checked)
+                rate = meter.interval_seen * world.world_size / (now - checked)
                 eta = (now - started) / (step + 1) * (steps - step - 1)
                 world.log(f"epoch {epoch} [{step + 1}/{steps}] {parts} "
                           f"lr {self.optimizer.param_groups[0]['lr']:.3g} {rate:.0f} img/s "
                           f"data {100 * data_time / (now - started):.0f}% eta {eta:.0f} s")
-                checked, checked_seen = now, meter.seen
+                checked = now
             meter.start_interval()
         elapsed = time.perf_counter() - started
         sums = world.sum([*meter.totals, meter.seen])
