@@ -1,12 +1,13 @@
 """Public loss functions and backend dispatch.
 
-Every loss takes ``backend="auto" | "triton" | "torch" | "reference"``:
-- ``triton``: one fused kernel per loss, loss and gradient in the forward launch (CUDA tensors, or
-  CPU tensors under ``TRITON_INTERPRET=1``);
-- ``torch``: vectorised PyTorch, autograd for the gradient;
-- ``reference``: the authors' formulation, slow on purpose (the oracle).
-``auto`` is triton for CUDA tensors when triton imports (for HCD only up to 1024 classes), else
-torch; the environment variable ``FASTKD_BACKEND`` replaces ``auto`` with a fixed choice.
+Every loss validates its arguments, then runs one ``torch.ops.fastkd`` op (``fastkd.ops``),
+which computes each row's loss and its gradient in one call, or the reference. ``backend``:
+- ``auto``: the op's device dispatch: the Triton kernel for CUDA tensors when triton imports (for
+  HCD only up to 1024 classes, where it was measured faster), else the vectorised torch code;
+- ``triton``: the fused kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+- ``torch``: the vectorised PyTorch code, on any device;
+- ``reference``: the authors' formulation with autograd, slow on purpose (the oracle).
+The environment variable ``FASTKD_BACKEND`` replaces ``auto`` with a fixed choice.
 
 Logits may be fp16, bf16, fp32 or fp64, and teacher and student logits may differ in dtype (a
 teacher run under autocast next to an fp32 student). Losses are computed in fp64 when any logits
@@ -19,37 +20,28 @@ source of the method's defaults.
 
 import os
 
-from . import reference, validation
+import torch
+
+from . import ops, reference, validation
 from .optional import importable
 from .options import DKD, HCD, KD, LDRLD
 from .reference.hcd import hcd_logit_loss_reference
-from .vectorized import dkd as vectorized_dkd
-from .vectorized import hcd as vectorized_hcd
-from .vectorized import ldrld as vectorized_ldrld
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-# ``auto`` runs HCD's kernel only on rows that fit one tile: wider rows are streamed, and there the
-# torch backend took 2-5x less GPU time (H200, B = 1024, C = 21843: bench/results/h200-2026-11-26).
-HCD_TRITON_AUTO_MAX_CLASSES = 1024
 
 
-def triton_available():
-    return importable("triton")
-
-
-def resolve_backend(backend, logits, triton_is_faster=True):
-    """The concrete backend a call runs on. ``triton_is_faster=False`` makes ``auto`` choose the
-    torch backend on CUDA too (for shapes where it was measured faster)."""
+def requested_backend(backend, logits):
+    """The backend a call asked for, checked before any work: ``backend``, or for "auto" the
+    environment's ``FASTKD_BACKEND`` if set. "auto", "torch" and "triton" go to the op
+    (``fastkd.ops``), whose device dispatch resolves "auto"; "reference" runs the oracle."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("FASTKD_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if logits.is_cuda and triton_available() and triton_is_faster else "torch"
     if backend == "triton":
-        if not triton_available():
+        if not importable("triton"):
             raise ValueError("backend='triton' needs the triton package, which does not import")
         if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -57,6 +49,11 @@ def resolve_backend(backend, logits, triton_is_faster=True):
                 f"interpreter), got logits on {logits.device}"
             )
     return backend
+
+
+def _needs_grad(*tensors):
+    """Whether autograd will ask for a gradient of any of ``tensors``: the op then computes it."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
 def _reduce(rows, reduction):
@@ -77,17 +74,6 @@ def _finish(loss_rows, parts, reduction, return_parts):
 
 def _named_parts(part_columns, names):
     return dict(zip(names, part_columns.unbind(dim=1)))
-
-
-def ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay):
-    """``(top_set_weight, num_groups)`` of the local term, as the authors' code counts them:
-    d(d-1)/2 pairs plus the top set; for d = 2 the top set is that pair again, weighted
-    ADW(1, 2)."""
-    if top_d == 2:
-        top_set_weight = reference.adaptive_decay_weight(1, 2, irw_eps, erd_scale, erd_decay)
-    else:
-        top_set_weight = 1.0
-    return top_set_weight, top_d * (top_d - 1) // 2 + 1
 
 
 def ldrld_loss(
@@ -131,25 +117,19 @@ def ldrld_loss(
     validation.check_top_d(top_d, student_logits.shape[1])
     validation.check_positive("temperature", temperature)
     validation.check_reduction(reduction)
-    backend = resolve_backend(backend, student_logits)
-    options = dict(temperature=temperature, top_d=top_d, alpha=alpha, beta=beta,
-                   ce_weight=ce_weight, irw_eps=irw_eps, erd_scale=erd_scale, erd_decay=erd_decay)
+    backend = requested_backend(backend, student_logits)
     if backend == "reference":
-        rows, parts = reference.ldrld_loss_reference(student_logits, teacher_logits, labels,
-                                                     **options)
+        rows, parts = reference.ldrld_loss_reference(
+            student_logits, teacher_logits, labels, temperature=temperature, top_d=top_d,
+            alpha=alpha, beta=beta, ce_weight=ce_weight, irw_eps=irw_eps, erd_scale=erd_scale,
+            erd_decay=erd_decay)
     else:
-        top_set_weight, num_groups = ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay)
-        options.update(top_set_weight=top_set_weight, num_groups=num_groups)
-        if backend == "torch":
-            rows, parts = vectorized_ldrld.ldrld_rows(student_logits, teacher_logits, labels,
-                                                      **options)
-        else:
-            from .kernels.ldrld import ldrld_rows
-
-            rows, part_columns = ldrld_rows(student_logits, teacher_logits, labels, **options)
-            parts = _named_parts(part_columns, ("ce", "local", "rntk"))
-            if labels is None:
-                del parts["ce"]  # the kernel's stand-in label
+        rows, part_columns, _ = ops.call(
+            "ldrld", student_logits, teacher_logits, labels, temperature, top_d, alpha, beta,
+            ce_weight, irw_eps, erd_scale, erd_decay, _needs_grad(student_logits), backend)
+        parts = _named_parts(part_columns, ("ce", "local", "rntk"))
+        if labels is None:
+            del parts["ce"]  # the ce column holds no meaning without labels
     return _finish(rows, parts, reduction, return_parts)
 
 
@@ -162,14 +142,13 @@ def kd_loss(student_logits, teacher_logits, *, temperature=KD.temperature, reduc
     validation.check_logits(student_logits, teacher_logits)
     validation.check_positive("temperature", temperature)
     validation.check_reduction(reduction)
-    backend = resolve_backend(backend, student_logits)
-    if backend == "triton":
-        from .kernels.kd import kd_rows
-
-        rows = kd_rows(student_logits, teacher_logits, temperature=temperature)
-    else:
+    backend = requested_backend(backend, student_logits)
+    if backend == "reference":
         rows = reference.kd_loss_reference(student_logits, teacher_logits,
                                            temperature=temperature)
+    else:
+        rows, _, _ = ops.call("kd", student_logits, teacher_logits, temperature,
+                               _needs_grad(student_logits), backend)
     return _reduce(rows, reduction)
 
 
@@ -196,17 +175,15 @@ def dkd_loss(
     validation.check_target(target, student_logits)
     validation.check_positive("temperature", temperature)
     validation.check_reduction(reduction)
-    backend = resolve_backend(backend, student_logits)
-    options = dict(alpha=alpha, beta=beta, temperature=temperature)
+    backend = requested_backend(backend, student_logits)
     if backend == "reference":
         rows, parts = reference.dkd_loss_reference(student_logits, teacher_logits, target,
-                                                   **options)
-    elif backend == "torch":
-        rows, parts = vectorized_dkd.dkd_rows(student_logits, teacher_logits, target, **options)
+                                                   alpha=alpha, beta=beta,
+                                                   temperature=temperature)
     else:
-        from .kernels.kd import dkd_rows
-
-        rows, part_columns = dkd_rows(student_logits, teacher_logits, target, **options)
+        rows, part_columns, _ = ops.call(
+            "dkd", student_logits, teacher_logits, target, alpha, beta, temperature,
+            _needs_grad(student_logits), backend)
         parts = _named_parts(part_columns, ("tckd", "nckd"))
     return _finish(rows, parts, reduction, return_parts)
 
@@ -253,20 +230,16 @@ def hcd_logit_loss(
     validation.check_positive("temperature", temperature)
     validation.check_probability("label_smoothing", label_smoothing)
     validation.check_reduction(reduction)
-    backend = resolve_backend(backend, student_logits,
-                              student_logits.shape[1] <= HCD_TRITON_AUTO_MAX_CLASSES)
-    options = dict(num_sub=num_sub, temperature=temperature, label_smoothing=label_smoothing,
-                   theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t,
-                   detach_target=detach_target)
+    backend = requested_backend(backend, student_logits)
     if backend == "reference":
-        rows, parts = hcd_logit_loss_reference(shared_logits, teacher_logits, student_logits,
-                                               target, **options)
+        rows, parts = hcd_logit_loss_reference(
+            shared_logits, teacher_logits, student_logits, target, num_sub=num_sub,
+            temperature=temperature, label_smoothing=label_smoothing, theta=theta, w_gt=w_gt,
+            w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t, detach_target=detach_target)
     else:
-        if backend == "torch":
-            hcd_rows = vectorized_hcd.hcd_rows
-        else:
-            from .kernels.hcd import hcd_rows
-        rows, part_columns = hcd_rows(shared_logits, teacher_logits, student_logits, target,
-                                      **options)
+        rows, part_columns, _, _ = ops.call(
+            "hcd", shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
+            label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target,
+            _needs_grad(shared_logits, student_logits), backend)
         parts = _named_parts(part_columns, ("sce", "sdd", "ol"))
     return _finish(rows, parts, reduction, return_parts)

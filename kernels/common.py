@@ -1,6 +1,8 @@
 """Pieces every fused row-loss kernel shares: streamed softmax statistics, block loads and launch
 sizing."""
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -14,6 +16,7 @@ NEG_FILL = tl.constexpr(-1e30)
 MAX_BLOCK = 4096
 
 
+@functools.cache  # called on every launch: a dictionary lookup after the first
 def launch_config(num_classes, block_size=None, num_warps=None):
     """Block width, whether the row fits one block, and warps for a row of ``num_classes``.
 
@@ -62,10 +65,37 @@ def optional_output(tensor, placeholder):
 
 
 @triton.jit
+def row_prologue(student_ptr, teacher_ptr, grad_ptr, student_stride, teacher_stride, grad_stride,
+                 temperature, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """What every row-loss program starts from: its row, the row's student, teacher and gradient
+    pointers, a block's column offsets, and T (widened to ACC: float arguments arrive as fp32)
+    with 1/T. The row index is int64 because row * stride passes 2^31 in large batches of wide
+    rows."""
+    row = tl.program_id(0).to(tl.int64)
+    temperature = tl.full([], temperature, ACC)
+    return (row, student_ptr + row * student_stride, teacher_ptr + row * teacher_stride,
+            grad_ptr + row * grad_stride, tl.arange(0, BLOCK), temperature, 1.0 / temperature)
+
+
+@triton.jit
 def load_block(row_ptr, cols, mask, ACC: tl.constexpr):
     """One block of a row in the accumulator dtype; masked lanes hold NEG_FILL (set after the
     cast, since -1e30 overflows fp16)."""
     return tl.where(mask, tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), NEG_FILL)
+
+
+@triton.jit
+def load_blocks(student_row, teacher_row, block_cols, num_classes, ACC: tl.constexpr):
+    """The lanes inside the row and one block's student and teacher logits (``load_block``)."""
+    in_row = block_cols < num_classes
+    return (in_row, load_block(student_row, block_cols, in_row, ACC),
+            load_block(teacher_row, block_cols, in_row, ACC))
+
+
+@triton.jit
+def store_block(row_ptr, cols, values, mask):
+    """Store one block, cast to the row's dtype."""
+    tl.store(row_ptr + cols, values.to(row_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -139,3 +169,83 @@ def kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum):
     s_lse = s_max + tl.log(tl.where(nonempty, s_sum, 1.0))
     kl = tl.where(nonempty, t_dot / tl.where(nonempty, t_sum, 1.0) - t_lse + s_lse, 0.0)
     return kl, t_lse, s_lse
+
+
+# Per-lane ("lane") statistics. Lane i of a block folds in element i of every block it sees,
+# elementwise, and the lanes are reduced to one value once, at the end of the row. A streamed
+# row then costs no cross-lane reduction per block for its softmax statistics (the block-wise
+# ``online_*`` helpers above cost one per statistic and block: on a GPU each is a warp-shuffle
+# tree plus a shared-memory exchange between warps and its barriers). The price is registers:
+# each statistic is a [BLOCK] vector instead of a scalar.
+
+
+@triton.jit
+def empty_lane_logsumexp(LANES: tl.constexpr, ACC: tl.constexpr):
+    """Initial ``(lane_max, lane_sum)`` for ``lane_logsumexp``: no elements seen."""
+    return tl.full([LANES], NEG_FILL, ACC), tl.zeros([LANES], ACC)
+
+
+@triton.jit
+def lane_logsumexp(lane_max, lane_sum, values, mask):
+    """Fold ``values`` into each lane's streamed log-sum-exp where ``mask`` holds. One exp per
+    element: exp(-|x - m|) rescales the lane's sum when x is its new max, and is x's own weight
+    otherwise."""
+    weight = tl.exp(-tl.abs(values - lane_max))  # finite: masked lanes hold finite fills
+    grows = values > lane_max
+    new_sum = tl.where(grows, lane_sum * weight + 1.0, lane_sum + weight)
+    return (tl.where(mask, tl.maximum(lane_max, values), lane_max),
+            tl.where(mask, new_sum, lane_sum))
+
+
+@triton.jit
+def reduce_lane_logsumexp(lane_max, lane_sum):
+    """The ``(max, sum)`` of all lanes together (two reductions); empty lanes add 0."""
+    row_max = tl.max(lane_max, axis=0)
+    return row_max, tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
+
+
+@triton.jit
+def empty_lane_kl_stats(LANES: tl.constexpr, ACC: tl.constexpr):
+    """Initial per-lane ``(t_max, t_sum, t_dot, s_max, s_sum)`` for ``lane_kl_stats``."""
+    t_max, t_sum = empty_lane_logsumexp(LANES, ACC)
+    s_max, s_sum = empty_lane_logsumexp(LANES, ACC)
+    return t_max, t_sum, tl.zeros([LANES], ACC), s_max, s_sum
+
+
+@triton.jit
+def lane_kl_stats(t_max, t_sum, t_dot, s_max, s_sum, teacher, student, mask):
+    """``online_kl_stats`` per lane: fold ``teacher`` and ``student`` into each lane's
+    statistics where ``mask`` holds, with ``t_dot = sum exp(teacher - t_max) (teacher -
+    student)``; no cross-lane work."""
+    weight = tl.exp(-tl.abs(teacher - t_max))
+    grows = teacher > t_max
+    gap = teacher - student
+    new_sum = tl.where(grows, t_sum * weight + 1.0, t_sum + weight)
+    new_dot = tl.where(grows, t_dot * weight + gap, t_dot + weight * gap)
+    s_max, s_sum = lane_logsumexp(s_max, s_sum, student, mask)
+    return (tl.where(mask, tl.maximum(t_max, teacher), t_max), tl.where(mask, new_sum, t_sum),
+            tl.where(mask, new_dot, t_dot), s_max, s_sum)
+
+
+@triton.jit
+def reduce_lane_kl_stats(t_max, t_sum, t_dot, s_max, s_sum):
+    """The scalar ``(t_max, t_sum, t_dot, s_max, s_sum)`` of all lanes together, as
+    ``online_kl_stats`` would have produced; ``kl_from_stats`` reads them."""
+    row_t_max = tl.max(t_max, axis=0)
+    rescale = tl.exp(t_max - row_t_max)
+    row_s_max, row_s_sum = reduce_lane_logsumexp(s_max, s_sum)
+    return (row_t_max, tl.sum(t_sum * rescale, axis=0), tl.sum(t_dot * rescale, axis=0),
+            row_s_max, row_s_sum)
+
+
+@triton.jit
+def merge_kl_stats(t_max_a, t_sum_a, t_dot_a, s_max_a, s_sum_a,
+                   t_max_b, t_sum_b, t_dot_b, s_max_b, s_sum_b):
+    """The statistics of the union of two disjoint class sets, from each set's statistics."""
+    t_max = tl.maximum(t_max_a, t_max_b)
+    rescale_a = tl.exp(t_max_a - t_max)
+    rescale_b = tl.exp(t_max_b - t_max)
+    s_max = tl.maximum(s_max_a, s_max_b)
+    return (t_max, t_sum_a * rescale_a + t_sum_b * rescale_b,
+            t_dot_a * rescale_a + t_dot_b * rescale_b, s_max,
+            s_sum_a * tl.exp(s_max_a - s_max) + s_sum_b * tl.exp(s_max_b - s_max))

@@ -10,12 +10,9 @@ gradient w.r.t. the student logits (s = zs / T, t = zt / T):
           dNCKD/dzs_c = T (qs_c - qt_c)  (c != y),  0 at y.
 """
 
-import functools
-
 import triton
 import triton.language as tl
 
-from .autograd import RowLossFunction
 from .common import (
     accumulator_dtype,
     binary_kl,
@@ -24,12 +21,30 @@ from .common import (
     kl_from_stats,
     launch_config,
     load_block,
+    load_blocks,
     online_kl_stats,
     optional_output,
     row_major,
     row_outputs,
+    row_prologue,
     sigmoid,
+    store_block,
 )
+
+
+@triton.jit
+def _load_scaled(student_row, teacher_row, block_cols, num_classes, inv_temperature,
+                 ACC: tl.constexpr):
+    """One block's lanes inside the row and its student and teacher logits / T (s and t)."""
+    in_row, student, teacher = load_blocks(student_row, teacher_row, block_cols, num_classes, ACC)
+    return in_row, student * inv_temperature, teacher * inv_temperature
+
+
+@triton.jit
+def _store_kd_grad(grad_row, block_cols, in_row, student, teacher, s_lse, t_lse, temperature):
+    """dL/dzs = T (ps - pt) at one block of classes (student, teacher already / T)."""
+    grad = temperature * (tl.exp(student - s_lse) - tl.exp(teacher - t_lse))
+    store_block(grad_row, block_cols, grad, in_row)
 
 
 @triton.jit
@@ -38,55 +53,46 @@ def _kd_kernel(
     student_stride, teacher_stride, grad_stride, num_classes, temperature,
     ACC: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * student_stride
-    teacher_row = teacher_ptr + row * teacher_stride
-    grad_row = grad_ptr + row * grad_stride
-    cols = tl.arange(0, BLOCK)
-    temperature = tl.full([], temperature, ACC)  # float arguments arrive as fp32
-    inv_temperature = 1.0 / temperature
+    row, student_row, teacher_row, grad_row, cols, temperature, inv_temperature = row_prologue(
+        student_ptr, teacher_ptr, grad_ptr, student_stride, teacher_stride, grad_stride,
+        temperature, BLOCK, ACC)
 
     t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
     if SINGLE_BLOCK:
-        in_row = cols < num_classes
-        student = load_block(student_row, cols, in_row, ACC) * inv_temperature
-        teacher = load_block(teacher_row, cols, in_row, ACC) * inv_temperature
+        in_row, student, teacher = _load_scaled(student_row, teacher_row, cols, num_classes,
+                                                inv_temperature, ACC)
         t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
             t_max, t_sum, t_dot, s_max, s_sum, teacher, student, in_row)
     else:
         for start in range(0, num_classes, BLOCK):
-            in_row = start + cols < num_classes
-            student = load_block(student_row, start + cols, in_row, ACC)
-            teacher = load_block(teacher_row, start + cols, in_row, ACC)
+            in_row, student, teacher = _load_scaled(student_row, teacher_row, start + cols,
+                                                    num_classes, inv_temperature, ACC)
             t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
-                t_max, t_sum, t_dot, s_max, s_sum,
-                teacher * inv_temperature, student * inv_temperature, in_row)
+                t_max, t_sum, t_dot, s_max, s_sum, teacher, student, in_row)
     kl, t_lse, s_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
     tl.store(loss_ptr + row, temperature * temperature * kl)
 
     if COMPUTE_GRAD:
         if SINGLE_BLOCK:
-            grad = temperature * (tl.exp(student - s_lse) - tl.exp(teacher - t_lse))
-            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+            _store_kd_grad(grad_row, cols, in_row, student, teacher, s_lse, t_lse, temperature)
         else:
             for start in range(0, num_classes, BLOCK):
-                in_row = start + cols < num_classes
-                student = load_block(student_row, start + cols, in_row, ACC)
-                teacher = load_block(teacher_row, start + cols, in_row, ACC)
-                grad = temperature * (tl.exp(student * inv_temperature - s_lse)
-                                      - tl.exp(teacher * inv_temperature - t_lse))
-                tl.store(grad_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+                in_row, student, teacher = _load_scaled(student_row, teacher_row, start + cols,
+                                                        num_classes, inv_temperature, ACC)
+                _store_kd_grad(grad_row, start + cols, in_row, student, teacher, s_lse, t_lse,
+                               temperature)
 
 
 @triton.jit
-def _dkd_grad(student, teacher, cols, target, temperature, s_rest_lse, t_rest_lse,
-              target_prob_gap, alpha, beta):
+def _store_dkd_grad(grad_row, block_cols, in_row, student, teacher, target, temperature,
+                    s_rest_lse, t_rest_lse, target_prob_gap, alpha, beta):
     """Gradient of alpha TCKD + beta NCKD at one block of classes (student, teacher already / T);
     ``target_prob_gap = ps_y - pt_y``, so ps_rest - pt_rest is its negative."""
     qs = tl.exp(student - s_rest_lse)
     qt = tl.exp(teacher - t_rest_lse)
     non_target = temperature * (beta * (qs - qt) - alpha * qs * target_prob_gap)
-    return tl.where(cols == target, alpha * temperature * target_prob_gap, non_target)
+    grad = tl.where(block_cols == target, alpha * temperature * target_prob_gap, non_target)
+    store_block(grad_row, block_cols, grad, in_row)
 
 
 @triton.jit
@@ -95,33 +101,26 @@ def _dkd_kernel(
     student_stride, teacher_stride, grad_stride, num_classes, alpha, beta, temperature,
     ACC: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * student_stride
-    teacher_row = teacher_ptr + row * teacher_stride
-    grad_row = grad_ptr + row * grad_stride
-    cols = tl.arange(0, BLOCK)
-    temperature = tl.full([], temperature, ACC)  # float arguments arrive as fp32
-    inv_temperature = 1.0 / temperature
+    row, student_row, teacher_row, grad_row, cols, temperature, inv_temperature = row_prologue(
+        student_ptr, teacher_ptr, grad_ptr, student_stride, teacher_stride, grad_stride,
+        temperature, BLOCK, ACC)
     target = tl.load(target_ptr + row).to(tl.int32)
     valid_target = (target >= 0) & (target < num_classes)
 
     # Non-target softmax statistics, summed over c != y directly.
     t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
     if SINGLE_BLOCK:
-        in_row = cols < num_classes
-        student = load_block(student_row, cols, in_row, ACC) * inv_temperature
-        teacher = load_block(teacher_row, cols, in_row, ACC) * inv_temperature
+        in_row, student, teacher = _load_scaled(student_row, teacher_row, cols, num_classes,
+                                                inv_temperature, ACC)
         t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
             t_max, t_sum, t_dot, s_max, s_sum, teacher, student, in_row & (cols != target))
     else:
         for start in range(0, num_classes, BLOCK):
-            block_cols = start + cols
-            in_row = block_cols < num_classes
-            student = load_block(student_row, block_cols, in_row, ACC)
-            teacher = load_block(teacher_row, block_cols, in_row, ACC)
+            in_row, student, teacher = _load_scaled(student_row, teacher_row, start + cols,
+                                                    num_classes, inv_temperature, ACC)
             t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
-                t_max, t_sum, t_dot, s_max, s_sum, teacher * inv_temperature,
-                student * inv_temperature, in_row & (block_cols != target))
+                t_max, t_sum, t_dot, s_max, s_sum, teacher, student,
+                in_row & (start + cols != target))
     nckd, t_rest_lse, s_rest_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
 
     # The binary (target, rest) split is a two-class softmax over (s_y, lse_rest(s)): its KL
@@ -142,19 +141,14 @@ def _dkd_kernel(
     if COMPUTE_GRAD:
         target_prob_gap = sigmoid(s_gap) - sigmoid(t_gap)
         if SINGLE_BLOCK:
-            grad = _dkd_grad(student, teacher, cols, target, temperature, s_rest_lse, t_rest_lse,
-                             target_prob_gap, alpha, beta)
-            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+            _store_dkd_grad(grad_row, cols, in_row, student, teacher, target, temperature,
+                            s_rest_lse, t_rest_lse, target_prob_gap, alpha, beta)
         else:
             for start in range(0, num_classes, BLOCK):
-                block_cols = start + cols
-                in_row = block_cols < num_classes
-                student = load_block(student_row, block_cols, in_row, ACC)
-                teacher = load_block(teacher_row, block_cols, in_row, ACC)
-                grad = _dkd_grad(student * inv_temperature, teacher * inv_temperature, block_cols,
-                                 target, temperature, s_rest_lse, t_rest_lse, target_prob_gap,
-                                 alpha, beta)
-                tl.store(grad_row + block_cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+                in_row, student, teacher = _load_scaled(student_row, teacher_row, start + cols,
+                                                        num_classes, inv_temperature, ACC)
+                _store_dkd_grad(grad_row, start + cols, in_row, student, teacher, target,
+                                temperature, s_rest_lse, t_rest_lse, target_prob_gap, alpha, beta)
 
 
 def kd_forward(student_logits, teacher_logits, target, *, temperature, needs_grad=(True,),
@@ -194,17 +188,3 @@ def dkd_forward(student_logits, teacher_logits, target, *, alpha, beta, temperat
         COMPUTE_GRAD=grad is not None, num_warps=num_warps,
     )
     return loss, parts, (grad,)
-
-
-def kd_rows(student_logits, teacher_logits, *, temperature):
-    """Differentiable per-row KD loss ``[B]``."""
-    launcher = functools.partial(kd_forward, temperature=temperature)
-    loss, _ = RowLossFunction.apply(launcher, student_logits, teacher_logits, None)
-    return loss
-
-
-def dkd_rows(student_logits, teacher_logits, target, **options):
-    """Differentiable per-row DKD loss ``[B]`` and parts ``[B, 2]`` (tckd, nckd); ``options`` as
-    ``dkd_forward``'s."""
-    return RowLossFunction.apply(functools.partial(dkd_forward, **options), student_logits,
-                                 teacher_logits, target)

@@ -10,8 +10,9 @@ and writes the per-sample loss, its parts and the gradient w.r.t. the student lo
     d(k_S T^2 KL_S)/d zs_c = k_S T (ps_S(c) - pt_S(c)) for every group S containing c.
 
 Rows of up to ``MAX_BLOCK`` classes are read once and kept in registers; wider rows are read in
-blocks of ``STREAM_BLOCK``: once to select, once for the remainder statistics and once to write
-the gradient.
+blocks of ``STREAM_BLOCK`` twice: once to select the top set and sum the remainder's and the CE
+term's softmax statistics together (``_merge_block``, ``_fold_block_rest``), once to write the
+gradient (``_store_remainder_grad``).
 """
 
 import functools
@@ -20,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .autograd import RowLossFunction
 from .common import (
     MAX_BLOCK,
     NEG_FILL,
@@ -28,22 +28,28 @@ from .common import (
     binary_kl,
     compute_dtype,
     empty_kl_stats,
+    empty_lane_kl_stats,
     kl_from_stats,
+    lane_kl_stats,
     launch_config,
-    load_block,
+    load_blocks,
     masked_log_softmax,
+    merge_kl_stats,
     online_kl_stats,
-    online_logsumexp,
     optional_output,
+    reduce_lane_kl_stats,
     row_major,
     row_outputs,
+    row_prologue,
     sigmoid,
+    store_block,
 )
 
 MAX_TOP_D = 32
 # Streamed rows go in blocks of 1024 with 4 warps: at B = 1024, C = 21843 on an H200
 # (bench/tune_kernels.py, CUDA-graph replay, loss and gradient) 0.29 ms in fp32 and 0.28 ms in
 # bf16, against 0.42 / 0.41 ms for the 4096-wide blocks with 16 warps that rows of up to 4096 use.
+# (Measured on the three-pass kernel that preceded the fused selection of issue 14.)
 STREAM_BLOCK = 1024
 # Filler for top-set slots beyond top_d: never the worst member, so never replaced.
 POS_FILL = tl.constexpr(1e30)
@@ -52,28 +58,58 @@ EMPTY_COL = tl.constexpr(1 << 30)
 
 
 @triton.jit
-def _merge_block_top(values, cols, top_values, top_cols, top_d):
-    """Merge one block of student logits into the running top-d set.
+def _last_member(top_values, top_cols):
+    """Value and column of the set's last member in (value descending, column ascending) order:
+    the one a better element replaces. Two reductions over the TOP_BLOCK slots."""
+    last_value = tl.min(top_values, axis=0)
+    last_col = tl.max(tl.where(top_values == last_value, top_cols, -1), axis=0)
+    return last_value, last_col
 
-    The set is unsorted; order is (value descending, column ascending). While the block still
-    holds an element better than the set's worst member, that element replaces it.
+
+@triton.jit
+def _merge_block(student, block_max, lanes, start, teacher_row, top_values, top_cols,
+                 top_teacher, last_value, last_col, t_max, t_sum, t_dot, s_max, s_sum,
+                 inv_temperature):
+    """Merge one block of student logits (columns ``start + lanes``, maximum ``block_max``) into
+    the running top-d set.
+
+    The set is unsorted: slot k holds a student logit, its column and its teacher logit; the
+    order is (value descending, column ascending) and ``(last_value, last_col)`` is its last
+    member. Blocks arrive in column order, so an element of this block ties with an earlier
+    member only to lose: it enters iff its value is strictly above ``last_value``, and the
+    block's elements are taken best first (``tl.max`` with indices returns the lowest lane of
+    equal values). A replaced member that was a real class (not an empty slot's filler) joins
+    the remainder there and then: its slot's per-slot statistics ``(t_max, ..., s_sum)`` fold in
+    its teacher and student logits / T (``lane_kl_stats``).
+
+    Cost on a GPU: a block with nothing to insert (most blocks once the set has settled) costs
+    nothing here beyond ``block_max``, which the caller shares with the CE log-sum-exp. Each
+    inserted element costs one argmax over the block (value and index in one reduction tree),
+    two reductions over the TOP_BLOCK slots, a few exps on the slots and one scalar load of its
+    teacher logit (a line this program has just read). The merge it replaces cost a counting
+    reduction per block, then per inserted element a max and an index-of-max over the block and
+    two slot reductions, repeated min(count, d) times even when later candidates no longer beat
+    the set.
     """
-    worst = tl.min(top_values, axis=0)
-    worst_col = tl.max(tl.where(top_values == worst, top_cols, -1), axis=0)
-    better = (values > worst) | ((values == worst) & (cols < worst_col))
-    num_better = tl.sum(better.to(tl.int32), axis=0)
-    for _ in range(tl.minimum(num_better, top_d)):
-        best = tl.max(values, axis=0)
-        best_col = tl.min(tl.where(values == best, cols, EMPTY_COL), axis=0)
-        worst = tl.min(top_values, axis=0)
-        worst_col = tl.max(tl.where(top_values == worst, top_cols, -1), axis=0)
-        replaces = (best > worst) | ((best == worst) & (best_col < worst_col))
-        # where() rather than `&`: the interpreter cannot `&` a scalar with a block of bools.
-        slot = tl.where(replaces, (top_values == worst) & (top_cols == worst_col), False)
-        top_values = tl.where(slot, best, top_values)
-        top_cols = tl.where(slot, best_col, top_cols)
-        values = tl.where(cols == best_col, NEG_FILL, values)
-    return top_values, top_cols
+    if block_max > last_value:
+        best, best_lane = tl.max(student, axis=0, return_indices=True)
+        while best > last_value:
+            slot = top_cols == last_col
+            # The replaced member leaves the set: empty slots hold columns >= EMPTY_COL.
+            evicted = slot & (top_cols < EMPTY_COL)
+            t_max, t_sum, t_dot, s_max, s_sum = lane_kl_stats(
+                t_max, t_sum, t_dot, s_max, s_sum, top_teacher * inv_temperature,
+                top_values * inv_temperature, evicted)
+            best_col = start + best_lane
+            top_values = tl.where(slot, best, top_values)
+            top_cols = tl.where(slot, best_col, top_cols)
+            top_teacher = tl.where(slot, tl.load(teacher_row + best_col).to(top_teacher.dtype),
+                                   top_teacher)
+            last_value, last_col = _last_member(top_values, top_cols)
+            student = tl.where(lanes == best_lane, NEG_FILL, student)
+            best, best_lane = tl.max(student, axis=0, return_indices=True)
+    return (top_values, top_cols, top_teacher, last_value, last_col,
+            t_max, t_sum, t_dot, s_max, s_sum)
 
 
 @triton.jit
@@ -83,18 +119,45 @@ def _in_top_set(values, cols, last_value, last_col):
 
 
 @triton.jit
+def _fold_block_rest(student, teacher, in_row, block_cols, block_max, last_value, last_col,
+                     t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums, inv_temperature):
+    """After a streamed block's merge, fold its classes outside the top set into the per-lane
+    remainder statistics (``lane_kl_stats``: no cross-lane reduction), and every class of it into
+    the CE term's log-sum-exp: a scalar running max (the block max, already reduced for the
+    merge) with per-lane sums ``ce_sums``. A class the set still holds is counted later if it is
+    evicted, never now: each class is added exactly once and nothing is ever subtracted.
+
+    The remainder needs a max per lane, not the block max: a top-set member can sit far above
+    the remainder (exp would underflow to an empty sum). The CE term covers every class, so its
+    running max is the true one and a scalar suffices; one vector of sums instead of two keeps
+    the streamed kernel at 128 registers (fp32, 4 warps: 4 programs per SM).
+    """
+    rest = in_row & ~_in_top_set(student, block_cols, last_value, last_col)
+    t_max, t_sum, t_dot, s_max, s_sum = lane_kl_stats(
+        t_max, t_sum, t_dot, s_max, s_sum, teacher * inv_temperature, student * inv_temperature,
+        rest)
+    new_ce_max = tl.maximum(ce_max, block_max)
+    # Lanes past the row hold NEG_FILL: their exp is 0.
+    ce_sums = ce_sums * tl.exp(ce_max - new_ce_max) + tl.exp(student - new_ce_max)
+    return t_max, t_sum, t_dot, s_max, s_sum, new_ce_max, ce_sums
+
+
+@triton.jit
 def _ce_grad(logits, cols, logsumexp, target, ce_weight):
     return ce_weight * (tl.exp(logits - logsumexp) - (cols == target).to(logits.dtype))
 
 
 @triton.jit
-def _remainder_grad(student, teacher, cols, rest, target, inv_temperature, s_lse, t_lse,
-                    rntk_scale, ce_lse, ce_weight):
-    """Gradient at the ``rest`` lanes (classes outside the top set): beta T (ps_R - pt_R) plus the
-    CE term. Other lanes get no remainder term (their exponent could overflow)."""
+def _store_remainder_grad(grad_row, student, teacher, in_row, block_cols, last_value, last_col,
+                          target, inv_temperature, s_lse, t_lse, rntk_scale, ce_lse, ce_weight):
+    """Gradient at one block's classes outside the top set: beta T (ps_R - pt_R) plus the CE
+    term. Top-set lanes are neither computed (their exponent could overflow) nor stored."""
+    rest = in_row & ~_in_top_set(student, block_cols, last_value, last_col)
     ps_rest = tl.exp(tl.where(rest, student * inv_temperature - s_lse, NEG_FILL))
     pt_rest = tl.exp(tl.where(rest, teacher * inv_temperature - t_lse, NEG_FILL))
-    return rntk_scale * (ps_rest - pt_rest) + _ce_grad(student, cols, ce_lse, target, ce_weight)
+    grad = rntk_scale * (ps_rest - pt_rest) + _ce_grad(student, block_cols, ce_lse, target,
+                                                       ce_weight)
+    store_block(grad_row, block_cols, grad, rest)
 
 
 @triton.jit
@@ -107,64 +170,79 @@ def _ldrld_kernel(
     ACC: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     TOP_BLOCK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * student_stride
-    teacher_row = teacher_ptr + row * teacher_stride
-    grad_row = grad_ptr + row * grad_stride
-    cols = tl.arange(0, BLOCK)
+    row, student_row, teacher_row, grad_row, cols, temperature, inv_temperature = row_prologue(
+        student_ptr, teacher_ptr, grad_ptr, student_stride, teacher_stride, grad_stride,
+        temperature, BLOCK, ACC)
     slots = tl.arange(0, TOP_BLOCK)
     is_slot = slots < top_d
-    temperature = tl.full([], temperature, ACC)  # float arguments arrive as fp32
-    inv_temperature = 1.0 / temperature
     target = tl.load(target_ptr + row).to(tl.int32)
 
-    # 1. Top-d selection by student logit.
-    top_values = tl.where(is_slot, NEG_FILL, POS_FILL).to(ACC)
+    # 1. One pass over the row: top-d selection by student logit, the remainder's softmax
+    #    statistics and the full-row log-sum-exp of the CE term. Remainder classes are summed
+    #    directly (never as "all minus top"): a block's classes outside the set as the block is
+    #    read, a set member when it is evicted.
+    # Empty slots get NEG_FILL as masked and taken block lanes do (a Python float against an ACC
+    # tensor): equal to them, so the merge's strict ">" never inserts one. (A fill made in fp32
+    # and widened, -1.0000000150e30 in fp64, sits below the lanes' -1e30 and let them in.)
+    top_values = tl.where(is_slot, NEG_FILL, tl.full([TOP_BLOCK], POS_FILL, ACC))
     top_cols = EMPTY_COL + slots
+    top_teacher = tl.full([TOP_BLOCK], NEG_FILL, ACC)
+    last_value, last_col = _last_member(top_values, top_cols)
+    evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum = (
+        empty_lane_kl_stats(TOP_BLOCK, ACC))
     if SINGLE_BLOCK:
-        in_row = cols < num_classes
-        student = load_block(student_row, cols, in_row, ACC)
-        teacher = load_block(teacher_row, cols, in_row, ACC)
-        top_values, top_cols = _merge_block_top(student, cols, top_values, top_cols, top_d)
-    else:
-        for start in range(0, num_classes, BLOCK):
-            block_cols = start + cols
-            student = load_block(student_row, block_cols, block_cols < num_classes, ACC)
-            top_values, top_cols = _merge_block_top(student, block_cols, top_values, top_cols,
-                                                    top_d)
-    last_value = tl.min(top_values, axis=0)
-    last_col = tl.max(tl.where(top_values == last_value, top_cols, -1), axis=0)
-
-    # 2. Remainder softmax statistics (summed directly, never as "all minus top") and the
-    #    full-row log-sum-exp for the cross-entropy.
-    t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
-    ce_max = tl.full([], NEG_FILL, ACC)
-    ce_sum = tl.zeros([], ACC)
-    if SINGLE_BLOCK:
-        rest = in_row & ~_in_top_set(student, cols, last_value, last_col)
+        in_row, student, teacher = load_blocks(student_row, teacher_row, cols, num_classes, ACC)
+        block_max = tl.max(student, axis=0)
+        (top_values, top_cols, top_teacher, last_value, last_col, evicted_t_max, evicted_t_sum,
+         evicted_t_dot, evicted_s_max, evicted_s_sum) = _merge_block(
+            student, block_max, cols, 0, teacher_row, top_values, top_cols, top_teacher,
+            last_value, last_col, evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
+            evicted_s_sum, inv_temperature)
+        # The set started empty and took the block best first: nothing real was evicted. With
+        # one block, per-lane statistics would save no reduction and cost registers (88 instead
+        # of 64 at C = 4096, 16 warps: one program per SM instead of two).
+        t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
         t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
-            t_max, t_sum, t_dot, s_max, s_sum,
-            teacher * inv_temperature, student * inv_temperature, rest)
-        ce_max, ce_sum = online_logsumexp(ce_max, ce_sum, student, in_row)
+            t_max, t_sum, t_dot, s_max, s_sum, teacher * inv_temperature,
+            student * inv_temperature, in_row & ~_in_top_set(student, cols, last_value, last_col))
+        ce_max = block_max
+        ce_sum = tl.sum(tl.exp(student - block_max), axis=0)
     else:
+        t_max, t_sum, t_dot, s_max, s_sum = empty_lane_kl_stats(BLOCK, ACC)
+        ce_max = tl.full([], NEG_FILL, ACC)
+        ce_sums = tl.zeros([BLOCK], ACC)
         for start in range(0, num_classes, BLOCK):
-            block_cols = start + cols
-            in_row = block_cols < num_classes
-            student = load_block(student_row, block_cols, in_row, ACC)
-            teacher = load_block(teacher_row, block_cols, in_row, ACC)
-            rest = in_row & ~_in_top_set(student, block_cols, last_value, last_col)
-            t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
-                t_max, t_sum, t_dot, s_max, s_sum,
-                teacher * inv_temperature, student * inv_temperature, rest)
-            ce_max, ce_sum = online_logsumexp(ce_max, ce_sum, student, in_row)
+            in_row, student, teacher = load_blocks(student_row, teacher_row, start + cols,
+                                                   num_classes, ACC)
+            # The block's one cross-lane reduction: the merge's prefilter and the CE's shift.
+            block_max = tl.max(student, axis=0)
+            (top_values, top_cols, top_teacher, last_value, last_col, evicted_t_max,
+             evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum) = _merge_block(
+                student, block_max, cols, start, teacher_row, top_values, top_cols, top_teacher,
+                last_value, last_col, evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
+                evicted_s_sum, inv_temperature)
+            t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums = _fold_block_rest(
+                student, teacher, in_row, start + cols, block_max, last_value, last_col,
+                t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums, inv_temperature)
+        # The remainder = classes left outside the set as their block was read (per lane) plus
+        # members evicted later (per slot): reduce each once, then join them.
+        t_max, t_sum, t_dot, s_max, s_sum = reduce_lane_kl_stats(t_max, t_sum, t_dot, s_max,
+                                                                 s_sum)
+        evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum = (
+            reduce_lane_kl_stats(evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
+                                 evicted_s_sum))
+        t_max, t_sum, t_dot, s_max, s_sum = merge_kl_stats(
+            t_max, t_sum, t_dot, s_max, s_sum,
+            evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum)
+        ce_sum = tl.sum(ce_sums, axis=0)
     rntk, t_lse, s_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
     rntk = temperature * temperature * rntk
     ce_lse = ce_max + tl.log(ce_sum)
 
-    # 3. Pair and top-set terms on the d slots, in registers.
+    # 2. Pair and top-set terms on the d slots, in registers.
     top_logits = tl.where(is_slot, top_values, NEG_FILL)  # empty slots would overflow exp()
     top_student = top_logits * inv_temperature
-    top_teacher = load_block(teacher_row, top_cols, is_slot, ACC) * inv_temperature
+    top_teacher = top_teacher * inv_temperature
 
     # 1-based rank of each slot = 1 + number of set members ahead of it.
     value_p = top_values[:, None]
@@ -201,34 +279,37 @@ def _ldrld_kernel(
     tl.store(parts_ptr + row * 3 + 1, local)
     tl.store(parts_ptr + row * 3 + 2, rntk)
 
-    # 4. Gradient: remainder classes block by block, then the d top-set slots.
+    # 3. Gradient: remainder classes block by block (the row's second read when streamed), then
+    #    the d top-set slots.
     if COMPUTE_GRAD:
         rntk_scale = beta * temperature
         if SINGLE_BLOCK:
-            grad = _remainder_grad(student, teacher, cols, rest, target, inv_temperature, s_lse,
-                                   t_lse, rntk_scale, ce_lse, ce_weight)
-            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=rest)
+            _store_remainder_grad(grad_row, student, teacher, in_row, cols, last_value, last_col,
+                                  target, inv_temperature, s_lse, t_lse, rntk_scale, ce_lse,
+                                  ce_weight)
         else:
             for start in range(0, num_classes, BLOCK):
-                block_cols = start + cols
-                in_row = block_cols < num_classes
-                student = load_block(student_row, block_cols, in_row, ACC)
-                teacher = load_block(teacher_row, block_cols, in_row, ACC)
-                rest = in_row & ~_in_top_set(student, block_cols, last_value, last_col)
-                grad = _remainder_grad(student, teacher, block_cols, rest, target, inv_temperature,
-                                       s_lse, t_lse, rntk_scale, ce_lse, ce_weight)
-                tl.store(grad_row + block_cols, grad.to(grad_ptr.dtype.element_ty), mask=rest)
+                in_row, student, teacher = load_blocks(student_row, teacher_row, start + cols,
+                                                       num_classes, ACC)
+                _store_remainder_grad(grad_row, student, teacher, in_row, start + cols,
+                                      last_value, last_col, target, inv_temperature, s_lse,
+                                      t_lse, rntk_scale, ce_lse, ce_weight)
         top_set_grad = tl.exp(log_ps_top) - pt_top
         local_grad = (alpha * temperature * inv_num_groups
                       * (pair_grad + top_set_weight * top_set_grad))
         top_grad = local_grad + _ce_grad(top_logits, top_cols, ce_lse, target, ce_weight)
-        tl.store(grad_row + top_cols, top_grad.to(grad_ptr.dtype.element_ty), mask=is_slot)
+        # A slot no class entered (only if logits are NaN) keeps its EMPTY_COL column: skip it
+        # rather than write 2^30 elements past the row.
+        store_block(grad_row, top_cols, top_grad, is_slot & (top_cols < num_classes))
 
 
-def ldrld_launch_config(num_classes, block_size=None, num_warps=None):
-    """``launch_config``, with rows wider than one block streamed in ``STREAM_BLOCK`` columns."""
+@functools.cache
+def ldrld_launch_config(num_classes, block_size=None, num_warps=None, *, fp64=False):
+    """``launch_config``, with rows wider than one block streamed in ``STREAM_BLOCK`` columns
+    (half that when the maths run in fp64: the per-lane statistics take two registers a value,
+    and at 1024 columns the kernel spilled 104 bytes per thread, sm_90, triton 3.8)."""
     if block_size is None and num_classes > MAX_BLOCK:
-        block_size = STREAM_BLOCK
+        block_size = STREAM_BLOCK // 2 if fp64 else STREAM_BLOCK
     return launch_config(num_classes, block_size, num_warps)
 
 
@@ -250,7 +331,8 @@ def ldrld_forward(student_logits, teacher_logits, target, *, temperature, top_d,
     dtype = compute_dtype(student_logits, teacher_logits)
     loss, parts, grad = row_outputs(student_logits, 3, needs_grad[0], dtype)
     grad_ptr, grad_stride = optional_output(grad, loss)
-    block, single_block, num_warps = ldrld_launch_config(num_classes, block_size, num_warps)
+    block, single_block, num_warps = ldrld_launch_config(num_classes, block_size, num_warps,
+                                                         fp64=dtype == torch.float64)
     _ldrld_kernel[(batch,)](
         student_logits, teacher_logits, target, loss, parts, grad_ptr,
         student_logits.stride(0), teacher_logits.stride(0), grad_stride,
@@ -263,10 +345,3 @@ def ldrld_forward(student_logits, teacher_logits, target, *, temperature, top_d,
         num_warps=num_warps,
     )
     return loss, parts, (grad,)
-
-
-def ldrld_rows(student_logits, teacher_logits, target, **options):
-    """Differentiable per-row LDRLD loss ``[B]`` and its parts ``[B, 3]`` (ce, local, rntk);
-    ``options`` as ``ldrld_forward``'s."""
-    return RowLossFunction.apply(functools.partial(ldrld_forward, **options), student_logits,
-                                 teacher_logits, target)

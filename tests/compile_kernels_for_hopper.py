@@ -1,5 +1,5 @@
-"""Compile every fused-kernel variant for a Hopper GPU (sm_90) without a GPU; print the local
-memory (register spill) bytes of each as JSON. Run by test_kernels_compile.py in a subprocess,
+"""Compile every fused-kernel variant for a Hopper GPU (sm_90) without a GPU; print the register
+spill bytes of each as JSON. Run by test_kernels_compile.py in a subprocess,
 because the kernels must be imported without TRITON_INTERPRET for real code generation."""
 
 import json
@@ -31,7 +31,10 @@ ACCUMULATORS = {"*fp32": tl.float32, "*bf16": tl.float32, "*fp16": tl.float32, "
 CLASS_COUNTS = (1000, 4096, 21843)
 
 
-def local_memory_bytes(kernel, logits_type, constexprs, num_warps):
+def spill_bytes(kernel, logits_type, constexprs, num_warps):
+    """Stack frame plus local memory of the compiled kernel, from cuobjdump. Spills land in the
+    stack frame (ptxas -v: "N bytes stack frame, N bytes spill stores"); LOCAL alone stayed 0
+    for the HCD kernel of 2026-11-26 that spilled 4664 bytes (STACK) per thread."""
     accumulator = "*fp64" if logits_type == "*fp64" else "*fp32"
     types = {"student_ptr": logits_type, "teacher_ptr": logits_type, "grad_ptr": logits_type,
              "shared_ptr": logits_type, "grad_shared_ptr": logits_type,
@@ -46,7 +49,7 @@ def local_memory_bytes(kernel, logits_type, constexprs, num_warps):
         cubin.flush()
         usage = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage",
                                 cubin.name], capture_output=True, text=True, check=True).stdout
-    return int(usage.split("LOCAL:")[1].split()[0])
+    return sum(int(usage.split(f"{field}:")[1].split()[0]) for field in ("STACK", "LOCAL"))
 
 
 def variants():
@@ -56,27 +59,45 @@ def variants():
                ("dkd", kd._dkd_kernel, launch_config, ("*bf16", "*fp32"))]
     for num_classes in CLASS_COUNTS:
         for name, kernel, config, logits_types in kernels:
-            block, single_block, num_warps = config(num_classes)
             for logits_type in logits_types:
+                block, single_block, num_warps = (
+                    config(num_classes, fp64=logits_type == "*fp64") if name == "ldrld"
+                    else config(num_classes))
                 constexprs = dict(ACC=ACCUMULATORS[logits_type], BLOCK=block,
                                   SINGLE_BLOCK=single_block, COMPUTE_GRAD=True)
                 if name == "ldrld":
                     constexprs["TOP_BLOCK"] = 8
                 yield (f"{name}-{logits_type[1:]}-C{num_classes}-block{block}", kernel,
                        logits_type, constexprs, num_warps)
-    hcd_variants = [(1000, "*bf16", False), (1000, "*fp32", True), (1000, "*fp64", False),
-                    (100, "*fp16", False), (21843, "*bf16", False)]
-    for num_classes, logits_type, detach_target in hcd_variants:
-        block, single_block, num_warps = hcd.hcd_launch_config(num_classes)
-        constexprs = dict(ACC=ACCUMULATORS[logits_type], SUBS=hcd.SUB_BLOCK, BLOCK=block,
+    # HCD: (sub-logits n, classes, logits type, detach_target); n = 1, 4 (the default), 5 and 16
+    # give tiles of 1, 4, 8 and 16 rows, each in one tile and streamed.
+    hcd_variants = [(4, 1000, "*bf16", False), (4, 1000, "*fp32", True), (4, 1000, "*fp64", False),
+                    (4, 100, "*fp16", False), (4, 21843, "*bf16", False),
+                    (4, 21843, "*fp32", False), (1, 4096, "*fp32", False),
+                    (1, 21843, "*bf16", False), (5, 500, "*bf16", False), (5, 1000, "*fp32", False),
+                    (16, 128, "*fp32", False), (16, 21843, "*bf16", False),
+                    (16, 1000, "*fp64", False)]
+    for num_sub, num_classes, logits_type, detach_target in hcd_variants:
+        block, single_block, num_warps = hcd.hcd_launch_config(
+            num_classes, num_sub=num_sub, fp64=logits_type == "*fp64")
+        constexprs = dict(ACC=ACCUMULATORS[logits_type], SUBS=hcd.sub_rows(num_sub), BLOCK=block,
                           SINGLE_BLOCK=single_block, DETACH_TARGET=detach_target,
                           COMPUTE_GRAD=True)
-        yield (f"hcd-{logits_type[1:]}-C{num_classes}-detach{detach_target}", hcd._hcd_kernel,
-               logits_type, constexprs, num_warps)
+        yield (f"hcd-n{num_sub}-{logits_type[1:]}-C{num_classes}-block{block}"
+               f"-detach{detach_target}", hcd._hcd_kernel, logits_type, constexprs, num_warps)
     for top_d in (1, 32):  # the top_d limits, forward only
         constexprs = dict(ACC=tl.float32, BLOCK=1024, SINGLE_BLOCK=True, COMPUTE_GRAD=False,
                           TOP_BLOCK=max(triton.next_power_of_2(top_d), 2))
         yield f"ldrld-top_d{top_d}-forward", ldrld._ldrld_kernel, "*bf16", constexprs, 4
+    # Streamed rows at the top_d limit: the most per-slot state (evicted members' statistics)
+    # beside the per-lane remainder statistics; fp64 is the kernel's largest register footprint.
+    for logits_type in ("*bf16", "*fp64"):
+        block, single_block, num_warps = ldrld.ldrld_launch_config(
+            21843, fp64=logits_type == "*fp64")
+        constexprs = dict(ACC=ACCUMULATORS[logits_type], BLOCK=block, SINGLE_BLOCK=single_block,
+                          COMPUTE_GRAD=True, TOP_BLOCK=ldrld.MAX_TOP_D)
+        yield (f"ldrld-top_d{ldrld.MAX_TOP_D}-{logits_type[1:]}-C21843", ldrld._ldrld_kernel,
+               logits_type, constexprs, num_warps)
 
 
 if __name__ == "__main__":
@@ -85,7 +106,7 @@ if __name__ == "__main__":
         if len(sys.argv) > 1 and not name.startswith(sys.argv[1]):
             continue
         try:
-            results[name] = local_memory_bytes(kernel, logits_type, constexprs, num_warps)
+            results[name] = spill_bytes(kernel, logits_type, constexprs, num_warps)
         except Exception as error:  # reported per variant by the test
             results[name] = f"{type(error).__name__}: {error}"
     json.dump(results, sys.stdout)

@@ -90,8 +90,9 @@ def reference_run(shared, teacher, student, target, **options):
                **{**options, "backend": "reference"})
 
 
-# (batch, num_sub, classes, theta, label smoothing, detach_target, temperature); 1500 classes
-# exceed one kernel tile (1024 columns), so that row is streamed.
+# (batch, num_sub, classes, theta, label smoothing, detach_target, temperature); a kernel tile
+# holds 1024 classes at n = 3 or 4 and 512 at n = 5 to 8, so the 1500-class rows and n = 8's
+# 1000-class rows are streamed.
 RANDOM_CASES = [
     (1, 1, 2, 0.5, 0.0, False, 1.0), (4, 2, 5, 0.0, 0.1, True, 1.0),
     (3, 4, 100, 0.5, 0.1, False, 2.0), (32, 4, 100, 0.9, 0.0, False, 1.0),
@@ -167,7 +168,6 @@ def test_gradcheck_float64(backend):
 
 def test_triton_streams_rows_in_blocks():
     """Rows of 40 classes in 16-column tiles agree with the single-tile launch."""
-    from fastkd.kernels.autograd import RowLossFunction
     from fastkd.kernels.hcd import hcd_forward
 
     shared, teacher, student, target = hcd_inputs(3, 5, 40, seed=44, dtype=torch.float64)
@@ -175,14 +175,84 @@ def test_triton_streams_rows_in_blocks():
                    w_sdd=6.0, w_ol=1.0, lam_s=1.0, lam_t=1.0, detach_target=False)
     results = []
     for block_size in (16, None):
-        fused_shared = shared.clone().requires_grad_()
-        fused_student = student.clone().requires_grad_()
-        launcher = functools.partial(hcd_forward, block_size=block_size, **options)
-        rows, _ = RowLossFunction.apply(launcher, fused_shared, teacher, fused_student, target)
-        rows.sum().backward()
-        results.append((rows.detach(), fused_shared.grad, fused_student.grad))
+        rows, _, (grad_shared, _, grad_student) = hcd_forward(
+            shared, teacher, student, target, block_size=block_size, **options)
+        results.append((rows, grad_shared, grad_student))
     for streamed, single in zip(*results):
         torch.testing.assert_close(streamed, single, rtol=1e-12, atol=1e-12)
+
+
+# Non-default weights, fusion and smoothing, so every term and scale reaches the kernel's output.
+KERNEL_OPTIONS = dict(temperature=2.0, label_smoothing=0.125, theta=0.25, w_gt=0.5, w_sdd=3.0,
+                      w_ol=2.0, lam_s=0.75, lam_t=1.25, detach_target=False)
+
+
+def kernel_run(shared, teacher, student, target, block_size, **options):
+    """The triton launcher itself: rows, parts {sce, sdd, ol} and the gradients of sum(rows)."""
+    from fastkd.kernels.hcd import hcd_forward
+
+    rows, parts, (grad_shared, _, grad_student) = hcd_forward(
+        shared, teacher, student, target, block_size=block_size, **options)
+    return rows, dict(zip(("sce", "sdd", "ol"), parts.unbind(1))), grad_shared, grad_student
+
+
+def assert_matches_reference(actual, inputs, options, tolerance, grad_tolerance):
+    expected = reference_run(*inputs, **options)
+    rows, parts, grad_shared, grad_student = actual
+    assert_close_scaled(rows, expected[0], tolerance, "loss")
+    for name in ("sce", "sdd", "ol"):
+        assert_close_scaled(parts[name], expected[1][name], tolerance, name)
+    assert_close_scaled(grad_shared, expected[2], grad_tolerance, "shared gradient")
+    assert_close_scaled(grad_student, expected[3], grad_tolerance, "student gradient")
+
+
+@pytest.mark.parametrize("block_size", [16, None])  # 37 classes: 3 streamed blocks, or one tile
+@pytest.mark.parametrize("num_sub", [1, 2, 3, 5, 16])  # tiles of 1, 2, 4, 8 and 16 rows
+def test_triton_sub_logit_counts(num_sub, block_size):
+    """Every tile height (padding rows included) in both branches, fp32 against the reference."""
+    inputs = hcd_inputs(2, num_sub, 37, seed=60 + num_sub)
+    options = dict(KERNEL_OPTIONS, num_sub=num_sub)
+    actual = kernel_run(*inputs, block_size, **options)
+    assert actual[2].dtype == torch.float32
+    if num_sub > 1:
+        assert (actual[1]["ol"] > 0).all()  # the orthogonality term and its gradient are live
+    assert_matches_reference(actual, inputs, options, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("block_size", [16, None])
+@pytest.mark.parametrize("num_sub", [3, 16])
+@pytest.mark.parametrize("dtype,tolerance,grad_tolerance", [
+    (torch.float64, 1e-12, 1e-12), (torch.float16, 1e-5, 1e-3), (torch.bfloat16, 1e-5, 1e-2)])
+def test_triton_dtypes(dtype, tolerance, grad_tolerance, num_sub, block_size):
+    """fp64 exactly, half precision with fp32 maths (losses to fp32 accuracy, gradients rounded
+    once to the input dtype), against the reference on the same (rounded) inputs."""
+    inputs = hcd_inputs(2, num_sub, 37, seed=70 + num_sub, dtype=dtype)
+    options = dict(KERNEL_OPTIONS, num_sub=num_sub)
+    actual = kernel_run(*inputs, block_size, **options)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert actual[0].dtype == expected_dtype and actual[2].dtype == dtype
+    assert_matches_reference(actual, inputs, options, tolerance, grad_tolerance)
+
+
+def test_launch_config_sizes():
+    """Power-of-two blocks; one tile exactly when the row fits; no wider blocks for more
+    sub-logits or for fp64."""
+    from fastkd.kernels.hcd import MAX_NUM_SUB, MAX_TILE, hcd_launch_config, sub_rows
+
+    for num_classes in (2, 100, 1000, 21843):
+        for fp64 in (False, True):
+            blocks = []
+            for num_sub in range(1, MAX_NUM_SUB + 1):
+                block, single, warps = hcd_launch_config(num_classes, num_sub=num_sub, fp64=fp64)
+                assert block & (block - 1) == 0 and 1 <= warps <= 8
+                assert single == (num_classes <= block)
+                assert block * sub_rows(num_sub) <= MAX_TILE
+                assert block <= hcd_launch_config(num_classes, num_sub=num_sub)[0]
+                blocks.append(block)
+            assert blocks == sorted(blocks, reverse=True)
+    # n = 4 by default (bench/tune_kernels.py passes only the classes): 1000 classes fit one tile.
+    assert hcd_launch_config(1000)[:2] == (1024, True)
+    assert hcd_launch_config(21843)[:2] == (512, False)
 
 
 # ---------------------------------------------------------------------------------------------

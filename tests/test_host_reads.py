@@ -12,16 +12,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastkd import validation
+from fastkd import ops, validation
 from fastkd.data import create_loaders
 from fastkd.engine import checkpoint
 from fastkd.engine.run import Run
 from fastkd.engine.trainer import main
 
-# The aten ops that hand a value to the host (item/float/int/bool/if go through the first), and
-# those whose output shape depends on values: on CUDA each is a device sync.
-SYNCING_OPS = ("aten._local_scalar_dense", "aten.equal", "aten.nonzero", "aten.masked_select",
-               "aten._unique2", "aten.unique_consecutive")
+# The aten ops that hand a value to the host (item/float/int/bool/if go through the first; below
+# autograd, inside a fastkd op, item is dispatched whole), and those whose output shape depends
+# on values: on CUDA each is a device sync.
+SYNCING_OPS = ("aten._local_scalar_dense", "aten.item", "aten.equal", "aten.nonzero",
+               "aten.masked_select", "aten._unique2", "aten.unique_consecutive")
 
 
 def on_device(values, kind):
@@ -31,13 +32,20 @@ def on_device(values, kind):
 
 class HostReads(TorchDispatchMode):
     """Counts host reads of tensor values made while active: syncing aten ops, and
-    ``Tensor.tolist``/``Tensor.numpy``, which bypass the dispatcher."""
+    ``Tensor.tolist``/``Tensor.numpy``, which bypass the dispatcher. A fused loss
+    (``torch.ops.fastkd``) is counted inside: its implementation runs with this mode active."""
 
     def __init__(self):
         super().__init__()
         self.reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastkd":
+            TorchDispatchMode.__enter__(self)  # the mode is off inside its own dispatch
+            try:
+                return ops.implementation(func)(*args, **(kwargs or {}))
+            finally:
+                TorchDispatchMode.__exit__(self, None, None, None)
         output = func(*args, **(kwargs or {}))
         if str(func.overloadpacket) in SYNCING_OPS or (
                 on_device(args, "cuda") and on_device(output, "cpu")):  # a copy to the host
@@ -74,6 +82,29 @@ def test_the_counter_sees_each_kind_of_read():
     with HostReads() as counter:
         (value * 2 + 1).sum().exp()  # device work only
     assert counter.reads == 0
+
+
+def test_the_counter_sees_reads_inside_a_fused_loss(monkeypatch):
+    """A read inside a loss op's implementation is counted."""
+    from fastkd import dkd_loss
+    from fastkd.vectorized import dkd
+
+    student, teacher = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+    target = torch.tensor([0, 3, 9, 2])
+    monkeypatch.setattr(validation, "reads_values", lambda tensor: False)  # as on CUDA
+    with HostReads() as counter:
+        dkd_loss(student, teacher, target, backend="torch").backward()
+    assert counter.reads == 0
+    binary_kl = dkd.binary_kl_of_gaps
+
+    def reading_binary_kl(teacher_gap, student_gap):
+        teacher_gap.sum().item()
+        return binary_kl(teacher_gap, student_gap)
+
+    monkeypatch.setattr(dkd, "binary_kl_of_gaps", reading_binary_kl)
+    with HostReads() as counter:
+        dkd_loss(student, teacher, target, backend="torch").backward()
+    assert counter.reads == 1
 
 
 TRAIN_EPOCH = Run.train_epoch  # unpatched

@@ -16,7 +16,7 @@ from helpers import (
 )
 
 from fastkd import LDRLDLoss, ldrld_loss
-from fastkd.functional import ldrld_group_weights
+from fastkd.ops import ldrld_group_weights
 from fastkd.options import LDRLD
 from fastkd.reference import adaptive_decay_weight, ldrld_loss_reference
 from fastkd.reference.ldrld import masked_kl
@@ -272,31 +272,145 @@ def test_triton_breaks_ties_by_lower_class_index():
         assert fused.item() == pytest.approx(expected.item(), abs=1e-7)
 
 
+def streamed_triton_rows(student, teacher, target, top_d, block_size=16):
+    """The Triton kernel's per-row loss, parts [B, 3] (ce, local, rntk) and gradient, with rows
+    streamed in ``block_size`` columns: the path of rows wider than one kernel block (4096),
+    forced on small rows (None: the launcher's choice). Also returns the loss options, for the
+    reference."""
+    from fastkd.kernels.ldrld import ldrld_forward
+
+    options = LDRLD.replace(top_d=top_d).loss_options()
+    top_set_weight, num_groups = ldrld_group_weights(top_d, LDRLD.irw_eps, LDRLD.erd_scale,
+                                                     LDRLD.erd_decay)
+    rows, parts, (grad,) = ldrld_forward(student, teacher, target, block_size=block_size,
+                                         top_set_weight=top_set_weight, num_groups=num_groups,
+                                         **options)
+    return rows, parts, grad, options
+
+
+def assert_matches_reference(rows, parts, grad, reference, rtol, grad_rtol=None):
+    """Loss, each part and the gradient against ``reference_rows``' output."""
+    ref_rows, ref_parts, ref_grad = reference
+    assert_close_scaled(rows, ref_rows, rtol, "loss")
+    for column, name in enumerate(("ce", "local", "rntk")):
+        assert_close_scaled(parts[:, column], ref_parts[name], rtol, name)
+    assert_close_scaled(grad, ref_grad, grad_rtol or rtol, "gradient")
+
+
 @pytest.mark.parametrize("where", ["spread", "last_block", "first_block"])
 def test_triton_multi_block_selection(where):
     """Rows of 110 classes streamed in 16-column blocks: the top-d classes spread over blocks, all
     in the last (partial) block, or all in the first."""
-    from fastkd.kernels.autograd import RowLossFunction
-    from fastkd.kernels.ldrld import ldrld_forward
-
     student, teacher, target = random_logits(3, 110, seed=15, dtype=torch.float64)
     top_columns = {"spread": [3, 20, 47, 63, 80, 95, 109],
                    "last_block": [97, 99, 101, 103, 105, 107, 109],
                    "first_block": [0, 2, 5, 9, 11, 13, 15]}[where]
     for rank, column in enumerate(top_columns):
         student[:, column] = 20.0 - rank
-    options = LDRLD.replace(top_d=7).loss_options()
-    top_set_weight, num_groups = ldrld_group_weights(7, LDRLD.irw_eps, LDRLD.erd_scale,
-                                                     LDRLD.erd_decay)
-    launcher = functools.partial(ldrld_forward, block_size=16, top_set_weight=top_set_weight,
-                                 num_groups=num_groups, **options)
-    fused = student.clone().requires_grad_()
-    rows, parts = RowLossFunction.apply(launcher, fused, teacher, target)
-    rows.sum().backward()
-    ref_rows, ref_parts, ref_grad = reference_rows(student, teacher, target, **options)
-    assert_close_scaled(rows, ref_rows, 1e-12, "loss")
-    assert_close_scaled(parts[:, 1], ref_parts["local"], 1e-12, "local")
-    assert_close_scaled(fused.grad, ref_grad, 1e-12, "gradient")
+    rows, parts, grad, options = streamed_triton_rows(student, teacher, target, top_d=7)
+    assert_matches_reference(rows, parts, grad, reference_rows(student, teacher, target, **options),
+                             1e-12)
+
+
+# Streamed selection (16-column blocks) against the float64 reference. Student rows are k/8 for
+# distinct integers k (exact and tie-free down to bf16), the top set placed as each case says:
+#   one_block: all in one middle block; spread: one per block; last_block: all in the last,
+#   partial block; ascending: the row ascends, so every block evicts the whole set (d <= 16) or
+#   16 of its members (d = 32); descending: the first block holds the set and the prefilter skips
+#   every later block; random: no placement.
+STREAMED_CASES = [  # (where, classes, top_d)
+    ("one_block", 110, 7), ("one_block", 37, 1), ("spread", 110, 7), ("spread", 110, 1),
+    ("last_block", 110, 7), ("last_block", 98, 2), ("ascending", 110, 7),
+    ("ascending", 101, 32), ("ascending", 37, 1), ("descending", 110, 7), ("random", 37, 32),
+    ("random", 32, 32), ("random", 100, 10),
+]
+STREAMED_DTYPES = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
+                   torch.float16: (1e-5, HALF_TOLERANCES[torch.float16]),
+                   torch.bfloat16: (1e-5, HALF_TOLERANCES[torch.bfloat16])}
+
+
+def placed_top_logits(where, num_classes, top_d, seed):
+    """Student (float64, values k/8 with distinct |k| <= 256), teacher and labels for one row
+    pair, the student's top-d classes placed as ``where`` says."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = 2
+    if where == "ascending":
+        base = torch.arange(num_classes, dtype=torch.float64).repeat(batch, 1)
+    elif where == "descending":
+        base = torch.arange(num_classes, 0, -1, dtype=torch.float64).repeat(batch, 1)
+    else:
+        base = torch.stack([torch.randperm(num_classes, generator=generator)
+                            for _ in range(batch)]).to(torch.float64)
+    student = (base - num_classes) / 8  # in [-num_classes / 8, 0]
+    last = (num_classes - 1) // 16 * 16
+    columns = {"one_block": range(16, 16 + top_d), "spread": range(5, num_classes, 16),
+               "last_block": range(num_classes - 1, last - 1, -1)}.get(where, [])
+    columns = list(columns)[:top_d]
+    if columns:
+        assert len(columns) == top_d and len(set(columns)) == top_d
+        ranks = torch.randperm(top_d, generator=generator).to(torch.float64)
+        student[:, columns] = 20.0 - ranks / 2  # above every other class, in shuffled order
+    teacher = torch.randn(batch, num_classes, generator=generator, dtype=torch.float64) * 3
+    target = torch.randint(0, num_classes, (batch,), generator=generator)
+    return student.to(DEVICE), teacher.to(DEVICE), target.to(DEVICE)
+
+
+@pytest.mark.parametrize("where,num_classes,top_d", STREAMED_CASES)
+def test_triton_streamed_selection(where, num_classes, top_d):
+    student, teacher, target = placed_top_logits(where, num_classes, top_d, seed=num_classes)
+    rows, parts, grad, options = streamed_triton_rows(student, teacher, target, top_d)
+    assert_matches_reference(rows, parts, grad, reference_rows(student, teacher, target, **options),
+                             1e-12)
+    if num_classes == top_d:
+        assert torch.all(parts[:, 2] == 0)  # empty remainder
+
+
+@pytest.mark.parametrize("dtype", sorted(STREAMED_DTYPES, key=str))
+@pytest.mark.parametrize("where", ["spread", "ascending"])
+def test_triton_streamed_selection_dtypes(where, dtype):
+    """fp16 / bf16 / fp32 / fp64 inputs of the streamed path (the logits are exact in each)."""
+    student, teacher, target = placed_top_logits(where, 110, 7, seed=23)
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    rows, parts, grad, options = streamed_triton_rows(student, teacher, target, 7)
+    assert grad.dtype == dtype
+    loss_rtol, grad_rtol = STREAMED_DTYPES[dtype]
+    assert_matches_reference(rows, parts, grad.double(),
+                             reference_rows(student, teacher, target, **options), loss_rtol,
+                             grad_rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("top_d", [3, 5, 32])
+def test_triton_streamed_ties_straddle_blocks(top_d, dtype):
+    """Equal student logits across block borders (columns 13..18 and 94..97, blocks of 16, a
+    partial last block) rank by class index: the same loss and gradient as the reference on
+    logits nudged down by index. The cut of the top set falls inside a tie for top_d = 3 and 5."""
+    student, teacher, target = placed_top_logits("random", 98, top_d, seed=29)
+    student[:, [40, 70]] = torch.tensor([11.0, 10.0], dtype=torch.float64, device=DEVICE)
+    student[:, 13:19] = 9.0
+    student[:, 94:98] = 9.0
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    rows, parts, grad, options = streamed_triton_rows(student, teacher, target, top_d)
+    nudged = student.double() - 1e-12 * torch.arange(98, dtype=torch.float64, device=DEVICE)
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-5
+    assert_matches_reference(rows, parts, grad.double(),
+                             reference_rows(nudged, teacher, target, **options), tolerance,
+                             HALF_TOLERANCES.get(dtype, tolerance))
+
+
+@pytest.mark.parametrize("where", ["spread", "ascending"])
+def test_triton_streamed_top_set_far_above_the_rest(where):
+    """Top-set logits 1e4 above the remainder (fp32): the remainder's softmax must keep its own
+    running max per lane, not borrow one a top-set member set, or its sum underflows to 0."""
+    student, teacher, target = placed_top_logits(where, 110, 7, seed=31)
+    is_top = student >= 10.0 if where == "spread" else student >= student[:, -7:-6]
+    student, teacher = torch.where(is_top, student + 1e4, student).float(), teacher.float()
+    rows, parts, grad, options = streamed_triton_rows(student, teacher, target, 7)
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    # The gradient's CE part at the top set, exp(z - lse), inherits the rounding of lse ~ 1e4 to
+    # fp32 (spacing 1e-3): about 5e-4 relative, as in any fp32 kernel.
+    assert_matches_reference(rows, parts, grad, reference_rows(student, teacher, target, **options),
+                             1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -326,6 +440,20 @@ def test_triton_out_of_range_label_gives_nan_not_a_crash():
     loss, _, _ = ldrld_forward(student, teacher, target, top_set_weight=top_set_weight,
                                num_groups=num_groups, **options)
     assert torch.isfinite(loss[0]) and math.isnan(loss[1].item())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaNs
+@pytest.mark.parametrize("block_size", [16, None])
+def test_triton_nan_row_stays_in_bounds(block_size):
+    """A student row of NaNs (a diverged step) selects no class: its loss is NaN, and its empty
+    top-set slots write nothing (their columns lie 2^30 past the row). Other rows are unharmed."""
+    student, teacher, target = random_logits(2, 40, seed=3, dtype=torch.float64)
+    student[0] = float("nan")
+    rows, _, grad, options = streamed_triton_rows(student, teacher, target, 7, block_size)
+    ref_rows, _, ref_grad = reference_rows(student[1:], teacher[1:], target[1:], **options)
+    assert math.isnan(rows[0].item())
+    assert_close_scaled(rows[1:], ref_rows, 1e-12, "loss")
+    assert_close_scaled(grad[1:], ref_grad, 1e-12, "gradient")
 
 
 def test_module_wrapper_matches_function():

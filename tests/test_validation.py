@@ -5,7 +5,8 @@ import torch
 from helpers import random_logits
 
 from fastkd import dkd_loss, hcd_logit_loss, kd_loss, ldrld_loss
-from fastkd.functional import resolve_backend
+from fastkd.functional import requested_backend
+from fastkd.ops import runs_triton
 
 
 @pytest.fixture
@@ -89,19 +90,20 @@ def test_bad_reduction_and_backend(inputs, loss):
 def test_auto_backend_and_environment_override(monkeypatch):
     cpu_logits = torch.zeros(2, 3)
     monkeypatch.delenv("FASTKD_BACKEND", raising=False)
-    assert resolve_backend("auto", cpu_logits) == "torch"
+    assert requested_backend("auto", cpu_logits) == "auto"
+    assert not runs_triton("auto", cpu_logits)  # the op's device dispatch: torch on CPU
     monkeypatch.setenv("FASTKD_BACKEND", "reference")
-    assert resolve_backend("auto", cpu_logits) == "reference"
-    assert resolve_backend("torch", cpu_logits) == "torch"  # an explicit choice wins
+    assert requested_backend("auto", cpu_logits) == "reference"
+    assert requested_backend("torch", cpu_logits) == "torch"  # an explicit choice wins
     monkeypatch.setenv("FASTKD_BACKEND", "fast")
     with pytest.raises(ValueError, match=r"FASTKD_BACKEND must be one of .*, got 'fast'"):
-        resolve_backend("auto", cpu_logits)
+        requested_backend("auto", cpu_logits)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors .*got logits on cpu"):
-        resolve_backend("triton", torch.zeros(2, 3))
+        requested_backend("triton", torch.zeros(2, 3))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -131,9 +133,9 @@ def test_compiled_loss_skips_the_label_check():
 
 def test_auto_backend_can_prefer_torch(monkeypatch):
     """Where triton was measured slower (HCD's streamed rows), auto takes torch even on CUDA."""
-    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     logits = torch.zeros(2, 3)
-    assert resolve_backend("auto", logits) == "triton"
-    assert resolve_backend("auto", logits, triton_is_faster=False) == "torch"
-    assert resolve_backend("triton", logits, triton_is_faster=False) == "triton"
+    assert runs_triton("auto", logits)
+    assert not runs_triton("auto", logits, triton_is_faster=False)
+    assert runs_triton("triton", logits, triton_is_faster=False)
+    assert not runs_triton("torch", logits)

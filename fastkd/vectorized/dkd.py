@@ -1,33 +1,52 @@
-"""Decoupled KD, with the binary (target, rest) split taken from logit gaps."""
+"""Decoupled KD in closed form, with the binary (target, rest) split taken from logit gaps."""
 
 import math
 
 import torch
 
 from ..precision import compute_dtype
-from ..reference.ldrld import masked_kl
 from .common import binary_kl_of_gaps
 
 
-def dkd_rows(student_logits, teacher_logits, target, *, alpha, beta, temperature):
-    """Per-sample ``alpha * TCKD + beta * NCKD`` ``[B]`` and parts ``{"tckd", "nckd"}``.
+def dkd_forward(student_logits, teacher_logits, target, *, alpha, beta, temperature,
+                needs_grad=(True,)):
+    """Per-row ``alpha * TCKD + beta * NCKD`` ``[B]``, parts ``[B, 2]`` (tckd, nckd) and the
+    gradient w.r.t. the student logits (None unless ``needs_grad[0]``).
 
-    The binary split is a two-class softmax over (z_y / T, lse of the other z / T), so TCKD is a
-    binary KL of the gaps g = z_y / T - lse_rest: no 1 - p_y, which cancels to garbage when the
-    target holds nearly all the mass.
+    With s = zs / T, t = zt / T, q the softmax over the non-target classes and the gaps
+    g = s_y - lse_{c != y}(s) (the binary split is a two-class softmax over (s_y, lse_rest), so
+    TCKD is a binary KL of the gaps: no 1 - p_y, which cancels to garbage when the target holds
+    nearly all the mass):
+
+        dL/dzs_y = alpha T (sigmoid(g_s) - sigmoid(g_t))
+        dL/dzs_c = T (beta (qs_c - qt_c) - alpha qs_c (sigmoid(g_s) - sigmoid(g_t)))   (c != y)
     """
     dtype = compute_dtype(student_logits, teacher_logits)
-    zs = student_logits.to(dtype)
-    zt = teacher_logits.detach().to(dtype)
-    target = target.long()
+    scaled_student = student_logits.to(dtype) / temperature
+    scaled_teacher = teacher_logits.to(dtype) / temperature
+    target = target.long().unsqueeze(1)
     # A comparison, not F.one_hot: one_hot reads the labels' range on the host (on CPU).
-    is_target = target.unsqueeze(1) == torch.arange(zs.shape[1], device=zs.device)
+    is_target = target == torch.arange(scaled_student.shape[1], device=scaled_student.device)
 
-    def target_gap(logits):
-        scaled = logits / temperature
-        rest_lse = scaled.masked_fill(is_target, -math.inf).logsumexp(dim=1)
-        return scaled.gather(1, target.unsqueeze(1)).squeeze(1) - rest_lse
+    def non_target_softmax(scaled):
+        """log q over the non-target classes (-inf at y) and the gap g = s_y - lse_rest."""
+        rest = scaled.masked_fill(is_target, -math.inf)
+        rest_lse = rest.logsumexp(dim=1, keepdim=True)
+        return rest - rest_lse, (scaled.gather(1, target) - rest_lse).squeeze(1)
 
-    tckd = temperature**2 * binary_kl_of_gaps(target_gap(zt), target_gap(zs))
-    nckd = masked_kl(zs, zt, ~is_target, temperature)
-    return alpha * tckd + beta * nckd, {"tckd": tckd, "nckd": nckd}
+    log_qs, student_gap = non_target_softmax(scaled_student)
+    log_qt, teacher_gap = non_target_softmax(scaled_teacher)
+    qt = log_qt.exp()
+    squared = temperature**2
+    tckd = squared * binary_kl_of_gaps(teacher_gap, student_gap)
+    # qt (log qt - log qs) is 0 * (-inf + inf) at y: masked to 0.
+    nckd = squared * torch.where(is_target, 0.0, qt * (log_qt - log_qs)).sum(1)
+    loss = alpha * tckd + beta * nckd
+    parts = torch.stack([tckd, nckd], dim=1)
+    if not needs_grad[0]:
+        return loss, parts, (None,)
+    target_prob_gap = (torch.sigmoid(student_gap) - torch.sigmoid(teacher_gap)).unsqueeze(1)
+    qs = log_qs.exp()
+    grad = beta * (qs - qt) - alpha * qs * target_prob_gap
+    grad = torch.where(is_target, alpha * target_prob_gap, grad).mul_(temperature)
+    return loss, parts, (grad.to(student_logits.dtype),)

@@ -6,12 +6,9 @@ the maths. Notation per sample: F_j = lam_s * S_j + lam_t * zt, q_j = softmax(F_
 pf_j = softmax(F_j / T), ps = softmax(zs / T), u_j = v_j / |v_j| with v_j = F_j, true class 0.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from ..kernels.autograd import RowLossFunction
 from ..precision import compute_dtype
 
 
@@ -87,9 +84,3 @@ def hcd_forward(shared_logits, teacher_logits, student_logits, target, *, num_su
     return (loss, parts, (grad_shared.to(shared_logits.dtype) if needs_grad[0] else None, None,
                           grad_student.to(student_logits.dtype) if needs_grad[2] else None))
 
-
-def hcd_rows(shared_logits, teacher_logits, student_logits, target, **options):
-    """Differentiable per-row HCD logit loss ``[B]`` and parts ``[B, 3]`` (sce, sdd, ol);
-    ``options`` as ``hcd_forward``'s."""
-    return RowLossFunction.apply(functools.partial(hcd_forward, **options), shared_logits,
-                                 teacher_logits, student_logits, target)

@@ -1,0 +1,283 @@
+"""The fused losses as torch ops: ``torch.ops.fastkd.ldrld``, ``.kd``, ``.dkd`` and ``.hcd``.
+
+Each op returns ``(loss_rows [B], parts [B, K], *gradients)``: the per-row loss, its parts and,
+in the same call, the gradient of each row's loss w.r.t. each differentiable input (empty
+tensors when ``compute_grad`` is false). Its autograd kernel (``FusedRows``) only scales those
+saved gradient rows by the upstream gradient of ``loss_rows``, so a fused loss holds one
+gradient of memory and no autograd graph of its own; ``parts`` and the gradients are not
+differentiable.
+
+The op dispatches by device: ``backend="auto"`` runs the Triton kernel (``fastkd.kernels``) on
+CUDA tensors where triton imports (HCD only where it was measured faster), and the vectorised
+torch code (``fastkd.vectorized``) elsewhere, the CPU kernel; ``"torch"`` and ``"triton"`` force
+one (``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``). Fake implementations give
+torch.compile the outputs' shapes, so a compiled step holds each loss as one opaque op, with no
+graph break, and a CUDA graph captures its kernel.
+
+Registered with the low-level ``torch.library.Library`` API rather than ``custom_op`` /
+``triton_op``: their Python wrappers (argument re-filling, alias checks, dynamo-disable guards)
+cost about 110 us more per forward + backward call than this registration on the development
+VM (2-core EPYC, tiny CPU tensors: 522-534 us against 412-440 us, 398-418 us for a bare
+autograd.Function), and host time is what the fused losses spend at classification shapes.
+Arguments are assumed validated (``fastkd.functional`` validates before calling).
+"""
+
+import functools
+import importlib
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .optional import importable
+from .precision import compute_dtype
+from .reference.ldrld import adaptive_decay_weight
+from .vectorized import dkd as vectorized_dkd
+from .vectorized import hcd as vectorized_hcd
+from .vectorized import kd as vectorized_kd
+from .vectorized import ldrld as vectorized_ldrld
+
+OP_BACKENDS = ("auto", "torch", "triton")
+# ``auto`` runs HCD's kernel only on rows that fit one tile: wider rows are streamed, and there the
+# torch backend took 2-5x less GPU time (H200, B = 1024, C = 21843: bench/results/h200-2026-11-26).
+HCD_TRITON_AUTO_MAX_CLASSES = 1024
+
+
+def runs_triton(backend, logits, triton_is_faster=True):
+    """Whether an op call with this ``backend`` runs the Triton kernel: always for "triton"; for
+    "auto" on CUDA tensors when triton imports and ``triton_is_faster`` (the measured choice for
+    the shape); never for "torch"."""
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return logits.is_cuda and triton_is_faster and importable("triton")
+    return backend == "triton"
+
+
+@functools.cache
+def _kernel_forward(module, name):
+    """A Triton launcher, imported on first use: TRITON_INTERPRET is read at import."""
+    return getattr(importlib.import_module(f"fastkd.kernels.{module}"), name)
+
+
+def ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay):
+    """``(top_set_weight, num_groups)`` of the local term, as the authors' code counts them:
+    d(d-1)/2 pairs plus the top set; for d = 2 the top set is that pair again, weighted
+    ADW(1, 2)."""
+    if top_d == 2:
+        top_set_weight = adaptive_decay_weight(1, 2, irw_eps, erd_scale, erd_decay)
+    else:
+        top_set_weight = 1.0
+    return top_set_weight, top_d * (top_d - 1) // 2 + 1
+
+
+def _gradient_or_empty(gradient, like):
+    # An op returns tensors only: "no gradient" is an empty one.
+    return like.new_empty(0) if gradient is None else gradient
+
+
+# --- Implementations: one for every device, dispatching on the tensors' device. ---
+
+def ldrld(student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
+          irw_eps, erd_scale, erd_decay, compute_grad, backend="auto"):
+    if runs_triton(backend, student_logits):
+        forward = _kernel_forward("ldrld", "ldrld_forward")
+    else:
+        forward = vectorized_ldrld.ldrld_forward
+    top_set_weight, num_groups = ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay)
+    loss, parts, (grad,) = forward(
+        student_logits, teacher_logits, target, temperature=temperature, top_d=top_d,
+        alpha=alpha, beta=beta, ce_weight=ce_weight, irw_eps=irw_eps, erd_scale=erd_scale,
+        erd_decay=erd_decay, top_set_weight=top_set_weight, num_groups=num_groups,
+        needs_grad=(compute_grad,))
+    return loss, parts, _gradient_or_empty(grad, student_logits)
+
+
+def kd(student_logits, teacher_logits, temperature, compute_grad, backend="auto"):
+    if runs_triton(backend, student_logits):
+        forward = _kernel_forward("kd", "kd_forward")
+    else:
+        forward = vectorized_kd.kd_forward
+    loss, parts, (grad,) = forward(student_logits, teacher_logits, None, temperature=temperature,
+                                   needs_grad=(compute_grad,))
+    return loss, parts, _gradient_or_empty(grad, student_logits)
+
+
+def dkd(student_logits, teacher_logits, target, alpha, beta, temperature, compute_grad,
+        backend="auto"):
+    if runs_triton(backend, student_logits):
+        forward = _kernel_forward("kd", "dkd_forward")
+    else:
+        forward = vectorized_dkd.dkd_forward
+    loss, parts, (grad,) = forward(student_logits, teacher_logits, target, alpha=alpha, beta=beta,
+                                   temperature=temperature, needs_grad=(compute_grad,))
+    return loss, parts, _gradient_or_empty(grad, student_logits)
+
+
+def hcd(shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
+        label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target, compute_grad,
+        backend="auto"):
+    fits_one_tile = student_logits.shape[1] <= HCD_TRITON_AUTO_MAX_CLASSES
+    if runs_triton(backend, student_logits, fits_one_tile):
+        forward = _kernel_forward("hcd", "hcd_forward")
+    else:
+        forward = vectorized_hcd.hcd_forward
+    loss, parts, (grad_shared, _, grad_student) = forward(
+        shared_logits, teacher_logits, student_logits, target, num_sub=num_sub,
+        temperature=temperature, label_smoothing=label_smoothing, theta=theta, w_gt=w_gt,
+        w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t, detach_target=detach_target,
+        needs_grad=(compute_grad, False, compute_grad))
+    return (loss, parts, _gradient_or_empty(grad_shared, shared_logits),
+            _gradient_or_empty(grad_student, student_logits))
+
+
+# --- Fake (meta) implementations: output shapes and dtypes only, for torch.compile's tracing. ---
+
+def _fake_outputs(inputs, num_parts, gradients_like, compute_grad):
+    """Per-row loss and parts in the compute dtype of ``inputs`` and one contiguous gradient per
+    ``gradients_like`` tensor, shaped like it (empty without ``compute_grad``)."""
+    like = inputs[0]
+    loss = like.new_empty(like.shape[0], dtype=compute_dtype(*inputs))
+    parts = like.new_empty(like.shape[0], num_parts, dtype=loss.dtype)
+    gradients = tuple(tensor.new_empty(tensor.shape if compute_grad else 0)
+                      for tensor in gradients_like)
+    return (loss, parts, *gradients)
+
+
+def _ldrld_fake(student_logits, teacher_logits, target, temperature, top_d, alpha, beta,
+                ce_weight, irw_eps, erd_scale, erd_decay, compute_grad, backend="auto"):
+    return _fake_outputs((student_logits, teacher_logits), 3, (student_logits,), compute_grad)
+
+
+def _kd_fake(student_logits, teacher_logits, temperature, compute_grad, backend="auto"):
+    return _fake_outputs((student_logits, teacher_logits), 0, (student_logits,), compute_grad)
+
+
+def _dkd_fake(student_logits, teacher_logits, target, alpha, beta, temperature, compute_grad,
+              backend="auto"):
+    return _fake_outputs((student_logits, teacher_logits), 2, (student_logits,), compute_grad)
+
+
+def _hcd_fake(shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
+              label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target,
+              compute_grad, backend="auto"):
+    return _fake_outputs((shared_logits, teacher_logits, student_logits), 3,
+                         (shared_logits, student_logits), compute_grad)
+
+
+# --- Autograd: backward scales the gradient rows that the forward saved. ---
+
+def graph_is_kept():
+    """Whether this backward pass keeps the graph (retain_graph / create_graph, gradcheck): the
+    saved gradients are then needed again and must not be modified. Where torch's (private)
+    query is missing or cannot be traced (torch.compile), assume they are."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return query is None or torch.compiler.is_compiling() or query()
+
+
+def _scale_rows(gradient, grad_loss_rows):
+    """``gradient`` [B, ...] with each row times that row's upstream gradient: right for any
+    reduction and any per-sample weighting. The loss rows are fp32 (fp64 for fp64 inputs), so
+    the product is formed at that precision and rounded once (1/B does not round to bf16 before
+    it scales the gradient)."""
+    if gradient.numel() == 0 and grad_loss_rows.numel() != 0:
+        raise RuntimeError("this fastkd op ran with compute_grad=False and saved no gradient")
+    scale = grad_loss_rows.unsqueeze(1)
+    if type(gradient) is torch.Tensor and not graph_is_kept():
+        # Eager, and the graph is freed after this pass: scale the saved gradient in place and
+        # hand it on, so the loss costs no memory beyond one gradient. (Traced tensors, under
+        # torch.compile or opcheck, are scaled out of place.)
+        return gradient.mul_(scale)
+    return (gradient * scale).to(gradient.dtype)
+
+
+class FusedRows(torch.autograd.Function):
+    """The autograd kernel of every fastkd op: ``FusedRows.apply(op, gradient_inputs, *args)``
+    runs ``op`` (the op below autograd, or its implementation: ``call``) on ``args``; its
+    outputs past (loss_rows, parts) are the gradients of the inputs at positions
+    ``gradient_inputs``, which backward scales row by row. Every other input (teacher, labels,
+    options) gets None."""
+
+    @staticmethod
+    def forward(ctx, op, gradient_inputs, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            outputs = op(*args)
+        _, parts, *gradients = outputs
+        ctx.gradient_inputs = gradient_inputs
+        ctx.save_for_backward(*gradients)
+        ctx.mark_non_differentiable(parts, *gradients)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_loss_rows, *unused):
+        input_grads = [None] * len(ctx.needs_input_grad)
+        for position, gradient in zip(ctx.gradient_inputs, ctx.saved_tensors):
+            position += 2  # past op and gradient_inputs
+            if ctx.needs_input_grad[position]:
+                input_grads[position] = _scale_rows(gradient, grad_loss_rows)
+        return tuple(input_grads)
+
+
+# --- Registration. ---
+
+_LIBRARY = torch.library.Library("fastkd", "DEF")
+# name -> (the op, its implementation, positions of its differentiable inputs)
+_OPS = {}
+
+
+def _register(schema, implementation, fake, gradient_inputs):
+    """Define ``fastkd::<name>`` with one implementation for every device, its fake and its
+    autograd kernel."""
+    name = schema.split("(", 1)[0]
+    _LIBRARY.define(schema)
+    _LIBRARY.impl(name, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fastkd::{name}", fake, lib=_LIBRARY)
+    op = getattr(torch.ops.fastkd, name).default
+
+    def autograd_kernel(*args):
+        return FusedRows.apply(op, gradient_inputs, *args)
+
+    _LIBRARY.impl(name, autograd_kernel, "Autograd")
+    _OPS[name] = (op, implementation, gradient_inputs)
+
+
+def implementation(op):
+    """The Python implementation behind a ``torch.ops.fastkd`` op (``op.default`` or its
+    packet)."""
+    return _OPS[op.__name__.split(".")[0]][1]
+
+
+def _dispatcher_needed(args):
+    """Whether something must see the op itself rather than its implementation's work:
+    torch.compile's tracing, a Python dispatch mode (FakeTensorMode, a TorchDispatchMode),
+    functorch transforms (vmap, grad) or a tensor subclass."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active()
+            or any(type(arg) is not torch.Tensor for arg in args if isinstance(arg, torch.Tensor)))
+
+
+def call(name, *args):
+    """``torch.ops.fastkd.<name>(*args)``, what the public losses run. In a plain eager call it
+    applies the op's autograd kernel (``FusedRows``) to its implementation directly, which is
+    where the dispatcher would arrive: the same work, without the op call's schema parsing and
+    call back into Python, about 40-65 us per forward + backward on the development VM (tiny CPU
+    tensors: KD 445 -> 406 us, HCD 1034 -> 968 us)."""
+    op, function, gradient_inputs = _OPS[name]
+    if _dispatcher_needed(args):
+        return op(*args)
+    return FusedRows.apply(function, gradient_inputs, *args)
+
+
+_register("ldrld(Tensor student_logits, Tensor teacher_logits, Tensor? target, float temperature, "
+          "int top_d, float alpha, float beta, float ce_weight, float irw_eps, float erd_scale, "
+          "float erd_decay, bool compute_grad, str backend='auto') -> (Tensor, Tensor, Tensor)",
+          ldrld, _ldrld_fake, (0,))
+_register("kd(Tensor student_logits, Tensor teacher_logits, float temperature, bool compute_grad, "
+          "str backend='auto') -> (Tensor, Tensor, Tensor)", kd, _kd_fake, (0,))
+_register("dkd(Tensor student_logits, Tensor teacher_logits, Tensor target, float alpha, "
+          "float beta, float temperature, bool compute_grad, str backend='auto') "
+          "-> (Tensor, Tensor, Tensor)", dkd, _dkd_fake, (0,))
+_register("hcd(Tensor shared_logits, Tensor teacher_logits, Tensor student_logits, Tensor target, "
+          "int num_sub, float temperature, float label_smoothing, float theta, float w_gt, "
+          "float w_sdd, float w_ol, float lam_s, float lam_t, bool detach_target, "
+          "bool compute_grad, str backend='auto') -> (Tensor, Tensor, Tensor, Tensor)",
+          hcd, _hcd_fake, (0, 2))
