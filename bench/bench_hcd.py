@@ -23,7 +23,7 @@ def hcd_inputs(batch, classes, dtype, seed=0):
     return shared.to(dtype), student, teacher, target
 
 
-def hcd_loss(shared, student, teacher, target, backend):
+def hcd_loss(shared, student, teacher, target, backend="auto"):
     """``hcd_logit_loss`` with the differentiable inputs (shared, student) first."""
     return hcd_logit_loss(shared, teacher, student, target, label_smoothing=LABEL_SMOOTHING,
                           backend=backend)

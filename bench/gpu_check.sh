@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# One-command GPU check: bench/gpu_check.sh [--dry-run] OUTDIR
+# One-command GPU check: bench/gpu_check.sh [--dry-run] [--only trainer|kernels] OUTDIR
 #
-# For a CUDA machine with no internet and no DALI, in one 10-minute command: environment report,
-# a 100-step AMP training throughput run per distiller (train_throughput.py), the real trainer
-# end to end under torchrun (trainer_e2e.py: GPU and CPU JPEG decoding, synthetic data, SIGTERM
-# and resume, fp16, HCD, --torchcompile), the GPU-marked tests and the loss benchmark matrix.
-# Everything lands in OUTDIR (gpu_check.log, throughput.json/.md, trainer_e2e.json/.md and
-# trainer_logs/, bench-*.json, report.md), ready to commit under bench/results/.
+# For a CUDA machine with no internet and no DALI, in one 10-minute command. Two parts:
+# - trainer: a 100-step AMP training throughput run per distiller (train_throughput.py), then the
+#   real trainer end to end under torchrun (trainer_e2e.py: GPU and CPU JPEG decoding, synthetic
+#   data, SIGTERM and resume, fp16, HCD, --torchcompile);
+# - kernels: the GPU-marked tests (CUDA graphs, compiled steps, kernels against the references),
+#   the loss benchmarks at the targets' shapes (bench/harness.py's "targets" matrix: 256 x 1000
+#   and 1024 x 21843, fp32 and bf16, forward + backward, every provider), the launch-setting
+#   sweep (tune_kernels.py) and the fused-loss targets read off them (targets.py).
+# Both run by default, trainer first; --only runs one. Everything lands in OUTDIR
+# (gpu_check.log, throughput.json/.md, trainer_e2e.json/.md and trainer_logs/, gpu-tests.xml,
+# bench-*.json, tune_kernels.json, targets.md, report.md), ready to commit under bench/results/.
 #
-# The sections run most important first, each within its own time cap and the whole within
+# The sections run in order, each within its own time cap and the whole within
 # GPU_CHECK_SECONDS (default 540). A benchmark section that reaches its cap skips its remaining
 # cases (FASTKD_BENCH_DEADLINE) and still saves what it measured; the log records each section's
-# exit status and time. The kernel matrix alone needs about 300 s on an H200 (the compiled
-# provider's compiles take 200 s of it), so with the default budget it is cut short: its full
-# run is in results/h200-2026-11-26.
+# exit status and time. The full benchmark matrix (--bench-matrix full) does not fit; its last
+# full run is in results/h200-2026-11-26.
 #
 # --dry-run (no GPU): the trainer section's setup (a small JPEG tree, the teacher checkpoint,
 # every run's command line checked by the trainer's parser) and the GPU tests' collection.
 set -u
 DRY_RUN=0
-if [ "${1:-}" = "--dry-run" ]; then
-    DRY_RUN=1
-    shift
-fi
-OUTDIR=${1:?usage: bench/gpu_check.sh [--dry-run] OUTDIR}
+PARTS="trainer kernels"
+USAGE="usage: bench/gpu_check.sh [--dry-run] [--only trainer|kernels] OUTDIR"
+while [ $# -gt 1 ]; do
+    case $1 in
+        --dry-run) DRY_RUN=1; shift ;;
+        --only)
+            case ${2:-} in
+                trainer|kernels) PARTS=$2; shift 2 ;;
+                *) echo "--only takes trainer or kernels, got '${2:-}'; $USAGE" >&2; exit 2 ;;
+            esac ;;
+        *) echo "unknown option '$1'; $USAGE" >&2; exit 2 ;;
+    esac
+done
+OUTDIR=${1:?$USAGE}
+case $OUTDIR in -*) echo "$USAGE" >&2; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
@@ -85,19 +99,32 @@ environment >>"$LOG" 2>&1
 if [ "$DRY_RUN" = 1 ]; then
     section trainer-e2e 120 "$PYTHON" bench/trainer_e2e.py --dry-run --output "$OUTDIR"
     section gpu-tests 60 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q --collect-only
+    section bench-collect 60 "$PYTHON" -m pytest bench/ --bench-matrix targets -p no:cacheprovider \
+        -q --collect-only
     grep "^=== .*\(exit\|not run\)" "$LOG"
     exit
 fi
-# The throughput script first: the trainer section compares its synthetic runs with it.
-section throughput 75 "$PYTHON" bench/train_throughput.py --output "$OUTDIR"
-section trainer-e2e 300 "$PYTHON" bench/trainer_e2e.py --output "$OUTDIR" --seconds 240 \
-    --work /tmp/fastkd-e2e
-section gpu-tests 90 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q
-bench ldrld 175 bench_ldrld.py
-bench hcd 70 bench_hcd.py
-bench kd 110 bench_kd.py
-"$PYTHON" bench/report.py "$OUTDIR"/bench-*.json --output "$OUTDIR/report.md" >>"$LOG" 2>&1
-for part in throughput trainer_e2e; do
+runs() { [[ " $PARTS " == *" $1 "* ]]; }  # runs PART: whether this check includes PART
+if runs trainer; then
+    # The throughput script first: the trainer section compares its synthetic runs with it.
+    section throughput 60 "$PYTHON" bench/train_throughput.py --output "$OUTDIR"
+    section trainer-e2e 240 "$PYTHON" bench/trainer_e2e.py --output "$OUTDIR" --seconds 200 \
+        --work /tmp/fastkd-e2e
+fi
+if runs kernels; then
+    section gpu-tests 90 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q \
+        --junitxml="$OUTDIR/gpu-tests.xml"
+    bench ldrld 50 bench_ldrld.py --bench-matrix targets
+    bench hcd 40 bench_hcd.py --bench-matrix targets
+    bench kd 60 bench_kd.py --bench-matrix targets
+    section tune-kernels 50 "$PYTHON" bench/tune_kernels.py --output "$OUTDIR"
+    "$PYTHON" bench/targets.py "$OUTDIR" >>"$LOG" 2>&1
+fi
+: >"$OUTDIR/report.md"
+if compgen -G "$OUTDIR/bench-*.json" >/dev/null; then
+    "$PYTHON" bench/report.py "$OUTDIR"/bench-*.json --output "$OUTDIR/report.md" >>"$LOG" 2>&1
+fi
+for part in throughput trainer_e2e targets; do
     [ -f "$OUTDIR/$part.md" ] && cat "$OUTDIR/$part.md" >>"$OUTDIR/report.md"
 done
 grep "^=== .*\(exit\|not run\)" "$LOG"

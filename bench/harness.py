@@ -2,11 +2,17 @@
 
 A ``LossSuite`` names one loss and how to make its inputs. Its providers are the loss's backends
 (``reference``, ``torch``, ``triton``) plus:
-- ``compiled``: ``torch.compile(loss, dynamic=True)`` called with the loss's ``backend="torch"``,
-  one graph per dtype and mode shared by all shapes; the first call (the compile) is recorded
-  apart as ``first_call_s``;
+- ``compiled``: ``torch.compile(loss, dynamic=True)`` with the default ``backend="auto"``: the
+  loss as a compiled step holds it, one ``torch.ops.fastkd`` op (on CUDA its Triton kernel; the
+  vectorised torch code on CPU), one graph per dtype and mode shared by all shapes; the first
+  call (the compile) is recorded apart as ``first_call_s``;
+- ``cross-entropy``: ``F.cross_entropy`` of student logits of the same shape and dtype, the host
+  cost of the cheapest loss a training step has, for comparison;
 - ``copy-floor`` (CUDA only): one device copy moving the bytes the fused kernel must move at
-  least (each input read once, each gradient written once), the memory-bandwidth limit.
+  least (each input read once, each gradient written once), the memory-bandwidth limit;
+- ``graph-replay`` and ``empty-graph`` (CUDA only): the loss (``backend="auto"``) captured in a
+  CUDA graph, and a graph with nothing in it: the host time of one ``replay()`` each (the timer
+  does not wait for the GPU here), what a captured training step pays for the loss.
 
 On CUDA, ``peak_extra_mib`` records the memory one call allocates beyond its inputs at its peak
 (the gradient included), next to ``gradient_mib``, and ``device_time_s`` the GPU time of one
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,7 +42,14 @@ MATRICES = {
     "full": {"shapes": [(256, 1000), (1024, 21843), (64, 100), (64, 1000), (64, 21843),
                         (256, 100), (256, 21843), (1024, 100), (1024, 1000)],
              "dtypes": list(DTYPES), "modes": list(MODES)},
+    # The shapes the targets are stated at, forward + backward (bench/gpu_check.sh).
+    "targets": {"shapes": [(256, 1000), (1024, 21843)], "dtypes": list(DTYPES),
+                "modes": ["fwd+bwd"]},
 }
+# Providers every suite has besides its own (see the module docstring); CUDA-only ones skip
+# elsewhere.
+COMMON_PROVIDERS = ("cross-entropy", "copy-floor", "graph-replay", "empty-graph")
+CUDA_ONLY = ("triton", "copy-floor", "graph-replay", "empty-graph")
 CHECK_SHAPE = (6, 37)  # the tiny correctness check of every provider
 
 
@@ -55,7 +69,7 @@ class LossSuite:
     floor_elements: Callable
 
     def timed_providers(self):
-        return (*self.providers, "copy-floor")
+        return (*self.providers, *COMMON_PROVIDERS)
 
     def run(self, provider, inputs):
         if provider == "compiled":
@@ -65,10 +79,11 @@ class LossSuite:
 
 @functools.cache
 def compiled_loss(loss):
-    """``loss`` compiled with the torch backend. ``loss`` must be a plain function: dynamo keeps
-    its compile cache (and recompile limit, 8) per code object, and compiles every partial or
-    other callable object through one shared wrapper, where the suites would evict each other."""
-    return functools.partial(torch.compile(loss, dynamic=True), backend="torch")
+    """``loss`` compiled, run with its default backend. ``loss`` must be a plain function: dynamo
+    keeps its compile cache (and recompile limit, 8) per code object, and compiles every partial
+    or other callable object through one shared wrapper, where the suites would evict each
+    other."""
+    return torch.compile(loss, dynamic=True)
 
 
 def random_inputs(batch, classes, dtype, seed=0):
@@ -91,16 +106,18 @@ def synchronized_timer():
     return time.perf_counter()
 
 
-def loss_step(suite, provider, inputs, differentiable):
-    """A callable running one forward of the mean loss, and its backward to ``differentiable``
-    (the leading inputs, or none for forward only)."""
+def loss_step(suite, provider, inputs, differentiable, run=None):
+    """A callable running one forward of the mean loss (``suite.run(provider, inputs)``, or
+    ``run(inputs)``), and its backward to ``differentiable`` (the leading inputs, or none for
+    forward only)."""
     for tensor in differentiable:
         tensor.requires_grad_()
+    run = run or functools.partial(suite.run, provider)
 
     def step():
         for tensor in differentiable:
             tensor.grad = None
-        loss = suite.run(provider, inputs)
+        loss = run(inputs)
         if differentiable:
             loss.backward()
 
@@ -115,6 +132,40 @@ def copy_floor_step(suite, shape, dtype, mode):
     source = torch.randn(elements, device=DEVICE).to(dtype)
     destination = torch.empty_like(source)
     return functools.partial(destination.copy_, source)
+
+
+def cross_entropy_step(shape, dtype, mode):
+    """``F.cross_entropy`` of student logits of ``shape`` (and its backward for fwd+bwd)."""
+    student, _, target = random_inputs(*shape, dtype)
+    return loss_step(None, None, (student, target), (student,) if mode == "fwd+bwd" else (),
+                     run=lambda inputs: F.cross_entropy(*inputs))
+
+
+def captured_graph(step):
+    """``step`` captured in a CUDA graph, after warm-up calls on a side stream (as torch's CUDA
+    graph recipe does; ``step=None`` captures an empty graph). Returns the graph's ``replay`` and
+    what the captured call returned (its tensors are the outputs each replay rewrites)."""
+    output = None
+    if step is not None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        if step is not None:
+            output = step()
+    torch.cuda.synchronize()
+    return graph.replay, output
+
+
+def time_replay(benchmark, replay):
+    """Host time of one ``replay()``: each round one call, after the GPU has drained (so the
+    launch queue never fills), with a timer that does not wait for the GPU."""
+    benchmark._timer = time.perf_counter
+    benchmark.pedantic(replay, setup=synchronize, rounds=500, iterations=1, warmup_rounds=20)
 
 
 def peak_extra_mib(step):
@@ -150,20 +201,26 @@ def time_loss(benchmark, suite, provider, shape, dtype, mode):
     deadline = os.environ.get("FASTKD_BENCH_DEADLINE")
     if deadline and time.time() > float(deadline):
         pytest.skip("past FASTKD_BENCH_DEADLINE")
-    if DEVICE != "cuda" and provider == "triton":
-        pytest.skip("triton is timed on CUDA only (interpreter timings mean nothing)")
-    if DEVICE != "cuda" and provider == "copy-floor":
-        pytest.skip("copy-floor is the GPU memory-bandwidth bound of the fused kernels (CUDA only)")
+    if DEVICE != "cuda" and provider in CUDA_ONLY:
+        pytest.skip(f"{provider} is timed on CUDA only (interpreter timings mean nothing; "
+                    "the copy floor and CUDA graphs are GPU measures)")
+    benchmark.group = f"{suite.name} {mode} {dtype} {DEVICE}"
     differentiable = ()
+    if provider == "empty-graph":
+        return time_replay(benchmark, captured_graph(None)[0])
     if provider == "copy-floor":
         step = copy_floor_step(suite, shape, DTYPES[dtype], mode)
+    elif provider == "cross-entropy":
+        step = cross_entropy_step(shape, DTYPES[dtype], mode)
     else:
         inputs = suite.make_inputs(*shape, DTYPES[dtype])
         differentiable = inputs[:suite.num_differentiable] if mode == "fwd+bwd" else ()
-        step = loss_step(suite, provider, inputs, differentiable)
+        step = loss_step(suite, "auto" if provider == "graph-replay" else provider, inputs,
+                         differentiable)
         benchmark.extra_info["gradient_mib"] = sum(
             tensor.numel() * tensor.element_size() for tensor in differentiable) / 2**20
-    benchmark.group = f"{suite.name} {mode} {dtype} {DEVICE}"
+    if provider == "graph-replay":
+        return time_replay(benchmark, captured_graph(step)[0])
     start = synchronized_timer()
     step()
     benchmark.extra_info["first_call_s"] = synchronized_timer() - start

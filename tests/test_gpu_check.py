@@ -19,6 +19,7 @@ def test_dry_run_sets_up_every_section(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "=== trainer-e2e: exit 0" in result.stdout
     assert "=== gpu-tests: exit 0" in result.stdout
+    assert "=== bench-collect: exit 0" in result.stdout
     report = json.loads((tmp_path / "trainer_e2e.json").read_text())
     names = [run[0] for run in report["runs"]]
     assert names == ["gpu-decode", "cpu-decode", "synthetic-ldrld", "synthetic-ce", "sigterm",
@@ -26,6 +27,18 @@ def test_dry_run_sets_up_every_section(tmp_path):
     markdown = (tmp_path / "trainer_e2e.md").read_text()
     assert all(f"| {name} |" in markdown for name in names)
     assert "gpu-decode / cpu-decode: unmeasured (target >= 2.0)" in markdown
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--only", "tests"], "--only takes trainer or kernels, got 'tests'"),
+    (["--fast"], "unknown option '--fast'"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, arguments, message):
+    result = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), *arguments,
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and "usage: bench/gpu_check.sh" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_run_is_measured_from_its_summary(tmp_path):
