@@ -19,13 +19,19 @@
 # exit status and time. The full benchmark matrix (--bench-matrix full) does not fit; its last
 # full run is in results/h200-2026-11-26.
 #
+# Exit status: 0 when every section ran and exited 0, 1 when any failed or hit its cap, 2 for
+# bad options or (without --dry-run) no CUDA GPU.
+#
 # --dry-run (no GPU): the trainer section's setup (a small JPEG tree, the teacher checkpoint,
-# every run's command line checked by the trainer's parser) and the GPU tests' collection.
+# every run's command line checked by the trainer's parser) and the GPU tests' and benchmarks'
+# collection (pytest: the [dev] extra).
 set -u
 DRY_RUN=0
+FAILED=0
 PARTS="trainer kernels"
 USAGE="usage: bench/gpu_check.sh [--dry-run] [--only trainer|kernels] OUTDIR"
-while [ $# -gt 1 ]; do
+OUTDIR=
+while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY_RUN=1; shift ;;
         --only)
@@ -33,15 +39,30 @@ while [ $# -gt 1 ]; do
                 trainer|kernels) PARTS=$2; shift 2 ;;
                 *) echo "--only takes trainer or kernels, got '${2:-}'; $USAGE" >&2; exit 2 ;;
             esac ;;
-        *) echo "unknown option '$1'; $USAGE" >&2; exit 2 ;;
+        -*) echo "unknown option '$1'; $USAGE" >&2; exit 2 ;;
+        *)
+            if [ -n "$OUTDIR" ]; then
+                echo "one OUTDIR expected, got '$OUTDIR' and '$1'; $USAGE" >&2
+                exit 2
+            fi
+            OUTDIR=$1; shift ;;
     esac
 done
-OUTDIR=${1:?$USAGE}
-case $OUTDIR in -*) echo "$USAGE" >&2; exit 2 ;; esac
+if [ -z "$OUTDIR" ]; then
+    echo "$USAGE" >&2
+    exit 2
+fi
+PYTHON=${PYTHON:-python3}
+# Everything but the dry run measures a GPU; the dry run collects tests (pytest: the [dev] extra).
+if [ "$DRY_RUN" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
+        2>/dev/null; then
+    echo "no CUDA GPU here ($PYTHON: torch.cuda.is_available() is not True); bench/gpu_check.sh" \
+        "--dry-run OUTDIR checks the setup without one" >&2
+    exit 2
+fi
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
 LOG="$OUTDIR/gpu_check.log"
 END=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -61,7 +82,9 @@ section() {  # section NAME CAP_SECONDS COMMAND...: run within min(cap, time lef
     echo "=== $name" >>"$LOG"
     # Benchmarks stop starting new cases 20 s before the cap, to leave time to save.
     FASTKD_BENCH_DEADLINE=$(($(date +%s) + limit - 20)) timeout "$limit" "$@" >>"$LOG" 2>&1
-    echo "=== $name: exit $? after $((SECONDS - start)) s" | tee -a "$LOG"
+    local status=$?
+    [ "$status" = 0 ] || FAILED=1
+    echo "=== $name: exit $status after $((SECONDS - start)) s" | tee -a "$LOG"
 }
 
 environment() {
@@ -102,7 +125,7 @@ if [ "$DRY_RUN" = 1 ]; then
     section bench-collect 60 "$PYTHON" -m pytest bench/ --bench-matrix targets -p no:cacheprovider \
         -q --collect-only
     grep "^=== .*\(exit\|not run\)" "$LOG"
-    exit
+    exit $FAILED
 fi
 runs() { [[ " $PARTS " == *" $1 "* ]]; }  # runs PART: whether this check includes PART
 if runs trainer; then
@@ -128,3 +151,4 @@ for part in throughput trainer_e2e targets; do
     [ -f "$OUTDIR/$part.md" ] && cat "$OUTDIR/$part.md" >>"$OUTDIR/report.md"
 done
 grep "^=== .*\(exit\|not run\)" "$LOG"
+exit $FAILED  # 1 if any section failed

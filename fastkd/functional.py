@@ -23,31 +23,23 @@ import os
 import torch
 
 from . import ops, reference, validation
-from .optional import importable
 from .options import DKD, HCD, KD, LDRLD
 from .reference.hcd import hcd_logit_loss_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def requested_backend(backend, logits):
-    """The backend a call asked for, checked before any work: ``backend``, or for "auto" the
-    environment's ``FASTKD_BACKEND`` if set. "auto", "torch" and "triton" go to the op
-    (``fastkd.ops``), whose device dispatch resolves "auto"; "reference" runs the oracle."""
+def requested_backend(backend):
+    """The backend a call asked for: ``backend``, or for "auto" the environment's
+    ``FASTKD_BACKEND`` if set. "auto", "torch" and "triton" go to the op (``fastkd.ops``), whose
+    device dispatch resolves "auto" and which refuses a "triton" that cannot run here;
+    "reference" runs the oracle."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("FASTKD_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        if not importable("triton"):
-            raise ValueError("backend='triton' needs the triton package, which does not import")
-        if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
-                f"interpreter), got logits on {logits.device}"
-            )
     return backend
 
 
@@ -116,8 +108,10 @@ def ldrld_loss(
     labels = validation.check_ldrld_target(target, student_logits, ce_weight)
     validation.check_top_d(top_d, student_logits.shape[1])
     validation.check_positive("temperature", temperature)
+    validation.check_finite(alpha=alpha, beta=beta, ce_weight=ce_weight, irw_eps=irw_eps,
+                            erd_scale=erd_scale, erd_decay=erd_decay)
     validation.check_reduction(reduction)
-    backend = requested_backend(backend, student_logits)
+    backend = requested_backend(backend)
     if backend == "reference":
         rows, parts = reference.ldrld_loss_reference(
             student_logits, teacher_logits, labels, temperature=temperature, top_d=top_d,
@@ -142,7 +136,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=KD.temperature, reduc
     validation.check_logits(student_logits, teacher_logits)
     validation.check_positive("temperature", temperature)
     validation.check_reduction(reduction)
-    backend = requested_backend(backend, student_logits)
+    backend = requested_backend(backend)
     if backend == "reference":
         rows = reference.kd_loss_reference(student_logits, teacher_logits,
                                            temperature=temperature)
@@ -174,8 +168,9 @@ def dkd_loss(
     validation.check_logits(student_logits, teacher_logits)
     validation.check_target(target, student_logits)
     validation.check_positive("temperature", temperature)
+    validation.check_finite(alpha=alpha, beta=beta)
     validation.check_reduction(reduction)
-    backend = requested_backend(backend, student_logits)
+    backend = requested_backend(backend)
     if backend == "reference":
         rows, parts = reference.dkd_loss_reference(student_logits, teacher_logits, target,
                                                    alpha=alpha, beta=beta,
@@ -229,8 +224,10 @@ def hcd_logit_loss(
     validation.check_shared_logits(shared_logits, student_logits, num_sub)
     validation.check_positive("temperature", temperature)
     validation.check_probability("label_smoothing", label_smoothing)
+    validation.check_finite(theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s,
+                            lam_t=lam_t)
     validation.check_reduction(reduction)
-    backend = requested_backend(backend, student_logits)
+    backend = requested_backend(backend)
     if backend == "reference":
         rows, parts = hcd_logit_loss_reference(
             shared_logits, teacher_logits, student_logits, target, num_sub=num_sub,

@@ -24,6 +24,7 @@ Arguments are assumed validated (``fastkd.functional`` validates before calling)
 
 import functools
 import importlib
+import os
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -43,14 +44,22 @@ HCD_TRITON_AUTO_MAX_CLASSES = 1024
 
 
 def runs_triton(backend, logits, triton_is_faster=True):
-    """Whether an op call with this ``backend`` runs the Triton kernel: always for "triton"; for
-    "auto" on CUDA tensors when triton imports and ``triton_is_faster`` (the measured choice for
-    the shape); never for "torch"."""
-    if backend not in OP_BACKENDS:
-        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    """Whether an op call with this ``backend`` runs the Triton kernel: always for "triton" (an
+    error if it cannot run here); for "auto" on CUDA tensors when triton imports and
+    ``triton_is_faster`` (the measured choice for the shape); never for "torch"."""
     if backend == "auto":
         return logits.is_cuda and triton_is_faster and importable("triton")
-    return backend == "triton"
+    if backend == "triton":
+        if not importable("triton"):
+            raise ValueError("backend='triton' needs the triton package, which does not import")
+        if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                f"interpreter), got logits on {logits.device}")
+        return True
+    if backend != "torch":
+        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    return False
 
 
 @functools.cache

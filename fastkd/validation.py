@@ -5,6 +5,7 @@ variable ``FASTKD_VALIDATE=1`` is set; on CPU tensors they always run. Without t
 label on CUDA gives a NaN loss from the fused kernels rather than an error.
 """
 
+import math
 import os
 
 import torch
@@ -143,8 +144,17 @@ def check_probability(name, value):
 
 
 def check_positive(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+            or not math.isfinite(value)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_finite(**values):
+    """Each value (a weight, margin or decay) a finite number: NaN or inf makes every loss NaN."""
+    for name, value in values.items():
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def check_top_d(top_d, num_classes):

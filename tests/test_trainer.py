@@ -292,6 +292,7 @@ def one_class_data(demo_dir, tmp_path_factory):
     ("untrained teacher", "error: the teacher resnet20 scores"),
     ("num classes", "error: --num-classes 5 but the data has 10 classes"),
     ("top d", "error: --ldrld-top-d: top_d must be an integer in 1..10 (the classes), got 20"),
+    ("nan weight", "error: --dkd-beta: beta must be a finite number, got nan"),
     ("one class", "has 1 class folder: classification needs at least 2"),
 ])
 def test_mistakes_found_with_the_data_leave_no_folder(demo_dir, untrained_teacher,
@@ -303,9 +304,11 @@ def test_mistakes_found_with_the_data_leave_no_folder(demo_dir, untrained_teache
                                    untrained_teacher],
              "num classes": ["--num-classes", "5"],
              "top d": ["--ldrld-top-d", "20"],
+             "nan weight": ["--dkd-beta", "nan"],
              "one class": ["--distiller", "ce"]}[case]
-    if case in ("num classes", "top d"):  # the data's check, not the teacher's
-        extra += ["--distiller", "ldrld", "--teacher", "resnet20", "--allow-untrained-teacher"]
+    if case in ("num classes", "top d", "nan weight"):  # the data's check, not the teacher's
+        distiller = "dkd" if case == "nan weight" else "ldrld"
+        extra += ["--distiller", distiller, "--teacher", "resnet20", "--allow-untrained-teacher"]
     result = run_main(["--dataset", "folder", "--data-dir", data, "--output",
                        str(tmp_path / "out"), *FAST, *extra])
     assert result.returncode == 1, result.stderr[-2000:]

@@ -73,7 +73,7 @@ def test_top_d_above_triton_limit():
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("temperature", [0, -1.0, "4", None])
+@pytest.mark.parametrize("temperature", [0, -1.0, "4", None, float("inf"), float("nan")])
 def test_bad_temperature(inputs, loss, temperature):
     with pytest.raises(ValueError, match=rf"temperature must be a positive number, got {temperature!r}"):
         LOSSES[loss](*inputs, temperature=temperature)
@@ -87,23 +87,41 @@ def test_bad_reduction_and_backend(inputs, loss):
         LOSSES[loss](*inputs, backend="cuda")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "1", None])
+@pytest.mark.parametrize("loss,weight", [("ldrld", "alpha"), ("ldrld", "erd_decay"),
+                                         ("dkd", "beta"), ("hcd", "w_ol"), ("hcd", "theta")])
+def test_weights_must_be_finite_numbers(inputs, loss, weight, value):
+    """A NaN or infinite weight would make every loss value NaN: refused by name."""
+    student, teacher, target = inputs
+    call = {"ldrld": lambda **o: ldrld_loss(student, teacher, target, **o),
+            "dkd": lambda **o: dkd_loss(student, teacher, target, **o),
+            "hcd": lambda **o: hcd_logit_loss(torch.zeros(4, 40), teacher, student, target,
+                                              **o)}[loss]
+    with pytest.raises(ValueError, match=rf"^{weight} must be a finite number, got {value!r}"):
+        call(**{weight: value})
+
+
 def test_auto_backend_and_environment_override(monkeypatch):
     cpu_logits = torch.zeros(2, 3)
     monkeypatch.delenv("FASTKD_BACKEND", raising=False)
-    assert requested_backend("auto", cpu_logits) == "auto"
+    assert requested_backend("auto") == "auto"
     assert not runs_triton("auto", cpu_logits)  # the op's device dispatch: torch on CPU
     monkeypatch.setenv("FASTKD_BACKEND", "reference")
-    assert requested_backend("auto", cpu_logits) == "reference"
-    assert requested_backend("torch", cpu_logits) == "torch"  # an explicit choice wins
+    assert requested_backend("auto") == "reference"
+    assert requested_backend("torch") == "torch"  # an explicit choice wins
     monkeypatch.setenv("FASTKD_BACKEND", "fast")
     with pytest.raises(ValueError, match=r"FASTKD_BACKEND must be one of .*, got 'fast'"):
-        requested_backend("auto", cpu_logits)
+        requested_backend("auto")
 
 
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("call", [
+    lambda: kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), backend="triton"),
+    lambda: torch.ops.fastkd.kd(torch.zeros(2, 3), torch.zeros(2, 3), 4.0, False, "triton"),
+], ids=["loss", "op"])
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch, call):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors .*got logits on cpu"):
-        requested_backend("triton", torch.zeros(2, 3))
+        call()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
