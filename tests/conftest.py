@@ -1,9 +1,38 @@
+import json
+import os
+import shutil
+
 import pytest
 
-from fastkd.data.demo import build_demo_dataset
+from fastkd.data.demo import MANIFEST, build_demo_dataset
+
+# Images per class and split kept in the trainer tests' demo tree: the trainer's cost is its
+# training steps, and most tests need a few of them on real JPEGs, not 1,437.
+SMALL_DEMO = {"train": 24, "val": 8}
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    """The demo digits as JPEGs, written once per test session."""
+def full_demo_dir(tmp_path_factory):
+    """The demo digits as JPEGs (1,437 train, 360 val), written once per test session."""
     return build_demo_dataset(str(tmp_path_factory.mktemp("digits")))
+
+
+@pytest.fixture(scope="session")
+def demo_dir(full_demo_dir):
+    """The demo tree with the first ``SMALL_DEMO`` images of each class and split (240 train,
+    80 val). Its manifest lists just those, so the trainer's ``--dataset demo --data-dir`` takes
+    it as complete rather than rebuilding it."""
+    root = os.path.join(os.path.dirname(full_demo_dir), "digits-small")
+    kept = []
+    for split, count in SMALL_DEMO.items():
+        for label in sorted(os.listdir(os.path.join(full_demo_dir, split))):
+            names = sorted(os.listdir(os.path.join(full_demo_dir, split, label)))[:count]
+            os.makedirs(os.path.join(root, split, label))
+            for name in names:
+                relative = f"{split}/{label}/{name}"
+                shutil.copyfile(os.path.join(full_demo_dir, relative),
+                                os.path.join(root, relative))
+                kept.append(relative)
+    with open(os.path.join(root, MANIFEST), "w") as handle:
+        json.dump({"files": kept}, handle)
+    return root

@@ -14,14 +14,16 @@ import torch
 import yaml
 from trainer_helpers import FAST, MAIN, run_main, start, wait_for
 
+from fastkd.engine import checkpoint
 from fastkd.engine.config import parse_args
 
 
 @pytest.fixture(scope="module")
-def teacher_checkpoint(demo_dir, tmp_path_factory):
+def teacher_checkpoint(full_demo_dir, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("teacher"))
-    # Two epochs at batch 32 per process: clearly better than chance, which a teacher must be.
-    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
+    # Two epochs of all the digits at batch 32 per process: clearly better than chance, which a
+    # teacher must be.
+    result = run_main(["--dataset", "demo", "--data-dir", full_demo_dir, "--distiller", "ce",
                        "--output", output, "--experiment", "teacher", *FAST, "--epochs", "2",
                        "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "0"],
                       processes=2)
@@ -57,7 +59,7 @@ def test_two_process_run_of_each_distiller(demo_dir, teacher_checkpoint, tmp_pat
         assert f"top-1 {float(rows[0]['eval_top1']):.2f}" in evaluation.stdout
 
 
-def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path):
+def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path, monkeypatch):
     args = ["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce", "--output",
             str(tmp_path), "--experiment", "run", *FAST, "--epochs", "3"]
     process = start([sys.executable, MAIN, *args])
@@ -85,6 +87,24 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path):
     restored = run.optimizer.state_dict()
     for key, value in saved["optimizer"]["state"].items():
         assert torch.equal(restored["state"][key]["momentum_buffer"], value["momentum_buffer"])
+
+    # A kill between an epoch's two checkpoint writes leaves a best.pth for the best_top1 that
+    # last.pth records (else a resumed run that never improves on it ends without best.pth).
+    run.run_dir = str(tmp_path / "killed-while-saving")
+    os.makedirs(run.run_dir)
+    written, save_atomic = [], checkpoint.save_atomic
+
+    def save_then_die(state, path):
+        if written:
+            raise KeyboardInterrupt("killed")
+        save_atomic(state, path)
+        written.append(os.path.basename(path))
+
+    monkeypatch.setattr("fastkd.engine.run.checkpoint.save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run.save(saved["epoch"] + 1, best=True)
+    assert written == ["best.pth"] and os.listdir(run.run_dir) == ["best.pth"]
+    monkeypatch.undo()
 
     result = run_main(args + ["--resume", str(last)])
     assert result.returncode == 0, result.stderr[-3000:]

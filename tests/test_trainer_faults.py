@@ -73,7 +73,8 @@ def test_no_gloo_thread_outlives_a_two_process_run(demo_dir, tmp_path, stop):
 
 def test_interrupted_demo_teacher_is_resumed_not_reused(demo_dir, tmp_path):
     args = ["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "kd", "--teacher",
-            "resnet20", "--output", str(tmp_path), "--experiment", "student", *FAST]
+            "resnet20", "--output", str(tmp_path), "--experiment", "student", *FAST,
+            "--batch-size", "16"]  # 15 steps an epoch: the teacher learns in its 8 epochs
     teacher = tmp_path / "demo-teacher-resnet20-10cls-32px-8ep-scale0.5-1-flip0"
     process = start(command(args))
     wait_for(teacher / "last.pth", process)
@@ -250,7 +251,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(demo_dir, tmp_pat
     process = start(torchrun("--standalone", "--nproc-per-node=2", "--max-restarts=1", MAIN,
                              "--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
                              "--output", str(tmp_path), "--experiment", "run", "--resume",
-                             "auto", *FAST, "--epochs", "3", "--batch-size", "32",
+                             "auto", *FAST, "--epochs", "3", "--batch-size", "16",
                              "--log-interval", "1"), log=log)
     wait_until(lambda: "epoch 1 [4/" in log.read_text(), process, "a step of epoch 1", 300)
     worker = next(pid for pid in children(process.pid) if environment_of(pid)["RANK"] == "1")
@@ -281,12 +282,13 @@ def start_nodes(tmp_path, options, args):
 def test_two_nodes_on_localhost(demo_dir, tmp_path):
     nodes = start_nodes(tmp_path, [], ["--dataset", "demo", "--data-dir", demo_dir,
                                        "--distiller", "ce", "--output", str(tmp_path),
-                                       "--experiment", "run", *FAST, "--log-interval", "1"])
+                                       "--experiment", "run", *FAST, "--batch-size", "32",
+                                       "--log-interval", "1"])
     for node in nodes:
         assert node.wait(timeout=300) == 0, [(tmp_path / f"node{rank}.txt").read_text()[-2000:]
                                              for rank in (0, 1)]
     output = (tmp_path / "node0.txt").read_text()
-    assert "epoch 0 [6/6]" in output  # 1442 images / 2 ranks / batch 128: 6 steps per rank
+    assert "epoch 0 [4/4]" in output  # 240 images / 2 ranks / batch 32: 4 steps per rank
     assert f"outputs in {tmp_path}/run" in output
     assert summary_epochs(tmp_path / "run") == ["0"]
     assert not (tmp_path / "run-1").exists()  # one run folder, chosen by rank 0

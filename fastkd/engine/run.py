@@ -206,9 +206,13 @@ class Run:
         if not self.world.main:
             return
         state = self.state(epoch, rng)
-        checkpoint.save_atomic(state, os.path.join(self.run_dir, LAST))
+        # best.pth first: a run killed between the two writes resumes from the previous
+        # last.pth and trains this epoch again. The other order would leave a last.pth whose
+        # best_top1 names an epoch that no best.pth holds, and a resumed run that never
+        # improves on it would end without one.
         if best:
             checkpoint.save_atomic(state, os.path.join(self.run_dir, BEST))
+        checkpoint.save_atomic(state, os.path.join(self.run_dir, LAST))
 
     def saved_checkpoint(self):
         """Where a stopped run can resume from, in words."""
