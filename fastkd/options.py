@@ -10,6 +10,7 @@ which stages to tap) and is not an argument of the loss function. ``help`` is th
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -19,7 +20,14 @@ def option(default, help, *, distiller_only=False, choices=None):
 
 
 class MethodOptions:
-    """What every options dataclass shares."""
+    """What every options dataclass shares. Creating one checks its ``distiller_only`` fields
+    (the loss functions check the others, against the batch they see): a weight or a warm-up is
+    a finite number >= 0, stage numbers are positive integers, a string is one of its choices."""
+
+    def __post_init__(self):
+        for item in self.fields():
+            if item.metadata["distiller_only"]:
+                _check_distiller_option(item, getattr(self, item.name))
 
     @classmethod
     def fields(cls):
@@ -38,6 +46,25 @@ class MethodOptions:
             raise TypeError(f"{type(self).__name__} has no option {', '.join(unknown)}; "
                             f"options: {', '.join(sorted(names))}")
         return dataclasses.replace(self, **changes)
+
+
+def _check_distiller_option(item, value):
+    if item.metadata["choices"] is not None:
+        if value not in item.metadata["choices"]:
+            raise ValueError(f"{item.name} must be one of {item.metadata['choices']}, "
+                             f"got {value!r}")
+    elif isinstance(item.default, tuple):
+        if not isinstance(value, tuple) or not all(
+                isinstance(number, int) and not isinstance(number, bool) and number >= 1
+                for number in value):
+            raise ValueError(f"{item.name} must be a tuple of stage numbers (1, 2, ...), "
+                             f"got {value!r}")
+    else:
+        number_type = int if isinstance(item.default, int) else (int, float)
+        if (not isinstance(value, number_type) or isinstance(value, bool)
+                or not math.isfinite(value) or value < 0):
+            kind = "an integer" if number_type is int else "a finite number"
+            raise ValueError(f"{item.name} must be {kind} >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)

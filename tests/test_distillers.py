@@ -13,6 +13,7 @@ from fastkd import dkd_loss, hcd_logit_loss, kd_loss, ldrld_loss
 from fastkd.distillers import DISTILLERS, HCD, build_distiller
 from fastkd.distillers.hcd import complementary_feature_mapper
 from fastkd.models.taps import stage_taps
+from fastkd.options import LDRLDOptions
 
 timm = pytest.importorskip("timm")
 
@@ -202,8 +203,17 @@ def test_bad_distiller_input():
     plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * IMAGE_SIZE**2, NUM_CLASSES))
     with pytest.raises(ValueError, match="student Sequential has no feature taps"):
         HCD(plain, teacher)
-    with pytest.raises(ValueError, match="cfm must be 'mlp' or 'linear', got 'conv'"):
+    with pytest.raises(ValueError, match=r"cfm must be one of \('mlp', 'linear'\), got 'conv'"):
         HCD(student, teacher, cfm="conv")
+    with pytest.raises(ValueError, match=r"stages must be a tuple of stage numbers \(1, 2, "
+                                         r"...\), got \(0, 2\)"):
+        HCD(student, teacher, stages=(0, 2))
+    with pytest.raises(ValueError, match="kd_weight must be a finite number >= 0, got -1.0"):
+        HCD(student, teacher, kd_weight=-1.0)
+    with pytest.raises(ValueError, match="warmup_epochs must be an integer >= 0, got 2.5"):
+        build_distiller("dkd", student, teacher, warmup_epochs=2.5)
+    with pytest.raises(TypeError, match="KD takes KDOptions options, got LDRLDOptions"):
+        build_distiller("kd", student, teacher, LDRLDOptions())
     with pytest.raises(TypeError, match="LDRLDOptions has no option topd; options: alpha"):
         build_distiller("ldrld", student, teacher, topd=5)
     with pytest.raises(ValueError, match=r"distiller must be one of \('ce', 'kd', 'dkd', 'ldrld', 'hcd'\), got 'fitnet'"):

@@ -181,6 +181,19 @@ def test_config_file_and_command_line(tmp_path):
     config.write_text("amp: 'false'\n")  # a string, which would switch AMP on
     with pytest.raises(SystemExit, match="amp takes true or false, got 'false'"):
         parse_args(["--config", str(config)])
+    config.write_text("clip-mode: Norm\n")  # argparse's choices hold for the file too
+    with pytest.raises(SystemExit, match=r"clip-mode: invalid choice 'Norm' \(choose from "
+                                         r"'norm', 'value', 'agc'\)"):
+        parse_args(["--config", str(config)])
+    config.write_text("input-size: [3, 32]\n")
+    with pytest.raises(SystemExit, match=r"input-size takes 3 values, got \[3, 32\]"):
+        parse_args(["--config", str(config)])
+    config.write_text("model-kwargs: drop_rate=0.1\n")
+    with pytest.raises(SystemExit, match="model-kwargs takes a mapping of KEY: VALUE, got "
+                                         "'drop_rate=0.1'"):
+        parse_args(["--config", str(config)])
+    config.write_text("model: resnet20\nmodel-kwargs: {drop_rate: 0.1}\n")  # as args.yaml has it
+    assert parse_args(["--config", str(config)]).model_kwargs == {"drop_rate": 0.1}
     config.write_text("batch-size: 32.5\n")
     with pytest.raises(SystemExit, match="batch-size: invalid int value 32.5"):
         parse_args(["--config", str(config)])
@@ -213,6 +226,12 @@ def test_config_file_and_command_line(tmp_path):
     (["--model-kwargs", "img_size"], "--model-kwargs takes KEY=VALUE pairs, got 'img_size'"),
     (["--input-size", "3", "32", "48"], "--input-size must be 3 H W with H = W"),
     (["--log-interval", "0"], "--log-interval must be a positive number, got 0"),
+    (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--distiller", "kd", "--teacher", "resnet20", "--ldrld-top-d", "5", "--hcd-stages", "2"],
+     "--ldrld-top-d, --hcd-stages would change nothing: --distiller kd does not use them"),
+    (["--torchcompile", "inductr"], "--torchcompile inductr is not a torch.compile backend; "
+     "choose from "),
+    (["--output", __file__], f"--output {__file__} is a file; runs go to OUTPUT/<run name>/"),
     (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 must be below --epochs 2"),
     (["--dataset", "folder", "--data-dir", "/", "--model", "resnet20", "--distiller", "kd",
       "--teacher", "resnet20"], "--distiller kd needs the teacher's weights: "
@@ -221,7 +240,9 @@ def test_config_file_and_command_line(tmp_path):
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error
+    assert len(error.splitlines()) == 2  # a one-line usage, not all the options, then the error
 
 
 def test_presets_parse():
@@ -313,6 +334,7 @@ def one_class_data(demo_dir, tmp_path_factory):
     ("num classes", "error: --num-classes 5 but the data has 10 classes"),
     ("top d", "error: --ldrld-top-d: top_d must be an integer in 1..10 (the classes), got 20"),
     ("nan weight", "error: --dkd-beta: beta must be a finite number, got nan"),
+    ("warm-up", "error: --dkd-warmup-epochs: warmup_epochs must be an integer >= 0, got -1"),
     ("one class", "has 1 class folder: classification needs at least 2"),
 ])
 def test_mistakes_found_with_the_data_leave_no_folder(demo_dir, untrained_teacher,
@@ -325,9 +347,10 @@ def test_mistakes_found_with_the_data_leave_no_folder(demo_dir, untrained_teache
              "num classes": ["--num-classes", "5"],
              "top d": ["--ldrld-top-d", "20"],
              "nan weight": ["--dkd-beta", "nan"],
+             "warm-up": ["--dkd-warmup-epochs", "-1"],
              "one class": ["--distiller", "ce"]}[case]
-    if case in ("num classes", "top d", "nan weight"):  # the data's check, not the teacher's
-        distiller = "dkd" if case == "nan weight" else "ldrld"
+    if case in ("num classes", "top d", "nan weight", "warm-up"):  # not the teacher's check
+        distiller = "dkd" if case in ("nan weight", "warm-up") else "ldrld"
         extra += ["--distiller", distiller, "--teacher", "resnet20", "--allow-untrained-teacher"]
     result = run_main(["--dataset", "folder", "--data-dir", data, "--output",
                        str(tmp_path / "out"), *FAST, *extra])

@@ -55,6 +55,9 @@ class Distiller(TrainingTask):
                                 f"{sorted(overrides) or options}")
             self.options = None
         else:
+            if options is not None and not isinstance(options, self.options_class):
+                raise TypeError(f"{type(self).__name__} takes {self.options_class.__name__} "
+                                f"options, got {type(options).__name__}")
             self.options = (options or self.options_class()).replace(**overrides)
             # The loss function's keyword arguments, once: a step only unpacks them.
             self.loss_keywords = {**self.options.loss_options(), **self.fixed_loss_options,

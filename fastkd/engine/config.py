@@ -10,6 +10,7 @@ import math
 import os
 
 import timm
+import torch
 import yaml
 from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
@@ -71,16 +72,22 @@ def method_options(args):
     options_class = METHOD_OPTIONS.get(args.distiller)
     if options_class is None:
         return None
-    values = {item.name: getattr(args, f"{args.distiller}_{item.name}")
-              for item in dataclasses.fields(options_class)}
-    return options_class(**{name: tuple(value) if isinstance(value, list) else value
-                            for name, value in values.items()})
+    return options_class(**{item.name: _as_tuple(getattr(args, f"{args.distiller}_{item.name}"))
+                            for item in dataclasses.fields(options_class)})
+
+
+def _as_tuple(value):
+    """A flag's list (argparse's nargs) as the tuple the options dataclasses hold."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastkd-train", description="Knowledge distillation with fastkd (timm models). "
-        "Options named as in timm's train.py mean what they mean there.")
+        "Options named as in timm's train.py mean what they mean there.",
+        # One line above an error rather than every option's (--help lists those).
+        usage="%(prog)s [--config FILE] [--dataset NAME] [--model NAME] [--distiller NAME] "
+        "[options]; --help lists them")
     parser.add_argument("--config", metavar="FILE", help="YAML file of option defaults")
 
     group = parser.add_argument_group("model")
@@ -216,23 +223,34 @@ def _config_defaults(parser, path):
 
 
 def _config_value(action, value, where):
-    """``value`` from a config file, checked and converted as the command line would be."""
+    """``value`` from a config file, checked and converted as the command line would be: its
+    type, its number of values and its choices."""
+    if isinstance(action, ParseKwargs):  # args.yaml records --model-kwargs as a mapping
+        if not isinstance(value, dict):
+            raise SystemExit(f"error: {where} takes a mapping of KEY: VALUE, got {value!r}")
+        return value
     takes_list = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0)
-    if isinstance(value, list) != takes_list and not isinstance(action, ParseKwargs):
+    if isinstance(value, list) != takes_list:
         expected = "a list" if takes_list else "one value"
         raise SystemExit(f"error: {where} takes {expected}, got {value!r}")
+    if isinstance(action.nargs, int) and action.nargs > 0 and len(value) != action.nargs:
+        raise SystemExit(f"error: {where} takes {action.nargs} values, got {value!r}")
     if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
         if not isinstance(value, bool):
             raise SystemExit(f"error: {where} takes true or false, got {value!r}")
         return value
-    convert = action.type
-    if convert is None or value is None or isinstance(action, ParseKwargs):
-        return value
-    try:
-        return [_strict(convert, item) for item in value] if takes_list else (
-            _strict(convert, value))
-    except (TypeError, ValueError):
-        raise SystemExit(f"error: {where}: invalid {convert.__name__} value {value!r}") from None
+    if action.type is not None:
+        try:
+            value = [_strict(action.type, item) for item in value] if takes_list else (
+                _strict(action.type, value))
+        except (TypeError, ValueError):
+            raise SystemExit(f"error: {where}: invalid {action.type.__name__} value "
+                             f"{value!r}") from None
+    for item in value if takes_list else [value]:
+        if action.choices is not None and item not in action.choices:
+            raise SystemExit(f"error: {where}: invalid choice {item!r} (choose from "
+                             f"{', '.join(map(repr, action.choices))})")
+    return value
 
 
 def _strict(convert, value):
@@ -315,6 +333,13 @@ def check_args(parser, args, given=()):
         parser.error(f"--synthetic-samples is for --dataset synthetic, not {args.dataset}")
     if args.data_dir and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"--output {args.output} is a file; runs go to OUTPUT/<run name>/, so "
+                     "it must be a folder (or not exist yet)")
+    if args.torchcompile is not None and args.torchcompile not in (
+            torch.compiler.list_backends(exclude_tags=())):
+        parser.error(f"--torchcompile {args.torchcompile} is not a torch.compile backend; "
+                     f"choose from {', '.join(torch.compiler.list_backends())}")
     if args.resume == "auto" and not args.experiment:
         parser.error("--resume auto needs --experiment NAME (the run folder to continue)")
     if args.resume and args.eval_only:
@@ -336,7 +361,7 @@ def check_args(parser, args, given=()):
         if not (value > 0 and math.isfinite(value)):  # also refuses nan
             parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     for name in ("workers", "warmup_epochs", "min_lr", "warmup_lr", "mixup", "cutmix",
-                 "weight_decay", "momentum", "smoothing", "mixup_off_epoch"):
+                 "weight_decay", "smoothing", "mixup_off_epoch"):
         value = getattr(args, name)
         if not (value >= 0 and math.isfinite(value)):
             parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
@@ -344,6 +369,8 @@ def check_args(parser, args, given=()):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got "
                          f"{getattr(args, name)}")
+    if not 0 <= args.momentum < 1:  # 1 or more: each step's update grows without bound
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if not 0 < args.model_ema_decay < 1:
         parser.error(f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
     if args.opt.lower() not in list_optimizers():
@@ -360,6 +387,15 @@ def check_args(parser, args, given=()):
                      "--allow-untrained-teacher to distil from random weights)")
     if args.sched == "multistep" and not args.decay_milestones:
         parser.error("--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
+    # Other methods' options, changed from their defaults (as values: a run's args.yaml, read
+    # back with --config, holds every method's defaults).
+    unused = [f"--{method}-{item.name.replace('_', '-')}"
+              for method, options_class in METHOD_OPTIONS.items() if method != args.distiller
+              for item in dataclasses.fields(options_class)
+              if _as_tuple(getattr(args, f"{method}_{item.name}")) != item.default]
+    if unused:
+        parser.error(f"{', '.join(unused)} would change nothing: --distiller {args.distiller} "
+                     f"does not use {'it' if len(unused) == 1 else 'them'}")
     if mixes(args) and getattr(DISTILLERS[args.distiller], "needs_hard_labels", False):
         parser.error(f"--distiller {args.distiller} needs hard labels (a loss term indexes the "
                      "true class): --mixup/--cutmix give soft targets; drop them")
@@ -394,12 +430,9 @@ def check_method_options(args):
     """The method's options through its loss's own checks, on a dummy batch of
     ``args.num_classes`` classes; an error names the flag (``--ldrld-top-d``), not the loss's
     argument (``top_d``)."""
-    import torch
-
     from .. import functional
 
-    options = method_options(args)
-    if options is None:
+    if args.distiller not in METHOD_OPTIONS:
         return
     logits = torch.zeros(2, args.num_classes)
     target = torch.zeros(2, dtype=torch.long)
@@ -410,10 +443,10 @@ def check_method_options(args):
                 torch.zeros(2, max(o["num_sub"], 1) * args.num_classes), logits, logits,
                 target, **o)}[args.distiller]
     try:
-        loss(**options.loss_options(), backend="torch")
+        loss(**method_options(args).loss_options(), backend="torch")
     except (TypeError, ValueError) as error:
         message = str(error)
-        names = sorted((item.name for item in dataclasses.fields(options)
+        names = sorted((item.name for item in dataclasses.fields(METHOD_OPTIONS[args.distiller])
                         if message.startswith(item.name)), key=len, reverse=True)
         flag = f"--{args.distiller}-{names[0].replace('_', '-')}: " if names else ""
         raise SystemExit(f"error: {flag}{message}") from None
