@@ -336,24 +336,29 @@ def one_class_data(demo_dir, tmp_path_factory):
     ("nan weight", "error: --dkd-beta: beta must be a finite number, got nan"),
     ("warm-up", "error: --dkd-warmup-epochs: warmup_epochs must be an integer >= 0, got -1"),
     ("one class", "has 1 class folder: classification needs at least 2"),
+    ("no train split", "/no-train: image folder {data}/train does not exist (expected "
+     "root/<class>/*.JPEG)"),
 ])
 def test_mistakes_found_with_the_data_leave_no_folder(demo_dir, untrained_teacher,
                                                       one_class_data, tmp_path, case, message):
     """Refused in one line before the first step and before any folder: a teacher at chance
     level, classes that do not match the data, a loss setting the loss refuses."""
-    data = one_class_data if case == "one class" else demo_dir
+    data = {"one class": one_class_data, "no train split": str(tmp_path / "no-train")}.get(
+        case, demo_dir)
+    os.makedirs(data, exist_ok=True)
     extra = {"untrained teacher": ["--teacher", "resnet20", "--teacher-checkpoint",
                                    untrained_teacher],
              "num classes": ["--num-classes", "5"],
              "top d": ["--ldrld-top-d", "20"],
              "nan weight": ["--dkd-beta", "nan"],
              "warm-up": ["--dkd-warmup-epochs", "-1"],
-             "one class": ["--distiller", "ce"]}[case]
+             "one class": ["--distiller", "ce"],
+             "no train split": ["--distiller", "ce"]}[case]
     if case in ("num classes", "top d", "nan weight", "warm-up"):  # not the teacher's check
         distiller = "dkd" if case in ("nan weight", "warm-up") else "ldrld"
         extra += ["--distiller", distiller, "--teacher", "resnet20", "--allow-untrained-teacher"]
     result = run_main(["--dataset", "folder", "--data-dir", data, "--output",
                        str(tmp_path / "out"), *FAST, *extra])
     assert result.returncode == 1, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert message.format(data=data) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

@@ -128,6 +128,8 @@ def run_job(args, world):
         raise
     except ValueError as error:  # a setting the loaders refuse (--aa, ...), before any file
         raise SystemExit(f"error: {error}") from None
+    except FileNotFoundError as error:  # a split's folder
+        raise SystemExit(f"error: --data-dir {args.data_dir}: {error}") from None
     finally:
         if world.main:
             world.barrier()
