@@ -138,6 +138,10 @@ class DaliLoader:
         start, stop = shard_bounds(self.dataset_size, self.rank, self.world_size)
         return math.ceil((stop - start) / self.batch_size)
 
+    def close(self):
+        """Free the pipeline and its threads now rather than at interpreter shutdown."""
+        self.iterator = None
+
     def __iter__(self):
         if self.iterator is None:
             self.iterator = self._build()

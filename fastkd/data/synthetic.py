@@ -38,6 +38,9 @@ class SyntheticLoader:
     def set_epoch(self, epoch):
         pass
 
+    def close(self):
+        pass
+
     def __len__(self):
         return math.ceil(self.shard / self.batch_size)
 

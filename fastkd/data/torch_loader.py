@@ -162,3 +162,13 @@ class TorchLoader:
             if bad:
                 self._add_bad(bad, log=True)
             yield to_device(images, labels, self.device, self.channels_last)
+
+    def close(self):
+        """Stop the worker processes now. Persistent workers otherwise stop when their iterator is
+        garbage-collected, which a reference cycle can put off to interpreter shutdown; by then
+        multiprocessing has closed the queues that tell them to stop, and each is joined only
+        after a 5 s time-out (pytorch/pytorch#48666, #81794): a finished run took 22 s to exit
+        with 2 workers. DataLoader has no public call for this."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None:
+            iterator._shutdown_workers()

@@ -135,6 +135,14 @@ def run_job(args, world):
             world.barrier()
     world.log(f"loader: {type(loaders[0]).__name__} ({args.dataset}, "
               f"{data_config['input_size'][-1]} px)")
+    try:
+        train_or_evaluate(args, world, loaders, data_config)
+    finally:
+        for loader in loaders:  # their workers stop now, not at interpreter shutdown
+            loader.close()
+
+
+def train_or_evaluate(args, world, loaders, data_config):
     data_classes = loaders[0].num_classes
     if data_classes < 2:
         raise SystemExit(f"error: --data-dir {args.data_dir} has {data_classes} class folder: "
