@@ -34,19 +34,18 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "train", "main.py")
 IMAGE_SIZE = (500, 375)  # width, height: ImageNet's most common shape
-CLOSING_REPORT = re.compile(r" run: \d+ s wall, .* outputs in ")  # the trainer's last line
+CLOSING_REPORT = re.compile(r" run: \d+ s wall.*, outputs in ")  # the trainer's last line
 EXIT_GRACE = 20  # seconds a run may take to exit after its closing report
 # --lr 0.01: LDRLD's large loss weights and a random teacher send the loss to inf at 0.1 (the
 # first GPU run, 2026-11-27, most likely: its GPU-decoding run stopped in epoch 0 with exit 1).
-COMMON = ["--model", "resnet18", "--teacher", "resnet34", "--amp", "--amp-dtype", "bfloat16",
-          "--channels-last", "-b", "256", "--lr", "0.01", "--log-interval", "10", "--seed", "0"]
-SYNTHETIC = ["--dataset", "synthetic", "--num-classes", "1000", "--synthetic-samples", "25600",
-             "--allow-untrained-teacher", "--epochs", "2"]
+COMMON = ["--model", "resnet18", "--amp", "--amp-dtype", "bfloat16", "--channels-last", "-b",
+          "256", "--lr", "0.01", "--log-interval", "10", "--seed", "0", "--epochs", "2"]
+TEACHER = ["--teacher", "resnet34", "--allow-untrained-teacher"]
+SYNTHETIC = ["--dataset", "synthetic", "--num-classes", "1000", "--synthetic-samples", "25600"]
 
 
 def folder_options(tree, teacher):
-    return ["--dataset", "folder", "--data-dir", tree, "--teacher-checkpoint", teacher,
-            "--allow-untrained-teacher", "--epochs", "2"]
+    return ["--dataset", "folder", "--data-dir", tree, *TEACHER, "--teacher-checkpoint", teacher]
 
 
 def runs(tree, teacher, cpus):
@@ -57,14 +56,16 @@ def runs(tree, teacher, cpus):
          [*folder, "--loader", "nvjpeg", "-j", "6"], 120),
         ("cpu-decode", f"PIL decoding on {max(cpus - 2, 1)} CPU workers",
          [*folder, "--loader", "torch", "-j", str(max(cpus - 2, 1))], 120),
-        ("synthetic-ldrld", "the trainer's ceiling: no input pipeline", SYNTHETIC, 90),
+        ("synthetic-ldrld", "the trainer's ceiling: no input pipeline", [*SYNTHETIC, *TEACHER],
+         90),
         ("synthetic-ce", "the same without a teacher", [*SYNTHETIC, "--distiller", "ce"], 90),
         ("sigterm", "SIGTERM at epoch 1 step 10, then --resume", [*folder, "--loader", "nvjpeg",
                                                                   "-j", "6"], 150),
-        ("fp16", "fp16 autocast with GradScaler", [*SYNTHETIC, "--amp-dtype", "float16"], 90),
+        ("fp16", "fp16 autocast with GradScaler", [*SYNTHETIC, *TEACHER, "--amp-dtype",
+                                                   "float16"], 90),
         ("hcd", "HCD (projectors and mappers in the DDP module)",
-         [*SYNTHETIC, "--distiller", "hcd"], 90),
-        ("compile", "--torchcompile (inductor)", [*SYNTHETIC, "--torchcompile"], 240),
+         [*SYNTHETIC, *TEACHER, "--distiller", "hcd"], 90),
+        ("compile", "--torchcompile (inductor)", [*SYNTHETIC, *TEACHER, "--torchcompile"], 240),
     ]
 
 

@@ -13,7 +13,7 @@ SMALL_DEMO = {"train": 24, "val": 8}
 
 @pytest.fixture(scope="session")
 def full_demo_dir(tmp_path_factory):
-    """The demo digits as JPEGs (1,437 train, 360 val), written once per test session."""
+    """The demo digits as JPEGs (1,442 train, 355 val), written once per test session."""
     return build_demo_dataset(str(tmp_path_factory.mktemp("digits")))
 
 

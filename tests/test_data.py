@@ -13,6 +13,7 @@ from fastkd import data
 from fastkd.data import create_loaders
 from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD, epoch_order
 from fastkd.data.demo import build_demo_dataset
+from fastkd.engine.config import parse_args
 
 needs_dali = pytest.mark.skipif(not data.dali_available(), reason="nvidia-dali is not installed")
 LOADERS = [pytest.param("dali", marks=needs_dali), "torch"]
@@ -161,6 +162,28 @@ def test_demo_dataset_build_reuse_and_rebuild(tmp_path):
     assert os.path.isfile(val_files[3])  # incomplete: rebuilt
     train, val = create_loaders("demo", root, batch_size=64, loader="torch", workers=0)
     assert (train.dataset_size, val.dataset_size, train.num_classes) == (1442, 355, 10)
+
+
+def test_the_demo_never_writes_into_a_folder_of_other_files(tmp_path, capsys):
+    """A user's own image tree given to --dataset demo is refused, untouched, by the library and
+    by the trainer's flags."""
+    mine = tmp_path / "mine"
+    (mine / "train" / "cats").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    expected = (f"{mine} holds files that are not the demo's (notes.txt, train/cats): --dataset "
+                "demo writes its digits there; give a new or empty folder, or --dataset folder "
+                "to train on your own images")
+    with pytest.raises(ValueError) as error:
+        build_demo_dataset(str(mine))
+    assert str(error.value) == expected
+    with pytest.raises(SystemExit):
+        parse_args(["--data-dir", str(mine)])
+    assert f"error: --data-dir {expected}" in capsys.readouterr().err
+    assert sorted(os.listdir(mine)) == ["notes.txt", "train"]
+    assert os.listdir(mine / "train") == ["cats"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert parse_args(["--data-dir", str(empty)]).data_dir == str(empty)  # the demo's to fill
 
 
 def test_auto_falls_back_to_torchvision_with_one_log_line(tree, monkeypatch, caplog):

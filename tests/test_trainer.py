@@ -16,6 +16,7 @@ from trainer_helpers import FAST, MAIN, run_main, start, wait_for
 
 from fastkd.engine import checkpoint
 from fastkd.engine.config import parse_args
+from fastkd.engine.trainer import check_resume_epoch
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,21 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path, monkeypatch):
     assert [float(row["lr"]) for row in rows] == pytest.approx([0.01, 0.02, 0.02])
     assert torch.load(last, weights_only=True)["epoch"] == 3
 
+    # A resume that would train nothing, or take the run back over later epochs, is refused
+    # before any work and leaves the run's files alone.
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("args.yaml", "last.pth")}
+    finished = run_main(args + ["--resume", str(last), "--epochs", "2"])
+    assert finished.returncode == 1
+    assert (f"error: --resume {last} has trained 3 epochs and --epochs is 2: nothing is left to "
+            "train (a larger --epochs trains on)") in finished.stderr
+    early = tmp_path / "run" / "early.pth"
+    torch.save(saved, early)
+    with pytest.raises(SystemExit, match=f"--resume {early} has trained {saved['epoch']} epochs "
+                                         f"but {last} 3: resuming in that folder would "
+                                         "overwrite the later epochs"):
+        check_resume_epoch(str(early), saved["epoch"], 5)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
+
 
 def test_sigterm_saves_a_loadable_checkpoint(demo_dir, tmp_path):
     process = start([sys.executable, MAIN, "--dataset", "demo", "--data-dir", demo_dir,
@@ -199,6 +215,8 @@ def test_config_file_and_command_line(tmp_path):
         parse_args(["--config", str(config)])
     with pytest.raises(SystemExit, match="does not exist"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit, match=f"--config {tmp_path} is a folder, not a YAML file"):
+        parse_args(["--config", str(tmp_path)])
     config.write_text("model: [1, 2\n")  # PyYAML's own parser error, in one line
     with pytest.raises(SystemExit, match=r"recipe.yaml is not valid YAML: while parsing a flow "
                                          r"sequence .* expected ',' or ']'"):
@@ -227,8 +245,22 @@ def test_config_file_and_command_line(tmp_path):
     (["--input-size", "3", "32", "48"], "--input-size must be 3 H W with H = W"),
     (["--log-interval", "0"], "--log-interval must be a positive number, got 0"),
     (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--distiller", "ce", "--teacher", "wrn_16_2"], "--teacher acts only with a --distiller "
+     "other than ce (ce trains without a teacher): here it would change nothing"),
+    (["--sched", "cosine", "--decay-milestones", "3", "6"],
+     "--decay-milestones acts only with --sched multistep: here it would change nothing"),
+    (["--amp-dtype", "bfloat16"], "--amp-dtype acts only with --amp"),
+    (["--mixup-prob", "0.5"], "--mixup-prob acts only with --mixup, --cutmix or --cutmix-minmax"),
+    (["--clip-mode", "agc"], "--clip-mode acts only with --clip-grad"),
+    (["--dataset", "synthetic", "--model", "resnet20", "--distiller", "ce", "--bad-images",
+      "error"], "--dataset synthetic makes random tensors on the device: --bad-images would "
+     "change nothing"),
+    (["--dataset", "folder", "--data-dir", __file__, "--model", "resnet20", "--distiller", "ce"],
+     f"--data-dir {__file__} is a file, not a folder"),
+    (["--teacher-pretrained", "--teacher-checkpoint", __file__],
+     "--teacher-checkpoint and --teacher-pretrained exclude each other"),
     (["--distiller", "kd", "--teacher", "resnet20", "--ldrld-top-d", "5", "--hcd-stages", "2"],
-     "--ldrld-top-d, --hcd-stages would change nothing: --distiller kd does not use them"),
+     "--hcd-stages, --ldrld-top-d would change nothing: --distiller kd does not use them"),
     (["--torchcompile", "inductr"], "--torchcompile inductr is not a torch.compile backend; "
      "choose from "),
     (["--output", __file__], f"--output {__file__} is a file; runs go to OUTPUT/<run name>/"),
@@ -255,7 +287,7 @@ def test_presets_parse():
         assert args.model and args.epochs > 0
 
 
-def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path):
+def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path, capsys):
     """A ViT student at 32 px from the command line, distilled from a CIFAR-net teacher (another
     normalisation) with EMA, gradient clipping, mixup/cutmix, RandAugment, random erasing and
     torch.compile; its best.pth loads with timm and evaluates with --eval-only."""
@@ -283,6 +315,12 @@ def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path):
                            str(folder / "best.pth"), "--workers", "0", "--loader", "torch"])
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert "student vit_tiny_patch16_224" in evaluation.stdout
+    with pytest.raises(SystemExit):  # the checkpoint's settings, not these, would be used
+        parse_args(["--eval-only", str(folder / "best.pth"), "--epochs", "3", "--distiller",
+                    "hcd", "--workers", "0"])
+    assert ("error: --distiller, --epochs would change nothing with --eval-only (it evaluates "
+            "the checkpoint's student with the model settings saved in it)"
+            in capsys.readouterr().err)
     assert f"top-1 {float(row['eval_top1']):.2f}" in evaluation.stdout
     assert f"top-1 {float(row['eval_ema_top1']):.2f}" in evaluation.stdout
     assert os.listdir(tmp_path) == ["vit"]  # an evaluation writes no run folder

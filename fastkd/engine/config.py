@@ -17,6 +17,7 @@ from timm.utils import ParseKwargs
 
 from ..data import DATASETS, LOADERS
 from ..data.augment import CropFlip
+from ..data.demo import foreign_demo_entries
 from ..distillers import DISTILLERS
 from ..options import METHOD_OPTIONS
 
@@ -72,13 +73,16 @@ def method_options(args):
     options_class = METHOD_OPTIONS.get(args.distiller)
     if options_class is None:
         return None
-    return options_class(**{item.name: _as_tuple(getattr(args, f"{args.distiller}_{item.name}"))
-                            for item in dataclasses.fields(options_class)})
+    values = {item.name: getattr(args, f"{args.distiller}_{item.name}")
+              for item in dataclasses.fields(options_class)}
+    return options_class(**{name: tuple(value) if isinstance(value, list) else value
+                            for name, value in values.items()})
 
 
-def _as_tuple(value):
-    """A flag's list (argparse's nargs) as the tuple the options dataclasses hold."""
-    return tuple(value) if isinstance(value, list) else value
+def method_option_names():
+    """``{dest: method}`` of every method's flags (``ldrld_top_d: "ldrld"``)."""
+    return {f"{method}_{item.name}": method for method, options_class in METHOD_OPTIONS.items()
+            for item in dataclasses.fields(options_class)}
 
 
 def build_parser():
@@ -201,7 +205,8 @@ def build_parser():
 
 def _config_defaults(parser, path):
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --config {path} does not exist")
+        problem = "is a folder, not a YAML file" if os.path.isdir(path) else "does not exist"
+        raise SystemExit(f"error: --config {path} {problem}")
     try:
         with open(path) as handle:
             values = yaml.safe_load(handle) or {}
@@ -266,6 +271,10 @@ def parse_args(argv=None):
     ``--eval-only``, the model settings taken from the checkpoint."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
+    # What the command line changes from the built-in defaults (a config file's values do not
+    # count: a run's args.yaml holds every option).
+    changed = {name for name, value in vars(known).items()
+               if value != parser.get_default(name) and name != "config"}
     if known.config:
         parser.set_defaults(**_config_defaults(parser, known.config))
     args = parser.parse_args(argv)
@@ -277,6 +286,7 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     check_args(parser, args, given)
+    check_unused(parser, args, changed)
     return args
 
 
@@ -324,7 +334,8 @@ def check_args(parser, args, given=()):
                                           ("--loader", args.loader != "auto"),
                                           ("--aa", args.aa), ("--reprob", args.reprob),
                                           *((f"--{name}", name in crop_flip_changes(args))
-                                            for name in ("scale", "ratio", "hflip")))
+                                            for name in ("scale", "ratio", "hflip")),
+                                          ("--bad-images", args.bad_images != "skip"))
                   if used]
         if unused:
             parser.error(f"--dataset synthetic makes random tensors on the device: "
@@ -332,7 +343,15 @@ def check_args(parser, args, given=()):
     elif args.synthetic_samples is not None:
         parser.error(f"--synthetic-samples is for --dataset synthetic, not {args.dataset}")
     if args.data_dir and not os.path.isdir(args.data_dir):
-        parser.error(f"--data-dir {args.data_dir} does not exist")
+        problem = "is a file, not a folder" if os.path.exists(args.data_dir) else "does not exist"
+        parser.error(f"--data-dir {args.data_dir} {problem}")
+    if args.dataset == "demo" and args.data_dir:
+        problem = foreign_demo_entries(args.data_dir)
+        if problem:
+            parser.error(f"--data-dir {args.data_dir} {problem}")
+    if args.teacher_checkpoint and args.teacher_pretrained:
+        parser.error("--teacher-checkpoint and --teacher-pretrained exclude each other (both "
+                     "give the teacher's weights)")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         parser.error(f"--output {args.output} is a file; runs go to OUTPUT/<run name>/, so "
                      "it must be a folder (or not exist yet)")
@@ -387,15 +406,6 @@ def check_args(parser, args, given=()):
                      "--allow-untrained-teacher to distil from random weights)")
     if args.sched == "multistep" and not args.decay_milestones:
         parser.error("--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
-    # Other methods' options, changed from their defaults (as values: a run's args.yaml, read
-    # back with --config, holds every method's defaults).
-    unused = [f"--{method}-{item.name.replace('_', '-')}"
-              for method, options_class in METHOD_OPTIONS.items() if method != args.distiller
-              for item in dataclasses.fields(options_class)
-              if _as_tuple(getattr(args, f"{method}_{item.name}")) != item.default]
-    if unused:
-        parser.error(f"{', '.join(unused)} would change nothing: --distiller {args.distiller} "
-                     f"does not use {'it' if len(unused) == 1 else 'them'}")
     if mixes(args) and getattr(DISTILLERS[args.distiller], "needs_hard_labels", False):
         parser.error(f"--distiller {args.distiller} needs hard labels (a loss term indexes the "
                      "true class): --mixup/--cutmix give soft targets; drop them")
@@ -406,6 +416,52 @@ def check_args(parser, args, given=()):
                                         or args.input_size[1] != args.input_size[2]):
         parser.error(f"--input-size must be 3 H W with H = W (RGB; the loaders crop squares), "
                      f"got {' '.join(map(str, args.input_size))}")
+
+
+# Options that act only with another setting: (option, whether that setting is on, what it is).
+DEPENDENT_OPTIONS = (
+    *((name, lambda args: args.distiller != "ce", "a --distiller other than ce (ce trains "
+       "without a teacher)")
+      for name in ("teacher", "teacher_kwargs", "teacher_checkpoint", "teacher_pretrained",
+                   "allow_untrained_teacher")),
+    ("decay_milestones", lambda args: args.sched == "multistep", "--sched multistep"),
+    ("decay_epochs", lambda args: args.sched == "step", "--sched step"),
+    ("amp_dtype", lambda args: args.amp, "--amp"),
+    ("clip_mode", lambda args: args.clip_grad is not None, "--clip-grad"),
+    ("model_ema_decay", lambda args: args.model_ema, "--model-ema"),
+    *((name, lambda args: args.reprob > 0, "--reprob above 0") for name in ("remode", "recount")),
+    *((name, lambda args: mixes(args), "--mixup, --cutmix or --cutmix-minmax")
+      for name in ("mixup_prob", "mixup_switch_prob", "mixup_mode", "mixup_off_epoch")),
+)
+# What --eval-only reads from the command line; the rest comes from the checkpoint or is training.
+EVAL_ONLY_OPTIONS = {"eval_only", "dataset", "data_dir", "loader", "workers", "batch_size",
+                     "bad_images", "amp", "amp_dtype", "channels_last", "seed"}
+
+
+def check_unused(parser, args, changed):
+    """Refuse options given on the command line (``changed``) that would change nothing: another
+    method's options, an option whose setting is off, training options with --eval-only."""
+    if args.eval_only:
+        unused = sorted(changed - EVAL_ONLY_OPTIONS)
+        if unused:
+            parser.error(f"{_flags(unused)} would change nothing with --eval-only (it evaluates "
+                         "the checkpoint's student with the model settings saved in it)")
+        return
+    methods = method_option_names()
+    other_methods = [name for name in sorted(changed)
+                     if methods.get(name, args.distiller) != args.distiller]
+    if other_methods:
+        parser.error(f"{_flags(other_methods)} would change nothing: --distiller "
+                     f"{args.distiller} does not use "
+                     f"{'it' if len(other_methods) == 1 else 'them'}")
+    for name, active, setting in DEPENDENT_OPTIONS:
+        if name in changed and not active(args):
+            parser.error(f"--{name.replace('_', '-')} acts only with {setting}: here it would "
+                         "change nothing")
+
+
+def _flags(names):
+    return ", ".join(f"--{name.replace('_', '-')}" for name in names)
 
 
 def crop_flip(args):
