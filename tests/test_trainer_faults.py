@@ -36,8 +36,13 @@ try:
     main()
 except SystemExit as stop:
     status = stop.code
-names = [open(f"/proc/self/task/{task}/comm").read().strip()
-         for task in os.listdir("/proc/self/task")]
+names = []
+for task in os.listdir("/proc/self/task"):
+    try:
+        with open(f"/proc/self/task/{task}/comm") as handle:
+            names.append(handle.read().strip())
+    except FileNotFoundError:  # a thread that ended after the listing (a queue's feeder)
+        pass
 print("threads left:", sorted(name for name in names if "gloo" in name), flush=True)
 print("processes left:", len(multiprocessing.active_children()), flush=True)
 sys.exit(status)
