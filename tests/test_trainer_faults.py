@@ -264,9 +264,10 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(demo_dir, tmp_pat
     process = start(torchrun("--standalone", "--nproc-per-node=2", "--max-restarts=1", MAIN,
                              "--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
                              "--output", str(tmp_path), "--experiment", "run", "--resume",
-                             "auto", *FAST, "--epochs", "3", "--batch-size", "16",
+                             "auto", *FAST, "--epochs", "3", "--batch-size", "8",
                              "--log-interval", "1"), log=log)
-    wait_until(lambda: "epoch 1 [4/" in log.read_text(), process, "a step of epoch 1", 300)
+    # 15 steps an epoch per rank: the kill lands well before epoch 1's end.
+    wait_until(lambda: "epoch 1 [3/" in log.read_text(), process, "a step of epoch 1", 300)
     worker = next(pid for pid in children(process.pid) if environment_of(pid)["RANK"] == "1")
     os.kill(worker, signal.SIGKILL)
     assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
