@@ -7,7 +7,7 @@ import pytest
 from fastkd.data.demo import MANIFEST, build_demo_dataset
 
 # Images per class and split kept in the trainer tests' demo tree: the trainer's cost is its
-# training steps, and most tests need a few of them on real JPEGs, not 1,437.
+# training steps, and most tests need a few of them on real JPEGs, not 1,442.
 SMALL_DEMO = {"train": 24, "val": 8}
 
 

@@ -16,7 +16,7 @@ from trainer_helpers import FAST, MAIN, run_main, start, wait_for
 
 from fastkd.engine import checkpoint
 from fastkd.engine.config import parse_args
-from fastkd.engine.trainer import check_resume_epoch
+from fastkd.engine.run_folder import check_resume_epoch
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import yaml
 from timm.utils import get_outdir
 
 from ..files import atomic_write
+from . import checkpoint
 
 LAST = "last.pth"
 BEST = "best.pth"
@@ -26,6 +27,22 @@ def checkpoint_to_resume(args):
         last = os.path.join(args.output, args.experiment, LAST)
         return last if os.path.isfile(last) else None
     return args.resume
+
+
+def check_resume_epoch(path, epoch, epochs):
+    """``--resume path`` (saved after ``epoch`` epochs) must leave epochs to train, and must not
+    take its run back: resuming writes into the checkpoint's folder, over a later last.pth."""
+    if epoch >= epochs:
+        raise SystemExit(f"error: --resume {path} has trained {epoch} epochs and --epochs is "
+                         f"{epochs}: nothing is left to train (a larger --epochs trains on)")
+    last = os.path.join(os.path.dirname(os.path.abspath(path)), LAST)
+    if os.path.abspath(path) != last and os.path.isfile(last):
+        later = checkpoint.load(last)["epoch"]
+        if later > epoch:
+            raise SystemExit(
+                f"error: --resume {path} has trained {epoch} epochs but {last} {later}: "
+                f"resuming in that folder would overwrite the later epochs; resume {last}, or "
+                f"copy {os.path.basename(path)} into a new folder to continue from it there")
 
 
 def create_run_folder(args, resume_from):

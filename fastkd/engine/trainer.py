@@ -29,7 +29,13 @@ from .distributed import World
 from .evaluate import evaluate, report
 from .optim import autocast_settings
 from .run import Run, build_task
-from .run_folder import BEST, LAST, checkpoint_to_resume, create_run_folder, write_args
+from .run_folder import (
+    BEST,
+    check_resume_epoch,
+    checkpoint_to_resume,
+    create_run_folder,
+    write_args,
+)
 
 
 def resume_point(args, world):
@@ -43,22 +49,6 @@ def resume_point(args, world):
     if args.resume != "auto":  # auto restarts a job, finished or not, where it was
         check_resume_epoch(path, state["epoch"], args.epochs)
     return path, state
-
-
-def check_resume_epoch(path, epoch, epochs):
-    """``--resume path`` (saved after ``epoch`` epochs) must leave epochs to train, and must not
-    take its run back: resuming writes into the checkpoint's folder, over a later last.pth."""
-    if epoch >= epochs:
-        raise SystemExit(f"error: --resume {path} has trained {epoch} epochs and --epochs is "
-                         f"{epochs}: nothing is left to train (a larger --epochs trains on)")
-    last = os.path.join(os.path.dirname(os.path.abspath(path)), LAST)
-    if os.path.abspath(path) != last and os.path.isfile(last):
-        later = checkpoint.load(last)["epoch"]
-        if later > epoch:
-            raise SystemExit(
-                f"error: --resume {path} has trained {epoch} epochs but {last} {later}: "
-                f"resuming in that folder would overwrite the later epochs; resume {last}, or "
-                f"copy {os.path.basename(path)} into a new folder to continue from it there")
 
 
 def open_run(args, world, loaders, data_config, resume, teacher_checkpoint=None):
