@@ -21,12 +21,8 @@ IMAGE_AREA = 32 * 32
 
 
 def first_batches(demo_dir, kind, **options):
-    """The first training and validation images. Every generator the loaders draw from is seeded
-    alike: torch (torchvision's crops), Python's and numpy's (timm's policies and erasing); DALI's
-    is the pipeline's seed."""
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
+    """The first training and validation images (every draw is the sample's own: see
+    ``fastkd.data.order``)."""
     train, val = create_loaders("demo", demo_dir, batch_size=16, loader=kind, workers=0,
                                 **options)
     # DALI reuses its output buffers: keep copies.
@@ -236,3 +232,95 @@ def test_crop_flip_settings_reach_every_loader(same_split_tree, kind):
 def test_crop_flip_refuses_bad_ranges(settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         CropFlip(**settings)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("policy", [None, "v0"])
+def test_training_batches_are_a_function_of_seed_epoch_and_sample(demo_dir, kind, policy):
+    """What makes a mid-epoch resume exact: an epoch read from step 3 gives the batches of the
+    whole epoch from step 3 on, bit for bit, with another number of workers (DALI: threads), and
+    whatever this process's global generators hold; another epoch or seed gives other crops.
+    With an auto-augment policy and random erasing on."""
+    def epoch(workers, start_step=0, epoch=1, seed=3):
+        random.seed(workers)
+        torch.manual_seed(workers)
+        train, _ = create_loaders("demo", demo_dir, batch_size=16, loader=kind, workers=workers,
+                                  seed=seed, auto_augment=policy, re_prob=0.5)
+        train.set_epoch(epoch, start_step)
+        batches = [(images.clone(), labels.clone()) for images, labels in train]
+        train.close()
+        return batches
+
+    whole = epoch(workers=1)
+    assert len(whole) == 240 // 16
+    resumed = epoch(workers=2 if kind == "torch" else 3, start_step=3)
+    assert len(resumed) == len(whole) - 3
+    for (images, labels), (again, labels_again) in zip(whole[3:], resumed):
+        assert torch.equal(images, again) and torch.equal(labels, labels_again)
+    assert not torch.equal(epoch(workers=0, start_step=14, epoch=2)[0][0], whole[14][0])
+    assert not torch.equal(epoch(workers=0, start_step=14, seed=4)[0][0], whole[14][0])
+
+
+@needs_dali
+def test_dali_decodes_the_window_crop_params_draws_and_flips_as_drawn(tmp_path):
+    """One textured 48x40 JPEG: each epoch's training image is the file cropped to the window
+    ``crop_params`` draws from the sample's generator, resized and flipped as ``flip_drawn``
+    says (PIL's crop and bilinear resize stand in for DALI's; a window off by a few pixels, or
+    a flip drawn elsewhere, would be far outside the tolerance)."""
+    from PIL import Image
+
+    from fastkd.data.augment import crop_params, flip_drawn
+    from fastkd.data.order import sample_seed
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
+    picture = (ramp + rng.integers(-20, 20, (40, 48, 3))).clip(0, 255).astype(np.uint8)
+    picture[:, :24, 0] = 255  # a red left half: a flip is plain to see
+    for label in ("a", "b"):
+        os.makedirs(tmp_path / "train" / label)
+        os.makedirs(tmp_path / "val" / label)
+        for split in ("train", "val"):
+            Image.fromarray(picture).save(tmp_path / split / label / "0.jpg", quality=100)
+    decoded = np.asarray(Image.open(tmp_path / "train" / "a" / "0.jpg").convert("RGB"))
+    train, _ = create_loaders("folder", str(tmp_path), batch_size=1, image_size=16,
+                              loader="dali", workers=1, seed=5)
+    flips = set()
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        images, labels = next(iter(train))
+        slot = int(labels[0])  # one image per class: the label names the sample
+        generator = torch.Generator().manual_seed(sample_seed(5, epoch, slot))
+        top, left, height, width = crop_params(40, 48, generator)
+        flipped = flip_drawn(generator)
+        flips.add(flipped)
+        crop = Image.fromarray(decoded[top:top + height, left:left + width]).resize(
+            (16, 16), Image.Resampling.BILINEAR)
+        expected = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255).permute(2, 0, 1)
+        if flipped:
+            expected = expected.flip(-1)
+        # Seen: below 1e-3 for the drawn window, 0.1 to 0.17 for it shifted by 2 pixels.
+        assert (pixels(images[0]) - expected).abs().mean() < 0.01, epoch
+    assert flips == {True, False}
+
+
+@pytest.mark.parametrize("policy", ["v0", "rand-m9-mstd0.5-inc1"])
+def test_posterize_to_zero_bits_blackens_instead_of_failing(policy):
+    """timm's levels ask for 0 bits (v0's Posterize at level 2, RandAugment's
+    PosterizeIncreasing at 10), which Pillow 13 refuses: a run with --aa failed in a loader
+    worker on one sample in tens. The policies take fastkd's posterize: black, as Pillow 12."""
+    from PIL import Image
+    from timm.data import auto_augment as timm_policies
+
+    from fastkd.data.augment import posterize, timm_auto_augment
+
+    transform = timm_auto_augment(policy, 32, IMAGENET_MEAN)
+    operations = getattr(transform, "ops", None) or [
+        operation for sub_policy in transform.policy for operation in sub_policy]
+    posterizers = [op for op in operations if "Posterize" in op.name]
+    assert posterizers and all(op.aug_fn is posterize for op in posterizers)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8))
+    assert np.asarray(posterize(image, 0)).max() == 0
+    assert np.array_equal(np.asarray(posterize(image, 3)),
+                          np.asarray(timm_policies.posterize(image, 3)))
+    with pytest.raises(ValueError, match="bits must be between"):
+        timm_policies.posterize(image, 0)

@@ -102,8 +102,8 @@ def test_fine_odd_files_decode_to_three_channels(tmp_path):
 
 def test_torchvision_loader_skips_and_replaces_bad_files(odd_tree, caplog):
     with caplog.at_level("WARNING", logger="fastkd.data"):
-        train, val = create_loaders("folder", str(odd_tree), batch_size=4, image_size=32,
-                                    loader="torch", workers=1)
+        train, val = create_loaders("folder", str(odd_tree), batch_size=2, image_size=32,
+                                    loader="torch", workers=1, eval_batch_size=4)
         # The header scan already left the empty file out; the rest are found while reading.
         assert train.dataset_size == 14 and val.dataset_size == 6
         assert list(train.bad_images) == [f"{odd_tree}/train/a/empty.jpg"]
@@ -143,7 +143,7 @@ def test_torchvision_loader_excludes_files_found_by_other_ranks(odd_tree, caplog
 
 def test_torchvision_loader_error_names_a_file_that_breaks_during_the_run(tmp_path):
     root = write_tree(tmp_path, ["a"], 2, 1)
-    train, _ = create_loaders("folder", str(root), batch_size=4, image_size=32, loader="torch",
+    train, _ = create_loaders("folder", str(root), batch_size=2, image_size=32, loader="torch",
                               workers=1, bad_images="error")
     (root / "train" / "a" / "1.jpeg").write_bytes(BAD_FILES["cut.jpg"])  # after the check
     with pytest.raises(BadImageError, match=f"{root}/train/a/1.jpeg: OSError: .+ \\(bad_images=.error.; fastkd-verify-data lists every bad file\\)"):
@@ -154,8 +154,8 @@ def test_torchvision_loader_error_names_a_file_that_breaks_during_the_run(tmp_pa
 def test_dali_loader_leaves_bad_files_out(odd_tree, caplog):
     (odd_tree / CACHE_NAME).unlink(missing_ok=True)  # whichever test ran first
     with caplog.at_level("INFO", logger="fastkd.data"):
-        train, val = create_loaders("folder", str(odd_tree), batch_size=4, image_size=32,
-                                    loader="dali", workers=1)
+        train, val = create_loaders("folder", str(odd_tree), batch_size=2, image_size=32,
+                                    loader="dali", workers=1, eval_batch_size=4)
     assert_reasons(train.bad_images, expected_bad(odd_tree, "train"))
     assert_reasons(val.bad_images, expected_bad(odd_tree, "val"))
     assert logged_bad(caplog) == {**train.bad_images, **val.bad_images}

@@ -11,8 +11,9 @@ from PIL import Image
 
 from fastkd import data
 from fastkd.data import create_loaders
-from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD, epoch_order
+from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD
 from fastkd.data.demo import build_demo_dataset
+from fastkd.data.order import train_indices
 from fastkd.engine.config import parse_args
 
 needs_dali = pytest.mark.skipif(not data.dali_available(), reason="nvidia-dali is not installed")
@@ -47,7 +48,7 @@ def test_loader_batches(tree, kind):
     train, val = create_loaders("folder", str(tree), batch_size=4, image_size=32, loader=kind,
                                 workers=1)
     assert (train.num_classes, train.dataset_size, val.dataset_size) == (3, 21, 12)
-    assert (len(train), len(val)) == (6, 3)
+    assert (len(train), len(val)) == (21 // 4, 3)  # training: full batches only
     lowest = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
     highest = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
     seen = 0
@@ -56,7 +57,7 @@ def test_loader_batches(tree, kind):
         assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
         assert images.min() >= lowest - 1e-4 and images.max() <= highest + 1e-4
         seen += len(labels)
-    assert seen == 21
+    assert seen == 20
     first = [(images.clone(), labels.clone()) for images, labels in val]
     second = list(val)
     labels = torch.cat([labels for _, labels in first])
@@ -88,23 +89,26 @@ def test_dali_and_torchvision_agree_on_evaluation(tree):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-def test_two_shards_cover_each_epoch_exactly_once(tmp_path, kind):
-    """13 one-image classes, so a label names its sample; batch 4 does not divide the 6/7-image
-    shards (the pad_last_batch trap)."""
+def test_global_batches_split_across_ranks_and_evaluation_covers_each_sample_once(tmp_path, kind):
+    """13 one-image classes, so a label names its sample. Training: batch 2 on 2 ranks takes 3
+    global batches of 4 a step, rank r the r-th half of each, as ``order.train_indices`` plans
+    (the 13th sample waits for another epoch); evaluation: the 6/7 shards, each image once."""
     root = write_tree(tmp_path, [f"c{index:02d}" for index in range(13)], 1, 1)
     for epoch in range(2):
         seen, evaluated = [], []
         for rank in range(2):
-            train, val = create_loaders("folder", str(root), batch_size=4, image_size=16,
+            train, val = create_loaders("folder", str(root), batch_size=2, image_size=16,
                                         loader=kind, rank=rank, world_size=2, workers=1, seed=3)
             train.set_epoch(epoch)
-            labels = torch.cat([labels for _, labels in train]).tolist()
-            assert len(labels) == [6, 7][rank]
+            labels = [labels.tolist() for _, labels in train]
+            assert len(labels) == len(train) == 3 and all(len(batch) == 2 for batch in labels)
             seen.append(labels)
             evaluated += torch.cat([labels for _, labels in val]).tolist()
-        assert sorted(seen[0] + seen[1]) == list(range(13))
+        plan = train_indices(13, seed=3, epoch=epoch, batch_size=2, rank=0, world_size=1)
+        assert [index for step in zip(*seen) for half in step for index in half] == plan[:12]
         assert sorted(evaluated) == list(range(13))  # evaluation: each image once, no padding
-    assert epoch_order(13, 0, 2, True, 3, 0) != epoch_order(13, 0, 2, True, 3, 1)
+    assert (train_indices(13, seed=3, epoch=0, batch_size=2, rank=0, world_size=2)
+            != train_indices(13, seed=3, epoch=1, batch_size=2, rank=0, world_size=2))
 
 
 def test_cifar100_reader(tmp_path):
@@ -230,3 +234,24 @@ def test_bad_input(tmp_path, tree):
         create_loaders("mnist", str(tree), batch_size=4)
     with pytest.raises(ValueError, match="loader='dali' does not read CIFAR-100"):
         create_loaders("cifar100", str(tmp_path), batch_size=4, loader="dali")
+
+
+def test_what_the_folder_scan_leaves_out_is_named(tmp_path, caplog):
+    """Nested folders, files of other formats and files beside the class folders used to be
+    skipped silently; hidden files still are."""
+    from fastkd.data.folders import scan_image_folder
+
+    root = write_tree(tmp_path, ["a", "b"], 2, 1)
+    for name in ("train/a/scan.tif", "train/a/scan.TIFF", "train/b/notes.txt", "train/README",
+                 "train/b/.DS_Store"):
+        (root / name).write_bytes(b"x")
+    (root / "train" / "a" / "more").mkdir()
+    with caplog.at_level("WARNING", logger="fastkd.data"):
+        folder = scan_image_folder(str(root / "train"))
+    assert len(folder.samples) == 4
+    message, = [record.getMessage() for record in caplog.records]
+    for part in ("1 file(s) beside the class folders", "1 folder(s) inside a class folder",
+                 "1 .tif file(s)", "1 .tiff file(s)", "1 .txt file(s)",
+                 f"images are read from {root}/train/<class>/"):
+        assert part in message, part
+    assert ".DS_Store" not in message

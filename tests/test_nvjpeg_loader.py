@@ -4,7 +4,6 @@ against torchvision's, reproducible augmentation, bad files. On CPU (``decode_jp
 libjpeg-turbo); the CUDA cases (nvJPEG) run where there is a GPU."""
 
 import io
-import math
 
 import numpy as np
 import pytest
@@ -15,19 +14,19 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
+from fastkd.data.augment import crop_params, flip_drawn
 from fastkd.data.bad_images import BadImageError
-from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD, epoch_order, eval_resize
+from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 from fastkd.data.nvjpeg import (
     EncodedFileDataset,
     NvJpegLoader,
     collate_encoded,
-    crop_params,
-    epoch_generator,
     flip,
     read_encoded,
     resized_crop,
     unpack,
 )
+from fastkd.data.order import sample_seed, train_indices
 from fastkd.data.torch_loader import FileDataset, TorchLoader, image_transform
 
 # torchvision 0.29 deprecates its image codecs (for TorchCodec) with a warning on every call.
@@ -120,13 +119,15 @@ def test_collate_packs_bytes_keeps_sizes_and_merges_bad_files():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_order_and_shards_are_the_torchvision_loaders(tmp_path, device):
-    """13 one-file classes: a label names its sample. Batch 4 does not divide the 6/7 shards."""
+    """13 one-file classes: a label names its sample. Training: batch 2 on 2 ranks, 3 global
+    batches of 4 (the 13th sample waits for another epoch); evaluation: the 6/7 shards in
+    batches of 2."""
     samples = jpeg_samples(tmp_path, count=13, classes=13)
     for training in (True, False):
         for epoch in range(2):
             seen = []
             for rank in range(2):
-                common = dict(training=training, batch_size=4, rank=rank, world_size=2, seed=3,
+                common = dict(training=training, batch_size=2, rank=rank, world_size=2, seed=3,
                               workers=1 if rank else 0)
                 ours = loader(samples, 13, image_size=16, device=device, **common)
                 reference = TorchLoader(
@@ -136,12 +137,13 @@ def test_order_and_shards_are_the_torchvision_loaders(tmp_path, device):
                 for each in (ours, reference):
                     each.set_epoch(epoch)
                     batches = [labels.cpu() for _, labels in each]
-                    assert len(batches) == len(each) == 2
+                    assert len(batches) == len(each) == (3 if training else [3, 4][rank])
                     orders.append(torch.cat(batches).tolist())
                 assert orders[0] == orders[1]
                 seen += orders[0]
-            assert sorted(seen) == list(range(13))  # every sample once per epoch
-            if not training:
+            if training:  # 12 different samples of the 13
+                assert len(set(seen)) == len(seen) == 12
+            else:
                 assert seen == list(range(13))  # evaluation: file order
 
 
@@ -203,24 +205,25 @@ def test_crop_resize_and_flip_are_torchvisions():
         assert torch.equal(flipped[index], expected)
 
 
-def test_training_batch_is_crop_flip_normalise_from_the_epoch_generator(tmp_path):
-    """A training batch equals torchvision's resized_crop / hflip / Normalize with the crops
-    drawn in sample order from the (seed, epoch, rank) generator, then the flip mask."""
+def test_training_batch_is_crop_flip_normalise_from_each_samples_generator(tmp_path):
+    """A training batch equals torchvision's resized_crop / hflip / Normalize with each sample's
+    crop and then flip drawn from its own (seed, epoch, sample) generator."""
     samples = jpeg_samples(tmp_path)
     train = loader(samples, training=True, batch_size=len(samples), seed=5)
     train.set_epoch(2)
     (images, labels), = list(train)
-    order = epoch_order(len(samples), 0, 1, True, 5, 2)
-    generator = epoch_generator(5, 2, 0)
-    expected = []
-    for path, _ in (samples[index] for index in order):
-        image = decode_jpeg(read_encoded(path), mode=ImageReadMode.RGB).float() / 255
+    order = train_indices(len(samples), seed=5, epoch=2, batch_size=len(samples), rank=0,
+                          world_size=1)
+    expected, mirror = [], []
+    for index in order:
+        image = decode_jpeg(read_encoded(samples[index][0]), mode=ImageReadMode.RGB).float() / 255
+        generator = torch.Generator().manual_seed(sample_seed(5, 2, index))
         params = crop_params(*image.shape[1:], generator)
+        mirror.append(flip_drawn(generator))
         expected.append(TF.resized_crop(image, *params, [24, 24], antialias=True))
-    mirror = torch.rand(len(samples), generator=generator) < 0.5
     expected = [TF.normalize(TF.horizontal_flip(image) if flipped else image, **NORMALISE)
                 for image, flipped in zip(expected, mirror)]
-    assert 0 < mirror.sum() < len(samples)
+    assert 0 < sum(mirror) < len(samples)
     assert labels.tolist() == [samples[index][1] for index in order]
     torch.testing.assert_close(images, torch.stack(expected), rtol=0, atol=1e-5)
 
@@ -308,11 +311,12 @@ def test_odd_but_fine_files_and_output_format(tmp_path):
         "a/gray.jpg": jpeg_bytes(photo.convert("L")), "a/cmyk.jpg": jpeg_bytes(photo.convert("CMYK")),
         "b/tiny.jpg": jpeg_bytes(Image.new("RGB", (1, 1), (200, 30, 60))),
         "b/png.jpg": png.getvalue(), "b/photo.jpg": jpeg_bytes(photo)})
-    seen = []
+    seen = []  # random erasing is called with each image of a batch, to change it in place
     train = loader(samples, 2, training=True, batch_size=2, channels_last=True,
-                   random_erasing=lambda images: seen.append(images.clone()) or images + 1)
+                   random_erasing=lambda image: seen.append(image.clone()) or image.add_(1))
     batches = list(train)
-    assert len(batches) == len(train) == math.ceil(5 / 2) and train.bad_images == {}
+    assert len(batches) == len(train) == 5 // 2 and train.bad_images == {}
+    seen = [torch.stack(seen[index:index + 2]) for index in range(0, len(seen), 2)]
     for (images, labels), erased in zip(batches, seen):
         assert images.dtype == torch.float32 and images.shape == (len(labels), 3, 24, 24)
         assert images.is_contiguous(memory_format=torch.channels_last)

@@ -1,13 +1,10 @@
-"""What both loaders share: normalisation constants and their check, eval resize rule, the
-per-epoch shard order, the batch hand-off to the training device and where fastkd keeps its
-per-user files."""
+"""What the loaders share: normalisation constants and their check, eval resize rule, the batch
+hand-off to the training device and where fastkd keeps its per-user files."""
 
 import math
 import os
 
 import torch
-
-from .folders import shard_bounds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,19 +24,6 @@ def check_normalisation(mean, std):
 
 def eval_resize(image_size, crop_ratio=DEFAULT_CROP_RATIO):
     return int(math.floor(image_size / crop_ratio))
-
-
-def epoch_order(size, rank, world_size, shuffle, seed, epoch):
-    """Indices this rank reads in ``epoch``: one permutation of the whole dataset (seeded by
-    seed + epoch, the same on every rank) cut into contiguous shards, so every sample is read
-    exactly once per epoch across ranks. Without ``shuffle`` the order is the dataset's."""
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(size, generator=generator)
-    else:
-        order = torch.arange(size)
-    start, stop = shard_bounds(size, rank, world_size)
-    return order[start:stop].tolist()
 
 
 def to_device(images, labels, device, channels_last):

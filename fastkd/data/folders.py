@@ -13,7 +13,7 @@ every file once before the run (``verify.py``).
 import os
 from dataclasses import dataclass, field, replace
 
-from .bad_images import describe
+from .bad_images import describe, logger
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Leading bytes of each accepted format (WebP: RIFF....WEBP, checked at offsets 0 and 8).
@@ -59,29 +59,53 @@ def _header_problem(path):
 
 def scan_image_folder(root, check_files=True):
     """Classes and samples of ``root/<class>/<image>``; a clear error for a missing or empty
-    directory or an empty class. With ``check_files``, files that are not images by their header
-    go to ``bad`` instead of ``samples``."""
+    directory or an empty class. What is not read is named in a warning: files of other formats
+    (by extension), folders nested in a class folder, files beside the class folders (hidden
+    files aside: ``.DS_Store`` and the like). With ``check_files``, files that are not images by
+    their header go to ``bad`` instead of ``samples``."""
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"image folder {root} does not exist (expected root/<class>/*.JPEG)")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    entries = list(os.scandir(root))
+    classes = sorted(entry.name for entry in entries if entry.is_dir())  # as torchvision's
     if not classes:
         raise ValueError(f"image folder {root} has no class sub-directories")
+    skipped = {"file(s) beside the class folders": [
+        entry.path for entry in entries if not entry.is_dir() and not entry.name.startswith(".")]}
     samples, empty = [], []
     for label, name in enumerate(classes):
         directory = os.path.join(root, name)
-        files = sorted(entry.name for entry in os.scandir(directory)
-                       if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+        files = []
+        for entry in os.scandir(directory):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                skipped.setdefault("folder(s) inside a class folder", []).append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(entry.name)
+            else:
+                kind = os.path.splitext(entry.name)[1].lower() or "extension-less"
+                skipped.setdefault(f"{kind} file(s)", []).append(entry.path)
         if not files:
             empty.append(directory)
-        samples.extend((os.path.join(directory, file), label) for file in files)
+        samples.extend((os.path.join(directory, file), label) for file in sorted(files))
     if empty:
         raise ValueError(f"class folders with no images ({len(empty)}): {', '.join(empty[:5])}")
+    warn_skipped(root, {what: paths for what, paths in skipped.items() if paths})
     folder = ImageFolder(root, tuple(classes), tuple(samples))
     if not check_files:
         return folder
     problems = {path: _header_problem(path) for path, _ in samples}
     return folder.without({path: reason for path, reason in problems.items() if reason})
+
+
+def warn_skipped(root, skipped):
+    """One warning naming what the scan of ``root`` left out ({what: paths}), and why."""
+    if not skipped:
+        return
+    parts = [f"{len(paths)} {what} (e.g. {sorted(paths)[0]})" for what, paths in skipped.items()]
+    logger.warning("%s: not read: %s; images are read from %s/<class>/ with the extensions %s",
+                   root, "; ".join(parts), root, " ".join(IMAGE_EXTENSIONS))
 
 
 def scan_split_folders(train_root, val_root, check_files=True):

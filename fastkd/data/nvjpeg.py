@@ -11,8 +11,9 @@ Design:
   costs a shared-memory transfer between processes.
 - The main process decodes each batch's JPEGs with one batched ``decode_jpeg`` call on the
   device, then crops, resizes, flips and normalises there. Crop parameters come from the decoded
-  shapes (host metadata) and a host ``torch.Generator`` seeded from (seed, epoch, rank): the
-  augmentations are reproducible and nothing in a batch's path waits for the device.
+  shapes (host metadata) and each sample's host ``torch.Generator``, seeded by (seed, epoch,
+  sample index) (``order``): the augmentations are reproducible, do not depend on the workers,
+  and nothing in a batch's path waits for the device.
 - Everything runs in the training process's thread, queued on the device without waiting for
   it, so the device's decode and transform work overlaps the host's. A background thread on a
   side stream, decoding batches ahead, was tried and did not pay on an H200 (256 500x375 JPEGs a
@@ -33,16 +34,15 @@ missing) without an error, to wrong pixels: on CUDA such files are found only by
 file with PIL before the run (``verify.py``, as for DALI).
 """
 
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from .augment import CropFlip
+from .augment import CropFlip, crop_params, erase_samples, flip_drawn
 from .bad_images import (
     DECODE_ERRORS,
     BadImageError,
@@ -52,7 +52,8 @@ from .bad_images import (
     wrap_from,
 )
 from .common import eval_resize, to_device
-from .torch_loader import FileDataset, TorchLoader
+from .order import erase_seed, sample_seed
+from .torch_loader import FileDataset, SeededItems, TorchLoader
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker and the next marker's first byte
 JPEG_END = b"\xff\xd9"  # end-of-image marker
@@ -144,35 +145,6 @@ def decode_images(encoded, paths, device):
     return images, failures
 
 
-def crop_params(height, width, generator, crop_flip=CropFlip()):
-    """``(top, left, crop_height, crop_width)`` of a random-resized crop of a ``height`` x
-    ``width`` image: torchvision's ``RandomResizedCrop.get_params`` (area fraction in
-    ``crop_flip.scale``, aspect ratio log-uniform in ``crop_flip.ratio``, ten tries, then the
-    central crop of the nearest ratio), with the same draws in the same order, from
-    ``generator`` (host) instead of the global RNG."""
-    area = height * width
-    low, high = crop_flip.ratio
-    # torchvision takes the logs in float32: the same values give the same crops.
-    log_ratio = torch.log(torch.tensor(crop_flip.ratio)).tolist()
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(*crop_flip.scale,
-                                                     generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(*log_ratio, generator=generator)).item()
-        crop_width = int(round(math.sqrt(target_area * aspect)))
-        crop_height = int(round(math.sqrt(target_area / aspect)))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = torch.randint(0, height - crop_height + 1, (1,), generator=generator).item()
-            left = torch.randint(0, width - crop_width + 1, (1,), generator=generator).item()
-            return top, left, crop_height, crop_width
-    if width / height < low:
-        crop_width, crop_height = width, int(round(width / low))
-    elif width / height > high:
-        crop_width, crop_height = int(round(height * high)), height
-    else:
-        crop_width, crop_height = width, height
-    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
-
-
 def resize(image, height, width):
     """``image`` ([3, H, W], any dtype) resized to float [3, height, width]: bilinear with
     antialiasing, torchvision's ``Resize(antialias=True)`` on float tensors."""
@@ -208,13 +180,6 @@ def flip(images, mask):
     return torch.where(mask[:, None, None, None], images.flip(-1), images)
 
 
-def epoch_generator(seed, epoch, rank):
-    """The host generator of one rank's augmentations in one epoch: a distinct stream for each
-    (seed, epoch, rank)."""
-    state = np.random.SeedSequence([seed % 2**64, epoch, rank]).generate_state(1, np.uint64)
-    return torch.Generator().manual_seed(int(state[0]))
-
-
 class NvJpegLoader(TorchLoader):
     """Batches ``(images [B, 3, S, S] float32, labels [B] int64)`` on ``device``, JPEGs decoded
     there (see the module's docstring). ``samples``: ``((path, label), ...)`` as
@@ -236,9 +201,8 @@ class NvJpegLoader(TorchLoader):
                          channels_last=channels_last, seed=seed, known_bad=known_bad)
         # TorchLoader's DataLoader over encoded items: collated by collate_encoded (bytes packed,
         # images not stacked) and not pinned (decode_jpeg copies the bytes itself).
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
-                                 num_workers=workers, collate_fn=collate_encoded,
-                                 persistent_workers=workers > 0, drop_last=False)
+        self.loader = self.data_loader(SeededItems(dataset, seed), collate_encoded, workers,
+                                       pin_memory=False)
         self.training, self.image_size, self.seed, self.rank = training, image_size, seed, rank
         self.resize_to = eval_resize(image_size, crop_ratio)
         self.random_erasing, self.crop_flip = random_erasing, crop_flip
@@ -269,9 +233,10 @@ class NvJpegLoader(TorchLoader):
             raise bad_file_error(path, error) from error
         found[path] = describe(error)
 
-    def prepare(self, batch, generator):
+    def prepare(self, batch, slots=None):
         """One DataLoader batch as the training step takes it: ``(images, labels, bad)`` on the
-        device, ``bad`` the files found bad in the workers or here."""
+        device, ``bad`` the files found bad in the workers or here. ``slots``: the batch's
+        sample indices in this epoch's plan, which seed its augmentations (training only)."""
         packed, parts, labels, bad, read = batch
         encoded = unpack(packed, parts)
         found = dict(bad)
@@ -281,26 +246,31 @@ class NvJpegLoader(TorchLoader):
         for position, error in failures.items():
             images[position], labels[position] = self._replacement(read[position], error,
                                                                    found)
+        epoch = self.sampler.epoch
         if self.training:
-            images = torch.stack([
-                resized_crop(image, *crop_params(*image.shape[1:], generator, self.crop_flip),
-                             self.image_size)
-                for image in images])
-            mirror = torch.rand(len(images), generator=generator) < self.crop_flip.hflip
-            images = flip(images, mirror.to(self.device, non_blocking=True))
+            crops, mirror = [], []
+            for image, slot in zip(images, slots):
+                generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, slot))
+                box = crop_params(*image.shape[1:], generator, self.crop_flip)
+                crops.append(resized_crop(image, *box, self.image_size))
+                mirror.append(flip_drawn(generator, self.crop_flip))
+            images = flip(torch.stack(crops), torch.tensor(mirror).to(self.device,
+                                                                      non_blocking=True))
         else:
             images = torch.stack([resize_centre_crop(image, self.resize_to, self.image_size)
                                   for image in images])
         images, labels = to_device(images.mul_(self.scale).add_(self.shift), labels, self.device,
                                    self.channels_last)
         if self.random_erasing:
-            images = self.random_erasing(images)
+            images = erase_samples(images, self.random_erasing,
+                                   [erase_seed(self.seed, epoch, slot) for slot in slots])
         return images, labels, found
 
     def __iter__(self):
-        generator = epoch_generator(self.seed, self.sampler.epoch, self.rank)
-        for batch in self.loader:
-            images, labels, bad = self.prepare(batch, generator)
+        slots = self.sampler.slots()
+        for number, batch in enumerate(self.batches()):
+            keys = slots[number * self.batch_size:(number + 1) * self.batch_size]
+            images, labels, bad = self.prepare(batch, keys)
             if bad:
                 self._add_bad(bad, log=True)
             yield images, labels

@@ -6,10 +6,13 @@ its worker found bad, the loader collects them (``bad_images``) and the sampler 
 samples from then on, so a bad file is decoded about once per run.
 """
 
+import math
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms
 
+from ..signals import blocked_for_children, obey_parent_only
 from .augment import CropFlip, compose_transform
 from .bad_images import (
     DECODE_ERRORS,
@@ -21,8 +24,8 @@ from .bad_images import (
     record_bad,
     wrap_from,
 )
-from .common import epoch_order, eval_resize, to_device
-from .folders import shard_bounds
+from .common import eval_resize, to_device
+from .order import eval_indices, sample_seed, seeded_globals, steps_per_epoch, train_indices
 
 
 def image_transform(training, image_size, mean, std, crop_ratio, auto_augment=None,
@@ -93,33 +96,71 @@ def collate_samples(batch):
     return default_collate(images), default_collate(labels), bad
 
 
-class ShardSampler(Sampler):
-    """This rank's share of each epoch, without padding (see ``epoch_order``). An index in
-    ``bad`` is replaced by the next one in file order that is not, as FileDataset would."""
+class EpochSampler(Sampler):
+    """This rank's samples of one epoch as keys ``(epoch, slot, start)``: ``slot`` the sample
+    index the epoch's plan puts there (``order.train_indices`` from ``start_step`` for training,
+    ``order.eval_indices`` for evaluation), which seeds its augmentations; ``start`` the index to
+    read, ``slot`` or, if that file is in ``bad``, the next index in file order that is not (as
+    FileDataset would replace it)."""
 
-    def __init__(self, size, rank, world_size, shuffle, seed):
+    def __init__(self, size, *, rank, world_size, batch_size, training, seed):
         self.size, self.rank, self.world_size = size, rank, world_size
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.batch_size, self.training, self.seed = batch_size, training, seed
+        self.epoch = self.start_step = 0
         self.bad = set()
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def slots(self):
+        """The sample indices this rank reads in the epoch, in order."""
+        if self.training:
+            return train_indices(self.size, seed=self.seed, epoch=self.epoch,
+                                 batch_size=self.batch_size, rank=self.rank,
+                                 world_size=self.world_size, start_step=self.start_step)
+        return eval_indices(self.size, self.rank, self.world_size)
 
     def __iter__(self):
-        for index in epoch_order(self.size, self.rank, self.world_size, self.shuffle, self.seed,
-                                 self.epoch):
-            if index in self.bad:  # all bad: keep index, for FileDataset to say so
-                index = next((other for other in wrap_from(index, self.size)
-                              if other not in self.bad), index)
-            yield index
+        for slot in self.slots():
+            start = slot
+            if slot in self.bad:  # all bad: keep slot, for FileDataset to say so
+                start = next((other for other in wrap_from(slot, self.size)
+                              if other not in self.bad), slot)
+            yield self.epoch, slot, start
 
     def __len__(self):
-        start, stop = shard_bounds(self.size, self.rank, self.world_size)
-        return stop - start
+        if self.training:
+            steps = steps_per_epoch(self.size, self.batch_size, self.world_size)
+            return max(steps - self.start_step, 0) * self.batch_size
+        return len(eval_indices(self.size, self.rank, self.world_size))
+
+
+class SeededItems(Dataset):
+    """``dataset`` read by ``EpochSampler``'s keys: item ``(epoch, slot, start)`` is
+    ``dataset[start]`` made with the global generators seeded by ``order.sample_seed(seed,
+    epoch, slot)``, so that every random draw of its transforms (torchvision's crop and flip,
+    timm's auto-augment and erasing) depends on the sample and the epoch, not on the worker
+    that makes it or on what that worker made before."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, slot, start = key
+        with seeded_globals(sample_seed(self.seed, epoch, slot)):
+            return self.dataset[start]
 
 
 class TorchLoader:
-    """Batches ``(images [B, 3, H, W] float, labels [B] int64)`` on ``device``.
+    """Batches ``(images [B, 3, H, W] float, labels [B] int64)`` on ``device``: for training
+    ``batch_size`` samples a step of this rank's share of each global batch (``order``), for
+    evaluation its shard of the sorted samples.
+
+    ``set_epoch(epoch, start_step=0)``: the epoch the next iteration reads, from step
+    ``start_step`` (a resumed run's place); ``len()`` counts the whole epoch's batches.
 
     ``bad_images`` ({path: reason}): this split's files known bad in this process, those found
     before the run (``known_bad``, already left out of ``dataset``) and those met while reading,
@@ -130,14 +171,22 @@ class TorchLoader:
     def __init__(self, dataset, num_classes, *, training, batch_size, rank=0, world_size=1,
                  device="cpu", workers=4, channels_last=False, seed=0, known_bad=None):
         self.dataset, self.num_classes, self.dataset_size = dataset, num_classes, len(dataset)
+        self.training, self.batch_size = training, batch_size
         self.device, self.channels_last = torch.device(device), channels_last
-        self.sampler = ShardSampler(len(dataset), rank, world_size, training, seed)
-        self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-            collate_fn=collate_samples, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, drop_last=False)
+        self.sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size,
+                                    batch_size=batch_size, training=training, seed=seed)
+        self.loader = self.data_loader(SeededItems(dataset, seed), collate_samples, workers,
+                                       pin_memory=self.device.type == "cuda")
         self.bad_images = {}
         record_bad(self.bad_images, known_bad or {}, log=True)
+
+    def data_loader(self, items, collate, workers, pin_memory):
+        """The DataLoader over ``items`` in ``self.sampler``'s order. Its own generator: making
+        its iterator draws a seed, which must not come from the training process's stream."""
+        return DataLoader(items, batch_size=self.batch_size, sampler=self.sampler,
+                          num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+                          persistent_workers=workers > 0, drop_last=False,
+                          generator=torch.Generator(), worker_init_fn=obey_parent_only)
 
     def exclude(self, bad):
         """Replace the samples of the files in ``bad`` ({path: reason}, found by other ranks)
@@ -151,14 +200,23 @@ class TorchLoader:
                                     enumerate(getattr(self.dataset, "samples", ()))
                                     if path in new)
 
-    def set_epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch, start_step=0):
+        self.sampler.set_epoch(epoch, start_step)
 
     def __len__(self):
-        return len(self.loader)
+        if self.training:
+            return steps_per_epoch(self.dataset_size, self.batch_size, self.sampler.world_size)
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def batches(self):
+        """The DataLoader's batches; its worker processes, started by the first, take stop
+        signals from this process only (``signals.blocked_for_children``)."""
+        with blocked_for_children():
+            iterator = iter(self.loader)
+        yield from iterator
 
     def __iter__(self):
-        for images, labels, bad in self.loader:
+        for images, labels, bad in self.batches():
             if bad:
                 self._add_bad(bad, log=True)
             yield to_device(images, labels, self.device, self.channels_last)
