@@ -118,9 +118,9 @@ def synthetic_run(tmp_path, monkeypatch, distiller, samples, log_interval, extra
     # on CUDA they skip it. Here the CPU stands for CUDA.
     monkeypatch.setattr(validation, "reads_values", lambda tensor: False)
 
-    def counted(self, epoch):
+    def counted(self, epoch, start_step, meter):
         with HostReads() as counter:
-            result = TRAIN_EPOCH(self, epoch)
+            result = TRAIN_EPOCH(self, epoch, start_step, meter)
         counts.append(counter.reads)
         return result
 
@@ -193,9 +193,9 @@ def test_synthetic_loaders_shard_the_epoch_and_repeat_one_batch():
                for rank in (0, 1)]
     (train0, val0), (train1, _) = loaders
     batches = [list(train0), list(train1)]
-    # 21 samples over 2 ranks: 10 and 11, in batches of 4.
-    assert [[len(labels) for _, labels in rank] for rank in batches] == [[4, 4, 2], [4, 4, 3]]
-    assert len(train0) == 3 and train0.dataset_size == 21 and train0.num_classes == 7
+    # 21 samples, 2 ranks, batches of 4: 2 full global batches of 8 an epoch.
+    assert [[len(labels) for _, labels in rank] for rank in batches] == [[4, 4], [4, 4]]
+    assert len(train0) == 2 and train0.dataset_size == 21 and train0.num_classes == 7
     images, labels = batches[0][0]
     assert images.shape == (4, 3, 16, 16) and labels.dtype == torch.int64
     assert images.is_contiguous(memory_format=torch.channels_last)

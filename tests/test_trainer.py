@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 
 import pytest
 import timm
@@ -16,7 +15,7 @@ from trainer_helpers import FAST, MAIN, run_main, start, wait_for
 
 from fastkd.engine import checkpoint
 from fastkd.engine.config import parse_args
-from fastkd.engine.run_folder import check_resume_epoch
+from fastkd.engine.run_folder import check_not_behind
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,7 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path, monkeypatch):
     resumed_args.num_classes = loaders[0].num_classes  # as run_job resolves it
     run = Run(resumed_args, World(), loaders, config)
     run.resume(torch.load(last, weights_only=True), str(last))
-    assert run.start_epoch == saved["epoch"]
+    assert run.position == (saved["epoch"], 0)
     restored = run.optimizer.state_dict()
     for key, value in saved["optimizer"]["state"].items():
         assert torch.equal(restored["state"][key]["momentum_buffer"], value["momentum_buffer"])
@@ -119,37 +118,16 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path, monkeypatch):
     assert [float(row["lr"]) for row in rows] == pytest.approx([0.01, 0.02, 0.02])
     assert torch.load(last, weights_only=True)["epoch"] == 3
 
-    # A resume that would train nothing, or take the run back over later epochs, is refused
-    # before any work and leaves the run's files alone.
+    # A checkpoint behind its folder's last.pth would take the run back over later epochs
+    # (test_preemption checks the other resume rules, in process).
     before = {name: (tmp_path / "run" / name).read_bytes() for name in ("args.yaml", "last.pth")}
-    finished = run_main(args + ["--resume", str(last), "--epochs", "2"])
-    assert finished.returncode == 1
-    assert (f"error: --resume {last} has trained 3 epochs and --epochs is 2: nothing is left to "
-            "train (a larger --epochs trains on)") in finished.stderr
     early = tmp_path / "run" / "early.pth"
     torch.save(saved, early)
-    with pytest.raises(SystemExit, match=f"--resume {early} has trained {saved['epoch']} epochs "
-                                         f"but {last} 3: resuming in that folder would "
-                                         "overwrite the later epochs"):
-        check_resume_epoch(str(early), saved["epoch"], 5)
+    with pytest.raises(SystemExit, match=f"--resume {early} was saved at epoch {saved['epoch']} "
+                                         f"but {last} at epoch 3: resuming in that folder would "
+                                         "overwrite the later steps"):
+        check_not_behind(str(early), (saved["epoch"], 0))
     assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
-
-
-def test_sigterm_saves_a_loadable_checkpoint(demo_dir, tmp_path):
-    process = start([sys.executable, MAIN, "--dataset", "demo", "--data-dir", demo_dir,
-                     "--distiller", "ce", "--output", str(tmp_path), "--experiment", "run",
-                     *FAST, "--epochs", "5", "--batch-size", "16", "--log-interval", "5"])
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training steps are running
-        line = process.stdout.readline()
-        if "epoch 0 [" in line:
-            break
-    process.send_signal(signal.SIGTERM)
-    stdout, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM  # as a shell reports a killed job
-    assert "SIGTERM: saved" in stdout
-    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
-    assert state["epoch"] == 0 and "state_dict" in state and "optimizer" in state
 
 
 def test_resume_refuses_changed_settings_before_any_work(demo_dir, tmp_path,
@@ -161,8 +139,12 @@ def test_resume_refuses_changed_settings_before_any_work(demo_dir, tmp_path,
                        "resnet8x4", "--resume", teacher_checkpoint])
     assert result.returncode != 0
     assert ("--resume refuses a run with different settings: --model 'resnet20' -> "
-            "'resnet8x4'; --teacher 'wrn_16_2' -> 'resnet20'; --distiller 'ce' -> 'kd'") \
+            "'resnet8x4'; --teacher 'wrn_16_2' -> 'resnet20'; --distiller 'ce' -> 'kd'; ") \
         in result.stderr
+    # Every setting that changes training is named with both values: the optimiser's too.
+    for change in ("--lr 0.05 -> 0.02", "--warmup-epochs 0 -> 1",
+                   "--epochs 2 -> 1 (it may only grow)"):
+        assert change in result.stderr
     assert "demo teacher" not in result.stdout  # refused before it would train one
     assert os.listdir(tmp_path) == []
     assert {name: os.path.getmtime(os.path.join(folder, name))
@@ -264,7 +246,13 @@ def test_config_file_and_command_line(tmp_path):
      "--hcd-stages, --ldrld-top-d would change nothing: --distiller kd does not use them"),
     (["--torchcompile", "inductr"], "--torchcompile inductr is not a torch.compile backend; "
      "choose from "),
-    (["--output", __file__], f"--output {__file__} is a file; runs go to OUTPUT/<run name>/"),
+    (["--output", __file__], f"--output {__file__} is a file, not a folder; runs go to OUTPUT/<run name>/"),
+    (["--output", f"{__file__}/runs"], f"--output {__file__}/runs is under {__file__}, which is "
+     "a file"),
+    (["--output", "/proc/runs"], "--output /proc/runs cannot be made: making a folder in /proc "
+     "fails ("),
+    (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["--recovery-interval", "-5"], "--recovery-interval must be 0 or more, got -5"),
     (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 must be below --epochs 2"),
     (["--dataset", "folder", "--data-dir", "/", "--model", "resnet20", "--distiller", "kd",
       "--teacher", "resnet20"], "--distiller kd needs the teacher's weights: "
@@ -337,6 +325,11 @@ def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path, capsys):
      "string"),
     (["--aa", "original", "--loader", "dali"], "DALI has no such policy (of timm's auto-augment "
      "strings it implements only 'v0'); --loader torch runs timm's"),
+    (["--distiller", "ce", "--model", "vit_tiny_patch16_224"], "error: --model "
+     "vit_tiny_patch16_224 does not take 32x32 inputs (--img-size 32): Input height (32) doesn't "
+     "match model (224).; timm's ViTs take --model-kwargs img_size=32"),
+    (["--distiller", "kd", "--teacher", "resnet18", "--teacher-pretrained"], "error: "
+     "--teacher-pretrained: cannot get resnet18's pretrained weights ("),
 ])
 def test_settings_the_models_or_loaders_refuse_cost_no_demo_teacher(demo_dir, tmp_path, argv,
                                                                      message):

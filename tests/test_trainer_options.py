@@ -165,3 +165,23 @@ def test_a_fastkd_teacher_gets_the_normalisation_it_was_trained_with(tmp_path):
     mean = torch.tensor(student_config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(student_config["std"]).view(1, 3, 1, 1)
     torch.testing.assert_close(task.teacher_input(images), (images * std + mean - 0.5) / 0.25)
+
+
+@pytest.mark.parametrize("has_bf16, amp, dtype", [(True, True, "bfloat16"), (False, False,
+                                                                              "float16")])
+def test_amp_on_the_cpu_is_recorded_as_it_trains(monkeypatch, has_bf16, amp, dtype):
+    """args.yaml used to say float16 while a CPU trained bfloat16: the options now hold what
+    trains (bfloat16, or fp32 without bf16 instructions), and autocast follows them."""
+    from fastkd.engine import optim
+
+    monkeypatch.setattr(optim, "cpu_has_bf16", lambda: has_bf16)
+    args = parse_args(["--dataset", "synthetic", "--model", "resnet20", "--distiller", "ce",
+                       "--amp"])
+    said = []
+    optim.resolve_amp(args, torch.device("cpu"), said.append)
+    assert (args.amp, args.amp_dtype) == (amp, dtype) and len(said) == 1
+    assert optim.autocast_settings(args) == ((True, torch.bfloat16) if amp else (False, None))
+    gpu = parse_args(["--dataset", "synthetic", "--model", "resnet20", "--distiller", "ce",
+                      "--amp"])
+    optim.resolve_amp(gpu, torch.device("cuda"), said.append)
+    assert (gpu.amp, gpu.amp_dtype) == (True, "float16")  # CUDA: as asked

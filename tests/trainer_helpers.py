@@ -6,8 +6,9 @@ import sys
 import time
 
 MAIN = os.path.join(os.path.dirname(__file__), os.pardir, "train", "main.py")
-# One short epoch on the demo digits, in the test process's own threads.
-FAST = ["--epochs", "1", "--batch-size", "128", "--workers", "0", "--loader", "torch",
+# One short epoch on the demo digits, in the test process's own threads (at most 2 processes of
+# 64: the 240-image tree holds one global batch of 128).
+FAST = ["--epochs", "1", "--batch-size", "64", "--workers", "0", "--loader", "torch",
         "--model", "resnet20"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -29,13 +30,15 @@ def run_main(args, processes=1, timeout=300, script=MAIN):
 
 
 def start(argv, log=None):
-    """A background process; its stdout and stderr go to the file ``log`` if given, else to
-    pipes."""
+    """A background process in a session (and process group) of its own, as a shell starts a
+    job, so that a signal to its group reaches it and its children, not the tests; its stdout
+    and stderr go to the file ``log`` if given, else to pipes."""
     if log is None:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=ENV)
+                                env=ENV, start_new_session=True)
     with open(log, "w") as handle:
-        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=ENV)
+        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=ENV,
+                                start_new_session=True)
 
 
 def wait_until(ready, process, what, seconds=240):

@@ -20,10 +20,11 @@ import torch
 
 from ..files import atomic_write
 
-# Options that define what is being trained: a resumed run must not change them.
-IDENTITY_OPTIONS = ("model", "model_kwargs", "teacher", "teacher_kwargs", "distiller", "dataset",
-                    "num_classes", "img_size", "input_size", "model_ema", "hcd_num_sub",
-                    "hcd_stages", "hcd_cfm")
+# Options that say how a job runs, not what it trains: a resumed run may change them. Every
+# other option is the checkpoint's (``check_resumable``); the loader's worker count is one of
+# these because no random draw depends on it (``fastkd.data.order``).
+RUN_OPTIONS = {"config", "output", "experiment", "resume", "eval_only", "log_interval", "workers",
+               "recovery_interval", "bad_images", "allow_untrained_teacher"}
 
 # The one class beyond tensors and plain values that a checkpoint may hold: timm's training
 # checkpoints store their args as an argparse.Namespace (timm's own loader allows it too).
@@ -161,15 +162,76 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_resumable(saved_args, args):
-    """Refuse to resume with different model, teacher, distiller or data settings."""
-    changed = [f"--{name.replace('_', '-')} {saved_args.get(name)!r} -> {getattr(args, name)!r}"
-               for name in IDENTITY_OPTIONS
-               if _normalise(saved_args.get(name)) != _normalise(getattr(args, name, None))]
+def check_resumable(saved_args, args, saved_processes, processes):
+    """Refuse, before any work, to resume a run with a setting that changes what it trains: every
+    option but ``RUN_OPTIONS`` must be the checkpoint's, each difference named with both values.
+    ``--epochs`` may grow (the schedule is recomputed); the batch size is compared as the global
+    batch (``saved_processes`` and ``processes`` ranks), so that a run may resume on another
+    number of processes with the same global batches."""
+    changed = []
+    for name, value in vars(args).items():
+        if name in RUN_OPTIONS or name in ("epochs", "batch_size") or name not in saved_args:
+            continue
+        if name == "teacher_checkpoint" and value is None:  # the demo's, found later
+            continue
+        if _normalise(saved_args[name]) != _normalise(value):
+            changed.append(f"{_flag(name)} {saved_args[name]!r} -> {value!r}")
+    if args.epochs < saved_args["epochs"]:
+        changed.append(f"--epochs {saved_args['epochs']} -> {args.epochs} (it may only grow)")
+    saved_batch, batch = saved_args["batch_size"], args.batch_size
+    if saved_batch * saved_processes != batch * processes:
+        changed.append(f"--batch-size {saved_batch} x {saved_processes} processes -> {batch} x "
+                       f"{processes} processes (the global batch must stay "
+                       f"{saved_batch * saved_processes})")
     if changed:
         raise SystemExit("error: --resume refuses a run with different settings: "
                          + "; ".join(changed))
 
 
+def _flag(name):
+    return f"--{name.replace('_', '-')}"
+
+
 def _normalise(value):
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalise(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _normalise(item) for key, item in value.items()}
+    return value
+
+
+# summary.csv's columns that time a run rather than describe what it trained.
+TIMING_COLUMNS = {"img_per_s", "epoch_time", "data_wait", "max_memory_gib"}
+
+
+def differences(first, second):
+    """What two fastkd checkpoints disagree on, ignoring timings and the run's own options: the
+    student and EMA weights, the task's modules, the optimiser and scaler state, the place in
+    training, the best score and the summary rows. An empty list: the runs are bit-identical."""
+    found = []
+
+    def compare(a, b, where):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+                gap = ((a.double() - b.double()).abs().max().item()
+                       if a.shape == b.shape and a.numel() else float("nan"))
+                found.append(f"{where} (max difference {gap:.3g})")
+        elif isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                if key in a and key in b:
+                    compare(a[key], b[key], f"{where}.{key}")
+                else:
+                    found.append(f"{where}.{key} (in one only)")
+        elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+            for index, (x, y) in enumerate(zip(a, b)):
+                compare(x, y, f"{where}[{index}]")
+        elif a != b:
+            found.append(f"{where} ({a!r} != {b!r})")
+
+    for key in ("state_dict", "state_dict_ema", "task_state", "task_state_ema", "optimizer",
+                "scaler", "epoch", "step", "updates", "best_top1"):
+        compare(first.get(key), second.get(key), key)
+    rows = [[{name: value for name, value in row.items() if name not in TIMING_COLUMNS}
+             for row in state["summary"]] for state in (first, second)]
+    compare(rows[0], rows[1], "summary")
+    return found

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import math
 import os
+import tempfile
 
 import timm
 import torch
@@ -199,7 +200,11 @@ def build_parser():
                        "the validation split; model settings come from the checkpoint")
     group.add_argument("--log-interval", type=int, default=50,
                        help="steps between log lines; also how often the loss is read back "
-                       "from the device and a non-finite loss or a stop signal acted on")
+                       "from the device and a non-finite loss acted on")
+    group.add_argument("--recovery-interval", type=int, default=0, metavar="STEPS",
+                       help="also save last.pth every STEPS steps of an epoch, so that a killed "
+                       "job (kill -9) loses at most that many (0: at epoch ends only; a stop "
+                       "signal always saves)")
     return parser
 
 
@@ -352,9 +357,9 @@ def check_args(parser, args, given=()):
     if args.teacher_checkpoint and args.teacher_pretrained:
         parser.error("--teacher-checkpoint and --teacher-pretrained exclude each other (both "
                      "give the teacher's weights)")
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        parser.error(f"--output {args.output} is a file; runs go to OUTPUT/<run name>/, so "
-                     "it must be a folder (or not exist yet)")
+    problem = unwritable_folder(args.output)
+    if problem:
+        parser.error(f"--output {args.output} {problem}; runs go to OUTPUT/<run name>/")
     if args.torchcompile is not None and args.torchcompile not in (
             torch.compiler.list_backends(exclude_tags=())):
         parser.error(f"--torchcompile {args.torchcompile} is not a torch.compile backend; "
@@ -380,7 +385,7 @@ def check_args(parser, args, given=()):
         if not (value > 0 and math.isfinite(value)):  # also refuses nan
             parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     for name in ("workers", "warmup_epochs", "min_lr", "warmup_lr", "mixup", "cutmix",
-                 "weight_decay", "smoothing", "mixup_off_epoch"):
+                 "weight_decay", "smoothing", "mixup_off_epoch", "seed", "recovery_interval"):
         value = getattr(args, name)
         if not (value >= 0 and math.isfinite(value)):
             parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
@@ -458,6 +463,24 @@ def check_unused(parser, args, changed):
         if name in changed and not active(args):
             parser.error(f"--{name.replace('_', '-')} acts only with {setting}: here it would "
                          "change nothing")
+
+
+def unwritable_folder(path):
+    """Why a folder ``path`` cannot be used or made for writing (None if it can), found without
+    leaving anything behind: its nearest existing ancestor must be a folder where this process
+    can create one (tried with a temporary folder, removed at once)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"is under {existing}, which is a file"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fastkd-probe-", dir=existing))
+    except OSError as error:
+        return f"cannot be made: making a folder in {existing} fails ({error.strerror})"
+    return None
 
 
 def _flags(names):

@@ -19,7 +19,7 @@ COMPLETE = "complete.json"
 def teacher_args(args):
     """The teacher run's options: the demo recipe for ``args.teacher`` at the student's image
     size, classes and crop and flip, in a folder named by those settings, resumed there if
-    interrupted."""
+    interrupted; the student's loaders (hence batch size) and logging."""
     epochs = DEMO_DEFAULTS["epochs"]
     low, high = args.scale
     name = (f"demo-teacher-{args.teacher}-{args.num_classes}cls-{args.img_size}px-{epochs}ep-"
@@ -29,9 +29,12 @@ def teacher_args(args):
                            "--num-classes", str(args.num_classes), "--output", args.output,
                            "--experiment", name, "--resume", "auto", "--seed", str(args.seed),
                            "--workers", str(args.workers), "--loader", args.loader,
+                           "--batch-size", str(args.batch_size),  # it reads the same loaders
+                           "--log-interval", str(args.log_interval),
+                           "--recovery-interval", str(args.recovery_interval),
                            "--scale", str(low), str(high),
                            "--ratio", *map(str, args.ratio), "--hflip", str(args.hflip)])
-    settings.amp = args.amp
+    settings.amp, settings.amp_dtype = args.amp, args.amp_dtype
     return settings
 
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 # Imported here, before any group can exist, its defaults hold None.
 import torch.distributed.nn  # noqa: F401
 
+from .stop import StopVote
+
 
 def init_process_group(backend, rank, world_size):
     """``dist.init_process_group`` that survives torchrun's restarts.
@@ -75,7 +77,7 @@ class World:
     """Rank, world size and device from torchrun's environment; one process per device (NCCL on
     CUDA, gloo on CPU). Under torchrun the job is a process group even with one process, so that
     one GPU runs the code that several run (DDP, collectives); without torchrun it is a world of
-    one and every collective is local."""
+    one and every collective is local. ``stop``: the job's ``StopVote`` (stop signals)."""
 
     def __init__(self):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -89,6 +91,7 @@ class World:
             torch.cuda.set_device(self.device)
         if self.distributed and not dist.is_initialized():
             init_process_group("nccl" if cuda else "gloo", self.rank, self.world_size)
+        self.stop = StopVote(self)  # install() takes the signals
 
     @property
     def main(self):
@@ -150,6 +153,7 @@ class World:
         group (DDP modules keep it: the caller must have dropped them; ``gc.collect`` frees those
         still in reference cycles), no worker outlives this call.
         """
+        self.stop.close()
         if self.distributed and dist.is_initialized():
             gc.collect()
             dist.destroy_process_group()

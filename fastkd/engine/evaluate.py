@@ -11,16 +11,20 @@ def accuracy_counts(logits, target):
     return torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum()])
 
 
-def evaluate(model, loader, world, autocast, convert_input=None):
+def evaluate(model, loader, world, autocast, convert_input=None, poll=None):
     """Top-1 and top-5 accuracy (%) and the mean cross-entropy over the whole validation set, all
     ranks together; read from the device once. ``convert_input`` maps the loader's images to the
-    model's normalisation (a teacher's)."""
+    model's normalisation (a teacher's). ``poll()`` is called before each batch that every rank
+    has (shards may differ by one batch), where a stop signal may end the evaluation."""
     model.eval()
     correct = torch.zeros(2, dtype=torch.int64, device=world.device)
     loss, total = torch.zeros((), dtype=torch.float64, device=world.device), 0
+    common = int(world.min([len(loader)])[0]) if poll else 0
     with torch.no_grad(), torch.autocast(world.device.type, dtype=autocast[1],
                                          enabled=autocast[0]):
-        for images, target in loader:
+        for number, (images, target) in enumerate(loader):
+            if number < common:
+                poll()
             if convert_input is not None:
                 images = convert_input(images)
             logits = model(images)

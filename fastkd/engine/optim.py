@@ -49,14 +49,21 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_settings(args, device, log):
-    """(enabled, dtype) for torch.autocast; CPUs without bf16 instructions run fp32."""
-    if not args.amp:
-        return False, None
-    if device.type == "cpu":
-        if not cpu_has_bf16():
-            log("warning: --amp ignored: this CPU has no bf16 instructions, where autocast is "
-                "14-43x slower than fp32; running fp32")
-            return False, None
-        return True, torch.bfloat16
-    return True, getattr(torch, args.amp_dtype)
+def resolve_amp(args, device, log):
+    """Set ``args.amp`` and ``args.amp_dtype`` to what trains on ``device``, so that args.yaml and
+    the checkpoints record it: on a CPU autocast runs bfloat16, and a CPU without bf16
+    instructions (where autocast is 14-43x slower than fp32) trains fp32."""
+    if not args.amp or device.type != "cpu":
+        return
+    if not cpu_has_bf16():
+        log("warning: --amp ignored: this CPU has no bf16 instructions, where autocast is 14-43x "
+            "slower than fp32; training fp32 (args.yaml records amp: false)")
+        args.amp = False
+    elif args.amp_dtype != "bfloat16":
+        log(f"--amp on the CPU trains bfloat16, not {args.amp_dtype} (args.yaml records it)")
+        args.amp_dtype = "bfloat16"
+
+
+def autocast_settings(args):
+    """(enabled, dtype) for torch.autocast, from the options ``resolve_amp`` settled."""
+    return (True, getattr(torch, args.amp_dtype)) if args.amp else (False, None)

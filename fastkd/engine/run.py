@@ -10,7 +10,6 @@ is what ``--resume`` needs.
 
 import math
 import os
-import signal
 import time
 
 import timm
@@ -18,12 +17,14 @@ import torch
 from timm.utils import dispatch_clip_grad, distribute_bn, unwrap_model
 
 from ..data.bad_images import logger as data_logger
+from ..data.order import batch_seed, seeded_globals
 from ..distillers import build_distiller
 from . import checkpoint
 from .config import method_options
 from .evaluate import evaluate
 from .optim import autocast_settings, create_mixup, create_optimizer, create_scheduler
-from .run_folder import BEST, LAST, plot_curves, write_bad_images, write_summary
+from .run_folder import BEST, LAST, describe, plot_curves, write_bad_images, write_summary
+from .stop import Stopped
 
 
 def build_task(args, data_config, teacher_checkpoint=None):
@@ -32,8 +33,11 @@ def build_task(args, data_config, teacher_checkpoint=None):
     the normalisation it was trained with (its checkpoint's ``data_config``), any other teacher
     that of its timm pretrained_cfg."""
     student = create_model(args.model, args.model_kwargs, "--model", args.num_classes)
+    size = data_config["input_size"][-1]
+    check_input_size(args.model, args.model_kwargs, "--model", args.num_classes, size)
     teacher = None
     if args.distiller != "ce":
+        check_input_size(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes, size)
         teacher = create_model(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes,
                                pretrained=args.teacher_pretrained)
         if teacher_checkpoint:
@@ -53,31 +57,52 @@ def build_task(args, data_config, teacher_checkpoint=None):
 
 
 def create_model(name, kwargs, flag, num_classes, pretrained=False):
-    """timm.create_model; keyword arguments the model refuses are an error naming the flag."""
+    """timm.create_model; keyword arguments the model refuses, and pretrained weights that cannot
+    be had, are an error naming the flag."""
     try:
         return timm.create_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError) as error:
         given = " ".join(f"{key}={value}" for key, value in kwargs.items())
         raise SystemExit(f"error: {flag} {name} {f'(kwargs {given}) ' if given else ''}"
                          f"cannot be built: {error}") from None
+    except Exception as error:  # the hub's and the network's errors, whatever their class
+        if not pretrained:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise SystemExit(f"error: --teacher-pretrained: cannot get {name}'s pretrained weights "
+                         f"({type(error).__name__}: {reason}); with no network they must be in "
+                         "the Hugging Face cache already, or give --teacher-checkpoint "
+                         "FILE") from None
 
 
-class Stop(Exception):
-    """A signal asked the run to stop after saving."""
-
-    def __init__(self, number):
-        super().__init__(number)
-        self.number = number
+def check_input_size(name, kwargs, flag, num_classes, size):
+    """Refuse a model that cannot take ``size`` x ``size`` inputs (a ViT built for 224 px at
+    --img-size 32), before any folder is made: one forward pass of a shape-only copy on the
+    meta device, which costs no compute and no weights."""
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=num_classes, **kwargs).eval()
+        try:
+            model(torch.empty(1, 3, size, size))
+        except NotImplementedError:  # an operation without a meta kernel: the run will tell
+            return
+        except (AssertionError, RuntimeError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise SystemExit(f"error: {flag} {name} does not take {size}x{size} inputs "
+                             f"(--img-size {size}): {reason}; timm's ViTs take {flag}-kwargs "
+                             f"img_size={size}") from None
 
 
 class StepMeter:
-    """The task's loss parts summed over samples, for the epoch and since the last log point,
+    """An epoch's loss parts summed over samples, for the epoch and since the last log point,
     and the first step whose loss was not finite (-1: none), all kept on the device so that a
-    step reads nothing back. ``seen`` counts samples on the host (batch sizes are shapes)."""
+    step reads nothing back. ``seen`` counts samples on the host (batch sizes are shapes);
+    ``seconds`` and ``data_seconds`` the epoch's time and its wait for data, before this process
+    took it over too when the epoch was resumed."""
 
     def __init__(self, device):
         self.names, self.totals, self.interval = None, None, None
         self.seen = self.interval_seen = 0
+        self.seconds = self.data_seconds = 0.0
         self.first_bad_step = torch.tensor(-1, device=device)
 
     def add(self, result, step):
@@ -102,6 +127,28 @@ class StepMeter:
         self.interval.zero_()
         self.interval_seen = 0
 
+    def state(self):
+        """This rank's sums so far, as plain values and CPU tensors (for a checkpoint taken
+        mid-epoch; the non-finite flag is clear there, or the run would have stopped)."""
+        return {"names": self.names, "totals": None if self.totals is None else self.totals.cpu(),
+                "seen": self.seen, "seconds": self.seconds, "data_seconds": self.data_seconds}
+
+    @classmethod
+    def restored(cls, states, device):
+        """The meter that continues ``states`` (``state()`` of one rank, or of every rank of a
+        run resumed on another number of processes: summed into one; the epoch's means are
+        sums over all ranks anyway)."""
+        meter = cls(device)
+        states = [state for state in states if state and state["names"]]
+        if states:
+            meter.names = states[0]["names"]
+            meter.totals = sum(state["totals"] for state in states).to(device)
+            meter.interval = torch.zeros_like(meter.totals)
+            meter.seen = sum(state["seen"] for state in states)
+            meter.seconds = max(state["seconds"] for state in states)
+            meter.data_seconds = max(state["data_seconds"] for state in states)
+        return meter
+
 
 class Run:
     """A distiller under training. ``run_dir`` is set by ``open_run`` once the run is known to
@@ -113,7 +160,7 @@ class Run:
         self.task = build_task(args, data_config, teacher_checkpoint).to(world.device)
         if args.channels_last:
             self.task.to(memory_format=torch.channels_last)
-        self.autocast = autocast_settings(args, world.device, world.log)
+        self.autocast = autocast_settings(args)
         self.scaler = torch.amp.GradScaler(
             enabled=self.autocast[0] and self.autocast[1] == torch.float16)
         # timm's order: optimiser and EMA over the plain module, then compile, then DDP.
@@ -128,7 +175,12 @@ class Run:
             self.task.prepare_distributed(
                 device_ids=[world.local_rank] if world.device.type == "cuda" else None)
         self.mixup = create_mixup(args, args.num_classes)
-        self.start_epoch, self.best_top1, self.stop_signal, self.updates = 0, -1.0, 0, 0
+        self.best_top1, self.updates = -1.0, 0
+        # Where training continues: (epoch, steps of it done), with the unfinished epoch's
+        # meter when a run resumes mid-epoch.
+        self.position, self.resumed_meter = (0, 0), None
+        self.saved_position = None  # that of the last checkpoint this run wrote
+        self.meter = None  # the epoch in progress's StepMeter
         self.teacher_accuracy = None  # (top-1, top-5), from check_teacher
         self.rows = []  # summary.csv's rows, one per finished epoch
         self.bad_images = {}  # {path: reason}: image files skipped so far, found by any rank
@@ -161,15 +213,27 @@ class Run:
                 "distils from it anyway")
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def state(self, epoch, rng):
+    def state(self, epoch, step, ranks):
+        """The checkpoint of a run at ``step`` steps into ``epoch`` (0: at its start); ``ranks``:
+        each rank's ``rank_state``."""
         state = {"arch": self.args.model, **self.task.get_checkpoint_state()}
         if self.task.has_ema():
             state.update(self.task.get_checkpoint_state(ema=True))
         return {**state, "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": epoch, "updates": self.updates,
-                "best_top1": self.best_top1, "args": vars(self.args),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
+                "updates": self.updates, "best_top1": self.best_top1, "args": vars(self.args),
                 "data_config": self.data_config, "summary": self.rows,
-                "bad_images": self.bad_images, "rng": rng}
+                "bad_images": self.bad_images, "ranks": ranks}
+
+    def rank_state(self, meter):
+        """What differs between ranks and a resume needs: the random generators (dropout, ...),
+        and mid-epoch the epoch's sums so far (``meter``) and the EMA's buffers (each rank
+        averages its own BatchNorm statistics into them until the epoch's end)."""
+        state = {"rng": checkpoint.rng_state(), "meter": meter.state() if meter else None}
+        if meter and self.task.has_ema():
+            state["ema_buffers"] = {name: buffer.detach().cpu() for name, buffer in
+                                    self.task.get_trainable_module(ema=True).named_buffers()}
+        return state
 
     def resume(self, state, path):
         """Continue from ``state``, the checkpoint at ``path`` (already checked against this
@@ -186,26 +250,39 @@ class Run:
                     unwrap_model(self.task.get_trainable_module()))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch, self.best_top1 = state["epoch"], state["best_top1"]
-        self.updates = state["updates"]
+        self.position = self.saved_position = (state["epoch"], state.get("step", 0))
+        self.best_top1, self.updates = state["best_top1"], state["updates"]
         # The checkpoint's rows, not summary.csv: a crash between the two writes at an epoch's
         # end would otherwise repeat or lose that epoch's row.
         self.rows, self.bad_images = state["summary"], state["bad_images"]
-        if len(state["rng"]) == self.world.world_size:  # each rank's own stream of augmentations
-            checkpoint.set_rng_state(state["rng"][self.world.rank])
+        ranks = state.get("ranks") or [{"rng": rng, "meter": None} for rng in state["rng"]]
+        world = self.world
+        if len(ranks) == world.world_size:
+            own = ranks[world.rank]
+            checkpoint.set_rng_state(own["rng"])  # dropout and the like continue as they were
+            self.resumed_meter = StepMeter.restored([own["meter"]], world.device)
+            for name, buffer in own.get("ema_buffers", {}).items():
+                self.task.get_trainable_module(ema=True).get_buffer(name).copy_(buffer)
         else:
-            self.world.log(f"warning: {path} was saved by {len(state['rng'])} processes and "
-                           f"this run has {self.world.world_size}: random augmentations continue "
-                           "from this run's seeds, not from where they were")
-        self.world.log(f"resumed {path} at epoch {self.start_epoch}")
+            world.log(f"warning: {path} was saved by {len(ranks)} processes and this run has "
+                      f"{world.world_size}: it continues the same global batches, but the "
+                      "ranks' random streams (dropout, mixup) start from this run's seeds and "
+                      "the results agree only up to the order of the sums")
+            self.resumed_meter = StepMeter.restored(
+                [rank["meter"] for rank in ranks] if world.main else [], world.device)
+        epoch, step = self.position
+        within = f", step {step}/{len(self.train_loader)}" if step else ""
+        world.log(f"resumed {path} at epoch {epoch}{within}")
 
-    def save(self, epoch, best=False):
-        """last.pth (resumes at ``epoch``), and best.pth too if ``best``. Every rank calls it:
-        the checkpoint holds each rank's random generators."""
-        rng = self.world.gather(checkpoint.rng_state())
+    def save(self, epoch, step=0, meter=None, best=False):
+        """last.pth, resuming ``step`` steps into ``epoch`` (``meter``: that epoch's sums so
+        far), and best.pth too if ``best``. Every rank calls it: the checkpoint holds each rank's
+        ``rank_state``."""
+        ranks = self.world.gather(self.rank_state(meter))
+        self.saved_position = (epoch, step)
         if not self.world.main:
             return
-        state = self.state(epoch, rng)
+        state = self.state(epoch, step, ranks)
         # best.pth first: a run killed between the two writes resumes from the previous
         # last.pth and trains this epoch again. The other order would leave a last.pth whose
         # best_top1 names an epoch that no best.pth holds, and a resumed run that never
@@ -216,10 +293,10 @@ class Run:
 
     def saved_checkpoint(self):
         """Where a stopped run can resume from, in words."""
-        path = os.path.join(self.run_dir, LAST)
-        if os.path.isfile(path):
-            return f"the last good checkpoint is {path} (resumes at epoch {len(self.rows)})"
-        return "no checkpoint was saved before it"
+        if self.saved_position is None:
+            return "no checkpoint was saved before it"
+        return (f"the last good checkpoint is {os.path.join(self.run_dir, LAST)} (resumes at "
+                f"{describe(*self.saved_position)})")
 
     def share_bad_images(self):
         """Every rank learns the image files any rank found bad, and skips them from now on;
@@ -238,18 +315,17 @@ class Run:
         return len(self.bad_images)
 
     # -- loop -----------------------------------------------------------------------------------
-    def _on_signal(self, number, frame):
-        self.stop_signal = number
-
-    def step(self, images, target, progress):
-        """One optimiser step; returns the task's dict."""
-        if self.mixup is not None and progress < (self.args.mixup_off_epoch or float("inf")):
+    def step(self, images, target, epoch, step, steps):
+        """One forward pass at ``step`` of ``epoch`` (of ``steps``); returns the task's dict.
+        Mixup's pairs and lambda are drawn from this rank's batch seed (``order.batch_seed``):
+        a resumed run draws what the uninterrupted one did."""
+        if self.mixup is not None and epoch < (self.args.mixup_off_epoch or float("inf")):
             even = len(target) - len(target) % 2  # timm's Mixup pairs samples: an odd last
-            images, target = self.mixup(images[:even], target[:even])  # one sits out
+            with seeded_globals(batch_seed(self.args.seed, epoch, step, self.world.rank)):
+                images, target = self.mixup(images[:even], target[:even])  # one sits out
         with torch.autocast(self.world.device.type, dtype=self.autocast[1],
                             enabled=self.autocast[0]):
-            result = self.task(images, target, epoch=progress)
-        return result
+            return self.task(images, target, epoch=epoch + step / steps)
 
     def backward(self, loss):
         self.optimizer.zero_grad(set_to_none=True)
@@ -263,56 +339,87 @@ class Run:
         self.updates += 1
         self.task.update_ema(step=self.updates)
 
-    def train_epoch(self, epoch):
-        """One epoch; returns ``(mean loss parts, img/s, seconds, seconds waiting for data)``.
+    def train_epoch(self, epoch, start_step, meter):
+        """Steps ``start_step`` to the end of ``epoch``, summed into ``meter``.
 
         A step reads nothing back from the device: on a GPU each read (``item``, ``tolist``,
         ``bool``) waits for all queued work and stops the host from queueing the next step. The
         loss parts and a non-finite flag accumulate on the device; every ``--log-interval``
         steps and at the epoch's end they are read once, and one all-reduce lets every rank
-        agree to stop together (a non-finite loss or a signal on one rank would otherwise leave
-        the others waiting in the next collective).
+        agree to stop together on a non-finite loss. Stop signals are agreed on at every step
+        boundary without the device (``stop.StopVote``): ``Stopped`` carries the steps done.
+        Every ``--recovery-interval`` steps the run saves where it is.
         """
         args, world = self.args, self.world
-        self.train_loader.set_epoch(epoch)
+        steps = len(self.train_loader)  # full global batches: the same on every rank
+        self.train_loader.set_epoch(epoch, start_step)
         self.task.train()
-        # Shards differ by at most one sample, which can give one rank one more (partial) batch:
-        # every rank takes the same number of steps, or DDP would wait for the missing one.
-        steps = int(world.min([len(self.train_loader)])[0])
-        meter = StepMeter(world.device)
         started = checked = time.perf_counter()
-        data_time = 0.0
+        seconds_before, data_before = meter.seconds, meter.data_seconds
         batches = iter(self.train_loader)
-        for step in range(steps):
+        for step in range(start_step, steps):
+            number = world.stop.poll()
+            if number:
+                raise Stopped(number, step)
+            meter.seconds = seconds_before + time.perf_counter() - started
+            if args.recovery_interval and step > start_step and not step % args.recovery_interval:
+                self.save(epoch, step, meter)
             waiting = time.perf_counter()
             images, target = next(batches)
-            data_time += time.perf_counter() - waiting
-            result = self.step(images, target, epoch + step / steps)
+            meter.data_seconds += time.perf_counter() - waiting
+            result = self.step(images, target, epoch, step, steps)
             meter.add(result, step)
             self.backward(result["loss"])
             if (step + 1) % args.log_interval and step + 1 < steps:
                 continue
-            bad_step, stop_signal = world.max([meter.first_bad_step, self.stop_signal])
+            bad_step, = world.max([meter.first_bad_step])
             if bad_step >= 0:
                 raise SystemExit(f"error: non-finite loss at epoch {epoch} step {int(bad_step)} "
                                  f"(seen at step {step}); {self.saved_checkpoint()}")
-            if stop_signal:
-                raise Stop(int(stop_signal))
             if world.main:
                 now = time.perf_counter()
                 parts = " ".join(f"{name} {value:.4f}"
                                  for name, value in meter.interval_means().items())
                 rate = meter.interval_seen * world.world_size / (now - checked)
-                eta = (now - started) / (step + 1) * (steps - step - 1)
+                eta = (now - started) / (step + 1 - start_step) * (steps - step - 1)
+                data_share = (meter.data_seconds - data_before) / (now - started)
                 world.log(f"epoch {epoch} [{step + 1}/{steps}] {parts} "
                           f"lr {self.optimizer.param_groups[0]['lr']:.3g} {rate:.0f} img/s "
-                          f"data {100 * data_time / (now - started):.0f}% eta {eta:.0f} s")
+                          f"data {100 * data_share:.0f}% eta {eta:.0f} s")
                 checked = now
             meter.start_interval()
-        elapsed = time.perf_counter() - started
-        sums = world.sum([*meter.totals, meter.seen])
+        meter.seconds = seconds_before + time.perf_counter() - started
+
+    def epoch_means(self, meter):
+        """``(mean loss parts, img/s, seconds, seconds waiting for data)`` of an epoch's meter,
+        over all ranks."""
+        sums = self.world.sum([*meter.totals, meter.seen])
         return ({name: value / sums[-1] for name, value in zip(meter.names, sums)},
-                sums[-1] / elapsed, elapsed, data_time)
+                sums[-1] / meter.seconds, meter.seconds, meter.data_seconds)
+
+    def synchronise_batch_norm(self):
+        """timm's --dist-bn reduce: every rank evaluates (and rank 0 saves) the same BatchNorm
+        statistics, the mean of the ranks'."""
+        if self.world.distributed:
+            for ema in (False, True)[:1 + self.task.has_ema()]:
+                distribute_bn(self.task.get_trainable_module(ema=ema), self.world.world_size,
+                              reduce=True)
+
+    def evaluate_epoch(self, steps):
+        """``eval_[ema_]loss/top1/top5`` of the student (and EMA student). A stop signal agreed on
+        between two evaluation batches raises ``Stopped`` with the epoch's ``steps`` all done."""
+        def poll():
+            number = self.world.stop.poll()
+            if number:
+                raise Stopped(number, steps)
+
+        accuracy = {}
+        for prefix, model in self.eval_models().items():
+            top1, top5, loss = evaluate(model, self.val_loader, self.world, self.autocast,
+                                        poll=poll)
+            accuracy.update({f"eval_{prefix}loss": loss, f"eval_{prefix}top1": top1,
+                             f"eval_{prefix}top5": top5})
+        return accuracy
 
     def memory_use(self):
         """``{"max_memory_gib": peak CUDA memory allocated since the last call}`` (empty on
@@ -324,45 +431,54 @@ class Run:
         return {"max_memory_gib": peak}
 
     def fit(self):
-        """Train to ``args.epochs``; returns summary.csv's rows. SIGTERM and SIGINT stop it at the
-        next log point (within ``--log-interval`` steps), saved (their handlers are this run's
-        until it returns)."""
-        handlers = {number: signal.signal(number, self._on_signal)
-                    for number in (signal.SIGTERM, signal.SIGINT)}
+        """Train to ``args.epochs``; returns summary.csv's rows.
+
+        A stop signal (SIGTERM, SIGINT, SIGUSR1; see ``stop.py``) stops every rank at the same
+        boundary, between two training steps or two evaluation batches, within two steps of the
+        first rank's signal: the run saves last.pth there and exits with 128 + the signal's
+        number. Resumed with the same command, it ends as if it had not stopped.
+        """
+        vote = self.world.stop
+        vote.deferred = True
         try:
-            return self._fit()
+            self._fit()
+            number = vote.settle()  # one that came during the last epoch's end: all is saved
+            if number:
+                raise Stopped(number)
+        except Stopped as stop:
+            self.stop(stop)
         finally:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
+            vote.deferred = False
+        return self.rows
+
+    def stop(self, stop):
+        """Save where the ranks agreed to stop (unless that is where the run last saved), then
+        exit as a shell reports a job killed by the signal: a scheduler must not mistake a
+        stopped job for a finished one."""
+        epoch, step = self.position
+        if stop.step is not None and (epoch, stop.step) != self.saved_position:
+            self.save(epoch, stop.step, self.meter)
+        self.world.log(f"{stop.name}: saved {os.path.join(self.run_dir, LAST)} (resumes at "
+                       f"{describe(*self.saved_position)}); exiting")
+        self.world.barrier()  # every rank exits once rank 0 has saved
+        raise SystemExit(128 + stop.number)
 
     def _fit(self):
         args, world = self.args, self.world
         self.share_bad_images()  # those found before the first step
-        for epoch in range(self.start_epoch, args.epochs):
+        first_epoch, start_step = self.position
+        steps = len(self.train_loader)
+        for epoch in range(first_epoch, args.epochs):
             self.scheduler.step(epoch)
             lr = self.optimizer.param_groups[0]["lr"]
-            try:
-                train_metrics, images_per_second, elapsed, data_time = self.train_epoch(epoch)
-            except Stop as stop:
-                self.save(epoch)
-                world.log(f"{signal.Signals(stop.number).name}: saved "
-                          f"{os.path.join(self.run_dir, LAST)} (resumes at epoch {epoch}); "
-                          "exiting")
-                world.barrier()  # every rank exits once rank 0 has saved
-                # What a shell reports for a process killed by the signal: a scheduler must
-                # not mistake a stopped job for a finished one.
-                raise SystemExit(128 + stop.number)
-            if world.distributed:
-                # timm's --dist-bn reduce: every rank evaluates (and rank 0 saves) the same
-                # BatchNorm statistics, the mean of the ranks'.
-                for ema in (False, True)[:1 + self.task.has_ema()]:
-                    distribute_bn(self.task.get_trainable_module(ema=ema), world.world_size,
-                                  reduce=True)
-            accuracy = {}
-            for prefix, model in self.eval_models().items():
-                top1, top5, loss = evaluate(model, self.val_loader, world, self.autocast)
-                accuracy.update({f"eval_{prefix}loss": loss, f"eval_{prefix}top1": top1,
-                                 f"eval_{prefix}top5": top5})
+            self.meter = self.resumed_meter or StepMeter(world.device)
+            self.resumed_meter = None
+            self.position = (epoch, start_step)
+            if start_step < steps:
+                self.train_epoch(epoch, start_step, self.meter)
+                self.synchronise_batch_norm()
+            accuracy = self.evaluate_epoch(steps)
+            train_metrics, images_per_second, elapsed, data_time = self.epoch_means(self.meter)
             # With an EMA its accuracy picks best.pth, as in timm.
             top1 = accuracy["eval_ema_top1" if self.task.has_ema() else "eval_top1"]
             self.rows.append({
@@ -374,6 +490,7 @@ class Run:
             # The first of tied epochs stays best, as the closing table and timm count it.
             new_best = top1 > self.best_top1
             self.best_top1 = max(self.best_top1, top1)
+            self.meter, self.position, start_step = None, (epoch + 1, 0), 0
             self.save(epoch + 1, best=new_best)
             if world.main:
                 write_summary(self.run_dir, self.rows)
@@ -384,3 +501,4 @@ class Run:
                       f"{accuracy['eval_loss']:.4f} top-1 {accuracy['eval_top1']:.2f} top-5 "
                       f"{accuracy['eval_top5']:.2f} ({images_per_second:.0f} img/s)")
         return self.rows
+

@@ -29,20 +29,25 @@ def checkpoint_to_resume(args):
     return args.resume
 
 
-def check_resume_epoch(path, epoch, epochs):
-    """``--resume path`` (saved after ``epoch`` epochs) must leave epochs to train, and must not
-    take its run back: resuming writes into the checkpoint's folder, over a later last.pth."""
-    if epoch >= epochs:
-        raise SystemExit(f"error: --resume {path} has trained {epoch} epochs and --epochs is "
-                         f"{epochs}: nothing is left to train (a larger --epochs trains on)")
+def check_not_behind(path, position):
+    """``--resume path`` (saved at ``position``, (epoch, step)) must not take its run back:
+    resuming writes into the checkpoint's folder, over a later last.pth."""
     last = os.path.join(os.path.dirname(os.path.abspath(path)), LAST)
-    if os.path.abspath(path) != last and os.path.isfile(last):
-        later = checkpoint.load(last)["epoch"]
-        if later > epoch:
-            raise SystemExit(
-                f"error: --resume {path} has trained {epoch} epochs but {last} {later}: "
-                f"resuming in that folder would overwrite the later epochs; resume {last}, or "
-                f"copy {os.path.basename(path)} into a new folder to continue from it there")
+    if os.path.abspath(path) == last or not os.path.isfile(last):
+        return
+    state = checkpoint.load(last)
+    later = (state["epoch"], state.get("step", 0))
+    if later > tuple(position):
+        raise SystemExit(
+            f"error: --resume {path} was saved at {describe(*position)} but {last} at "
+            f"{describe(*later)}: resuming in that folder would overwrite the later steps; "
+            f"resume {last}, or copy {os.path.basename(path)} into a new folder to continue "
+            "from it there")
+
+
+def describe(epoch, step):
+    """A checkpoint's place, in words: "epoch 3", "epoch 3 step 120"."""
+    return f"epoch {epoch} step {step}" if step else f"epoch {epoch}"
 
 
 def create_run_folder(args, resume_from):

@@ -19,36 +19,41 @@ import numpy as np
 import timm
 import torch
 
-from ..data import create_loaders
+from ..data import create_loaders, resolve_loader
 from ..data.bad_images import BadImageError
 from ..data.bad_images import logger as data_logger
 from ..models import data_config as model_data_config
 from . import checkpoint, demo_teacher
 from .config import check_method_options, crop_flip, parse_args
 from .distributed import World
-from .evaluate import evaluate, report
-from .optim import autocast_settings
+from .evaluate import evaluate, last_and_best, report
+from .optim import autocast_settings, resolve_amp
 from .run import Run, build_task
-from .run_folder import (
-    BEST,
-    check_resume_epoch,
-    checkpoint_to_resume,
-    create_run_folder,
-    write_args,
-)
+from .run_folder import BEST, check_not_behind, checkpoint_to_resume, create_run_folder, write_args
+from .stop import Stopped
 
 
 def resume_point(args, world):
     """``(path, state)`` of the checkpoint this run continues from, checked against the run's
-    settings, or ``(None, None)`` for a fresh run."""
+    settings (``checkpoint.check_resumable``), or ``(None, None)`` for a fresh run."""
     path = world.broadcast(checkpoint_to_resume(args) if world.main else None)
     if not path:
         return None, None
     state = checkpoint.load(path)
-    checkpoint.check_resumable(state["args"], args)
-    if args.resume != "auto":  # auto restarts a job, finished or not, where it was
-        check_resume_epoch(path, state["epoch"], args.epochs)
+    saved_processes = len(state.get("ranks") or state["rng"])
+    checkpoint.check_resumable(state["args"], args, saved_processes, world.world_size)
+    if args.resume != "auto":  # auto restarts a job where it was
+        check_not_behind(path, (state["epoch"], state.get("step", 0)))
+    saved_epochs = state["args"]["epochs"]
+    if args.epochs > saved_epochs and not has_finished(state, args):
+        world.log(f"--epochs {saved_epochs} -> {args.epochs}: the learning-rate schedule is "
+                  f"recomputed for {args.epochs} epochs")
     return path, state
+
+
+def has_finished(state, args):
+    """Whether the checkpoint ``state`` has trained all of ``args.epochs``."""
+    return state is not None and state["epoch"] >= args.epochs
 
 
 def open_run(args, world, loaders, data_config, resume, teacher_checkpoint=None):
@@ -76,15 +81,19 @@ def train_demo_teacher(args, world, loaders, data_config):
     if finished:
         world.log(f"using the cached demo teacher {finished}")
         return finished
-    world.log(f"training the demo teacher {teacher_args.model} first "
-              f"({teacher_args.epochs} epochs, CE)")
-    run = open_run(teacher_args, world, loaders, data_config,
-                   resume_point(teacher_args, world))
-    run.fit()
+    resume = resume_point(teacher_args, world)
+    if has_finished(resume[1], teacher_args):  # stopped after its last epoch, before its record
+        folder = os.path.dirname(resume[0])
+    else:
+        world.log(f"training the demo teacher {teacher_args.model} first "
+                  f"({teacher_args.epochs} epochs, CE)")
+        run = open_run(teacher_args, world, loaders, data_config, resume)
+        run.fit()
+        folder = run.run_dir
     if world.main:
-        demo_teacher.mark_finished(teacher_args, run.run_dir)
+        demo_teacher.mark_finished(teacher_args, folder)
     world.barrier()
-    return os.path.join(run.run_dir, BEST)
+    return os.path.join(folder, BEST)
 
 
 def seed_everything(args, world):
@@ -97,13 +106,18 @@ def seed_everything(args, world):
 
 def train_demo_baseline(args, world, loaders, data_config):
     """The demo's CE-only student: the distilled student's model, seed and schedule without a
-    teacher, trained first so that the closing table shows what distillation adds."""
+    teacher, trained first so that the closing table shows what distillation adds. With
+    ``--resume auto`` it continues in its own folder, or is read back there once finished."""
     baseline = argparse.Namespace(**{**vars(args), "distiller": "ce", "teacher_checkpoint": None})
     if args.experiment:
         baseline.experiment = f"{args.experiment}-ce-baseline"
-    world.log(f"training the CE baseline {args.model} first ({args.epochs} epochs, no teacher)")
     seed_everything(args, world)
-    run = open_run(baseline, world, loaders, data_config, (None, None))
+    resume = resume_point(baseline, world) if args.resume == "auto" else (None, None)
+    if has_finished(resume[1], baseline):
+        world.log(f"using the finished CE baseline {resume[0]}")
+        return argparse.Namespace(args=baseline, rows=resume[1]["summary"])
+    world.log(f"training the CE baseline {args.model} first ({args.epochs} epochs, no teacher)")
+    run = open_run(baseline, world, loaders, data_config, resume)
     run.fit()
     return run
 
@@ -113,6 +127,12 @@ def run_job(args, world):
         world.log(f"process group: {torch.distributed.get_backend()}, {world.world_size} "
                   f"process{'es' if world.world_size > 1 else ''} on {world.device.type}")
     torch.backends.cudnn.benchmark = True  # as timm's train.py: fixed shapes, fastest kernels
+    resolve_amp(args, world.device, world.log)  # args.yaml records what trains
+    if args.dataset != "synthetic":  # "auto" is what this machine has: recorded as resolved
+        try:
+            args.loader = resolve_loader(args.loader, args.dataset, world.device)
+        except ValueError as error:
+            raise SystemExit(f"error: --loader {args.loader}: {error}") from None
     seed_everything(args, world)
     # The student's timm data config decides the input size and normalisation, as in timm.
     data_config = model_data_config(args.model, args.img_size, args.input_size)
@@ -159,12 +179,25 @@ def train_or_evaluate(args, world, loaders, data_config):
         raise SystemExit(f"error: --num-classes {args.num_classes} but the data has "
                          f"{data_classes} classes")
     args.num_classes = data_classes
+    if not len(loaders[0]):
+        processes = f"{world.world_size} process{'es' if world.world_size > 1 else ''}"
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} x {processes} = "
+            f"{args.batch_size * world.world_size} is more than the "
+            f"{loaders[0].dataset_size} training samples: an epoch trains full global batches")
     check_method_options(args)
     if args.eval_only:
         evaluate_checkpoint(args, world, loaders[1])
         return
     started = time.perf_counter()
     resume = resume_point(args, world)  # refused settings cost no demo teacher
+    if has_finished(resume[1], args):
+        rows = resume[1]["summary"]
+        last, best = last_and_best(rows)
+        world.log(f"{resume[0]} has trained all {args.epochs} epochs (top-1 "
+                  f"{last['eval_top1']:.2f} last, {best['eval_top1']:.2f} best): nothing to do; "
+                  "a larger --epochs trains on")
+        return
     # The demo: distillation from the demo teacher, beside a CE baseline (a resumed run's
     # baseline was its first run's).
     demo = (args.distiller != "ce" and args.dataset == "demo" and not args.teacher_checkpoint
@@ -174,7 +207,7 @@ def train_or_evaluate(args, world, loaders, data_config):
         # args.yaml names the teacher used
         args.teacher_checkpoint = train_demo_teacher(args, world, loaders, data_config)
     baseline = (train_demo_baseline(args, world, loaders, data_config)
-                if demo and not resume[0] else None)
+                if demo and (not resume[0] or args.resume == "auto") else None)
     seed_everything(args, world)
     run = open_run(args, world, loaders, data_config, resume, args.teacher_checkpoint)
     run.fit()
@@ -183,7 +216,7 @@ def train_or_evaluate(args, world, loaders, data_config):
 
 def evaluate_checkpoint(args, world, val_loader):
     """--eval-only: the checkpoint's student, and its EMA student when it has one."""
-    autocast = autocast_settings(args, world.device, world.log)
+    autocast = autocast_settings(args)
     has_ema = "state_dict_ema" in checkpoint.load(args.eval_only)
     for label, use_ema in (("student", False), ("EMA student", True))[:1 + has_ema]:
         model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
@@ -197,13 +230,18 @@ def evaluate_checkpoint(args, world, val_loader):
 def main(argv=None):
     args = parse_args(argv)
     world = World()
+    world.stop.install()
     try:
         run_job(args, world)
         status = 0
+    except Stopped as stop:  # a signal outside training, where there is nothing to save
+        world.log(f"{stop.name}: exiting")
+        status = 128 + stop.number
     except SystemExit as stop:  # the run's own stops: a signal, a non-finite loss, bad settings
         status = stop.code
     except BadImageError as error:  # with --bad-images error: at start, or met while reading
         status = f"error: --bad-images error: {error}"
+    world.stop.uninstall()  # the job is ending
     # Only now are run_job's frames, and the DDP modules that hold the process group, gone.
     world.close()
     sys.exit(status)

@@ -1,0 +1,221 @@
+"""Preemption as clusters do it: real signals to real process groups (torchrun, its workers, their
+DataLoader and DALI workers), ``kill -9``, recovery checkpoints, and runs resumed with the same
+command that end bit-identical to an uninterrupted run (``checkpoint.differences``: student, EMA,
+optimiser, scaler, place, summary rows but for timings)."""
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from test_data import needs_dali
+from trainer_helpers import children, command, start, wait_until
+
+from fastkd.engine import checkpoint
+from fastkd.engine.trainer import main
+
+# Two epochs of the 240-image demo tree; 8 images a step and process.
+SETTINGS = ["--distiller", "ce", "--model", "resnet20", "--epochs", "2", "--batch-size", "8",
+            "--log-interval", "1", "--resume", "auto"]
+JOBS = {  # name: (processes, loader options, training options)
+    "torch": (2, ["--loader", "torch", "--workers", "2"], ["--model-ema", "--mixup", "0.2"]),
+    "dali": (2, ["--loader", "dali", "--workers", "2"], ["--aa", "v0", "--reprob", "0.5"]),
+    "plain": (1, ["--loader", "torch", "--workers", "2"],
+              ["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.5"]),
+}
+
+
+def job_command(demo_dir, output, job, experiment, *extra):
+    processes, loading, training = JOBS[job]
+    return command(["--dataset", "demo", "--data-dir", demo_dir, "--output", str(output),
+                    "--experiment", experiment, *SETTINGS, *loading, *training, *extra],
+                   processes)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dir, tmp_path_factory):
+    """``reference(job)``: the last.pth of the job run without interruption (made once)."""
+    output, made = tmp_path_factory.mktemp("uninterrupted"), {}
+
+    def last_of(job):
+        if job not in made:
+            process = start(job_command(demo_dir, output, job, job), log=output / f"{job}.txt")
+            assert process.wait(timeout=300) == 0, (output / f"{job}.txt").read_text()[-3000:]
+            made[job] = checkpoint.load(str(output / job / "last.pth"))
+        return made[job]
+
+    return last_of
+
+
+def log_has(log, text):
+    return lambda: os.path.exists(log) and text in log.read_text()
+
+
+def the_job(process):
+    """Every process of a job started by ``start``: the launcher, the training processes and
+    their loader workers."""
+    found, queue = [], [process.pid]
+    while queue:
+        pid = queue.pop()
+        found.append(pid)
+        queue += children(pid)
+    return found
+
+
+def assert_resumes_identical(argv, folder, expected, log):
+    """Run ``argv`` again (the requeued job) and compare its last.pth with ``expected``."""
+    process = start(argv, log=log)
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert f"resumed {folder}/last.pth at epoch" in log.read_text()
+    assert checkpoint.differences(checkpoint.load(str(folder / "last.pth")), expected) == []
+
+
+@pytest.mark.parametrize("job, target, number", [
+    ("torch", "every process", signal.SIGTERM),  # SLURM: the job's cgroup, loader workers too
+    pytest.param("dali", "launcher", signal.SIGTERM, marks=needs_dali),  # torchrun forwards it
+    ("plain", "process group", signal.SIGINT),  # Ctrl-C on a plain run with loader workers
+])
+def test_a_signalled_job_saves_where_it_is_and_resumes_bit_identical(
+        demo_dir, tmp_path, reference, job, target, number):
+    argv = job_command(demo_dir, tmp_path, job, "run")
+    log = tmp_path / "stopped.txt"
+    process = start(argv, log=log)
+    # 15 steps an epoch: the signal lands in the middle of epoch 0, before any checkpoint.
+    wait_until(log_has(log, "epoch 0 [5/"), process, "a few steps of epoch 0", 300)
+    if target == "every process":
+        for pid in the_job(process):
+            os.kill(pid, number)
+    elif target == "launcher":
+        os.kill(process.pid, number)
+    else:
+        os.killpg(os.getpgid(process.pid), number)
+    status = process.wait(timeout=120)
+    output = log.read_text()
+    assert status == (1 if JOBS[job][0] > 1 else 128 + number), output[-3000:]  # torchrun: 1
+    assert "is killed by signal" not in output  # no loader worker died of it
+    assert f"{signal.Signals(number).name}: saved {tmp_path}/run/last.pth (resumes at epoch 0 " \
+           "step " in output
+    stopped = checkpoint.load(str(tmp_path / "run" / "last.pth"))
+    assert stopped["epoch"] == 0 and 5 <= stopped["step"] < 15
+    assert_resumes_identical(argv, tmp_path / "run", reference(job), tmp_path / "resumed.txt")
+
+
+def test_kill_9_of_torchrun_or_of_the_whole_job_loses_at_most_the_recovery_interval(
+        demo_dir, tmp_path, reference):
+    """torchrun killed alone: its workers notice (the kernel sends them SIGTERM), save and end,
+    freeing the run folder for the requeued job. The whole job killed: the last recovery
+    checkpoint (--recovery-interval 3, which changes nothing else) is at most 3 steps back.
+    Both resume bit-identical."""
+    argv = job_command(demo_dir, tmp_path, "torch", "run", "--recovery-interval", "3")
+    log = tmp_path / "first.txt"
+    process = start(argv, log=log)
+    wait_until(log_has(log, "epoch 0 [4/"), process, "a few steps of epoch 0", 300)
+    workers = children(process.pid)
+    process.kill()
+    process.wait()
+    deadline = time.time() + 60
+    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2]
+              != "Z" for pid in workers):
+        assert time.time() < deadline, "torchrun's workers outlived it"
+        time.sleep(0.2)
+    assert f"SIGTERM: saved {tmp_path}/run/last.pth (resumes at epoch 0 step" in log.read_text()
+
+    log = tmp_path / "second.txt"
+    process = start(argv, log=log)
+    wait_until(log_has(log, "epoch 1 [8/"), process, "a few steps of epoch 1", 300)
+    for pid in the_job(process):
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    done = max(int(line.split("[")[1].split("/")[0]) for line in log.read_text().splitlines()
+               if "epoch 1 [" in line)
+    saved = checkpoint.load(str(tmp_path / "run" / "last.pth"))
+    assert saved["epoch"] == 1 and done - 3 <= saved["step"] <= done and saved["step"] % 3 == 0
+    assert_resumes_identical(argv, tmp_path / "run", reference("torch"), tmp_path / "third.txt")
+
+
+def in_process(demo_dir, output, experiment, *extra):
+    """``main()`` in this process on the demo tree (7 steps an epoch); its exit status."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--dataset", "demo", "--data-dir", demo_dir, "--output", str(output),
+              "--experiment", experiment, *SETTINGS, "--loader", "torch", "--workers", "0",
+              "--batch-size", "32", "--model-ema", *extra])
+    return stop.value.code
+
+
+@pytest.fixture(scope="module")
+def finished(demo_dir, tmp_path_factory):
+    """The in-process run, uninterrupted: its folder."""
+    output = tmp_path_factory.mktemp("in-process")
+    assert in_process(demo_dir, output, "whole") == 0
+    return output / "whole"
+
+
+def test_a_signal_during_evaluation_or_a_checkpoint_write_stops_there_saved(
+        demo_dir, tmp_path, monkeypatch, finished):
+    """Real signals to this process at chosen moments: during the first evaluation the run
+    stops between two evaluation batches with the epoch's training saved; during a recovery
+    checkpoint's write it finishes the write and stops at the next step. Each resumes to the
+    uninterrupted run's end."""
+    expected = checkpoint.load(str(finished / "last.pth"))
+    from fastkd.engine import run as run_module
+
+    evaluate = run_module.evaluate
+
+    def signalled_evaluation(*args, **kwargs):
+        monkeypatch.setattr(run_module, "evaluate", evaluate)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate", signalled_evaluation)
+    assert in_process(demo_dir, tmp_path, "evaluation") == 128 + signal.SIGTERM
+    stopped = checkpoint.load(str(tmp_path / "evaluation" / "last.pth"))
+    assert (stopped["epoch"], stopped["step"], stopped["summary"]) == (0, 7, [])
+    assert in_process(demo_dir, tmp_path, "evaluation") == 0
+    assert checkpoint.differences(
+        checkpoint.load(str(tmp_path / "evaluation" / "last.pth")), expected) == []
+
+    save_atomic, writes = checkpoint.save_atomic, []
+
+    def signalled_write(state, path):
+        writes.append(state["step"])
+        if state["step"] == 4:  # the recovery checkpoint at step 4 of epoch 0
+            os.kill(os.getpid(), signal.SIGINT)
+        save_atomic(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_atomic", signalled_write)
+    assert in_process(demo_dir, tmp_path, "write", "--recovery-interval", "4") == (
+        128 + signal.SIGINT)
+    assert writes == [4, 5]  # the recovery point, then where it stopped
+    monkeypatch.setattr(checkpoint, "save_atomic", save_atomic)
+    assert in_process(demo_dir, tmp_path, "write") == 0
+    assert checkpoint.differences(
+        checkpoint.load(str(tmp_path / "write" / "last.pth")), expected) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() gave the handlers back
+
+
+def test_resume_rules(demo_dir, finished, tmp_path, capsys):
+    """``--resume auto`` on a finished run: the same flags say so and change nothing; a flag that
+    changes training is refused naming both values (the optimiser too: it used to end in a
+    KeyError); --epochs may grow, the schedule recomputed."""
+    folder = tmp_path / "whole"
+    shutil.copytree(finished, folder)
+
+    def files():
+        return {entry.name: entry.read_bytes() for entry in folder.iterdir()}
+
+    before = files()
+    assert in_process(demo_dir, tmp_path, "whole") == 0
+    assert "has trained all 2 epochs" in capsys.readouterr().out
+    for extra, message in (
+            (["--lr", "0.5"], "--lr 0.02 -> 0.5"),
+            (["--opt", "adamw"], "--opt 'sgd' -> 'adamw'"),
+            (["--batch-size", "16"], "--batch-size 32 x 1 processes -> 16 x 1 processes (the "
+                                     "global batch must stay 32)"),
+            (["--seed", "7", "--hflip", "0.5"], "--hflip 0.0 -> 0.5; --seed 42 -> 7")):
+        refusal = in_process(demo_dir, tmp_path, "whole", *extra)
+        assert f"error: --resume refuses a run with different settings: {message}" in refusal
+    assert files() == before
+    assert in_process(demo_dir, tmp_path, "whole", "--epochs", "3") == 0
+    assert "--epochs 2 -> 3: the learning-rate schedule is recomputed" in capsys.readouterr().out
+    assert checkpoint.load(str(folder / "last.pth"))["epoch"] == 3
