@@ -4,8 +4,8 @@ checkpoints.
 Checkpoints are timm-shaped: the student's weights under ``state_dict`` (the EMA student's under
 ``state_dict_ema``), so ``timm.models.load_checkpoint(student, "best.pth")`` loads them, and every
 entry is a tensor or a plain value, so ``torch.load(..., weights_only=True)`` reads them. The rest
-(optimiser, scaler, epoch, args, data_config, summary rows, bad images, each rank's random state)
-is what ``--resume`` needs.
+(optimiser, scaler, the place in training as epoch and step, args, data_config, summary rows, bad
+images, each rank's ``rank_state``) is what ``--resume`` needs to continue exactly.
 """
 
 import math
@@ -37,9 +37,9 @@ def build_task(args, data_config, teacher_checkpoint=None):
     check_input_size(args.model, args.model_kwargs, "--model", args.num_classes, size)
     teacher = None
     if args.distiller != "ce":
-        check_input_size(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes, size)
         teacher = create_model(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes,
                                pretrained=args.teacher_pretrained)
+        check_input_size(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes, size)
         if teacher_checkpoint:
             checkpoint.load_weights(teacher, teacher_checkpoint, arch=args.teacher)
             trained_with = checkpoint.data_config_of(teacher_checkpoint)

@@ -2,10 +2,12 @@
 
 One process per device (DDP over NCCL on CUDA, gloo on CPU); rank 0 logs and writes. Each run
 folder holds ``args.yaml``, ``summary.csv``, ``last.pth``, ``best.pth`` and ``curves.png``; files
-are written atomically. SIGTERM/SIGINT save ``last.pth`` and exit with 128 + the signal's number;
-a non-finite loss stops the run, keeping the last good checkpoint. The pieces: ``config`` (flags),
-``distributed`` (the process group), ``optim`` (timm's optimiser, schedule, mixup), ``run`` (the
-distiller and its loop), ``evaluate``, ``run_folder`` and ``checkpoint`` (files).
+are written atomically. A stop signal (SIGTERM, SIGINT, SIGUSR1) saves ``last.pth`` where the
+ranks agree to stop, and the job exits with 128 + the signal's number; resumed with the same
+command it ends as if it had not stopped. A non-finite loss stops the run, keeping the last good
+checkpoint. The pieces: ``config`` (flags), ``distributed`` (the process group), ``stop`` (stop
+signals), ``optim`` (timm's optimiser, schedule, mixup), ``run`` (the distiller and its loop),
+``evaluate``, ``run_folder`` and ``checkpoint`` (files, resume rules).
 """
 
 import argparse
@@ -179,16 +181,16 @@ def train_or_evaluate(args, world, loaders, data_config):
         raise SystemExit(f"error: --num-classes {args.num_classes} but the data has "
                          f"{data_classes} classes")
     args.num_classes = data_classes
+    check_method_options(args)
+    if args.eval_only:
+        evaluate_checkpoint(args, world, loaders[1])
+        return
     if not len(loaders[0]):
         processes = f"{world.world_size} process{'es' if world.world_size > 1 else ''}"
         raise SystemExit(
             f"error: --batch-size {args.batch_size} x {processes} = "
             f"{args.batch_size * world.world_size} is more than the "
             f"{loaders[0].dataset_size} training samples: an epoch trains full global batches")
-    check_method_options(args)
-    if args.eval_only:
-        evaluate_checkpoint(args, world, loaders[1])
-        return
     started = time.perf_counter()
     resume = resume_point(args, world)  # refused settings cost no demo teacher
     if has_finished(resume[1], args):
