@@ -1,6 +1,7 @@
 """timm's training augmentations in both loaders, on the demo JPEGs: auto-augment (``--aa``),
 random erasing (``--reprob``, ``--remode``, ``--recount``) and the normalisation mean/std."""
 
+import math
 import os
 import random
 import re
@@ -262,29 +263,59 @@ def test_training_batches_are_a_function_of_seed_epoch_and_sample(demo_dir, kind
 
 
 @needs_dali
-def test_dali_decodes_the_window_crop_params_draws_and_flips_as_drawn(tmp_path):
-    """One textured 48x40 JPEG: each epoch's training image is the file cropped to the window
-    ``crop_params`` draws from the sample's generator, resized and flipped as ``flip_drawn``
-    says (PIL's crop and bilinear resize stand in for DALI's; a window off by a few pixels, or
-    a flip drawn elsewhere, would be far outside the tolerance)."""
+def test_dali_pass_left_mid_epoch_leaves_the_next_pass_whole(demo_dir):
+    """A pass left after two batches (an evaluation or epoch cut short by a stop): the next pass
+    reads the epoch from its start step again, erased as before, where DALI's iterator, which
+    cannot be reset mid-epoch, went on from the third batch with the erasing of the first."""
+    train, _ = create_loaders("demo", demo_dir, batch_size=16, loader="dali", workers=1,
+                              seed=3, re_prob=0.5)
+    train.set_epoch(1, start_step=10)
+    whole = [(images.clone(), labels.clone()) for images, labels in train]
+    for _ in zip(range(2), train):
+        pass
+    again = [(images.clone(), labels.clone()) for images, labels in train]
+    assert len(whole) == len(again) == 240 // 16 - 10
+    for (images, labels), (images_again, labels_again) in zip(whole, again):
+        assert torch.equal(images, images_again) and torch.equal(labels, labels_again)
+
+
+def write_textured_pair(root, orientation=1):
+    """``root/{train,val}/{a,b}/0.jpg``: one textured 48x40 JPEG (a ramp with noise, a red left
+    half that makes a flip plain to see) whose EXIF orientation tag is ``orientation`` (6: shown
+    turned a quarter clockwise, 40x48). Returns its pixels as stored, as PIL decodes them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
+    picture = (ramp + rng.integers(-20, 20, (40, 48, 3))).clip(0, 255).astype(np.uint8)
+    picture[:, :24, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            os.makedirs(root / split / label)
+            Image.fromarray(picture).save(root / split / label / "0.jpg", quality=100, exif=exif)
+    return np.asarray(Image.open(root / "train" / "a" / "0.jpg").convert("RGB"))
+
+
+@needs_dali
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_dali_decodes_the_window_crop_params_draws_and_flips_as_drawn(tmp_path, orientation):
+    """Each epoch's training image is the file cropped to the window ``crop_params`` draws from
+    the sample's generator, resized and flipped as ``flip_drawn`` says (PIL's crop and bilinear
+    resize stand in for DALI's; a window off by a few pixels, or a flip drawn elsewhere, would be
+    far outside the tolerance). A file with an EXIF orientation is read as stored, the size PIL
+    reads from its header: DALI's decoder turned it by default, and the window drawn on the
+    stored 48x40 fell outside the turned 40x48 image (the pipeline failed)."""
     from PIL import Image
 
     from fastkd.data.augment import crop_params, flip_drawn
     from fastkd.data.order import sample_seed
 
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
-    picture = (ramp + rng.integers(-20, 20, (40, 48, 3))).clip(0, 255).astype(np.uint8)
-    picture[:, :24, 0] = 255  # a red left half: a flip is plain to see
-    for label in ("a", "b"):
-        os.makedirs(tmp_path / "train" / label)
-        os.makedirs(tmp_path / "val" / label)
-        for split in ("train", "val"):
-            Image.fromarray(picture).save(tmp_path / split / label / "0.jpg", quality=100)
-    decoded = np.asarray(Image.open(tmp_path / "train" / "a" / "0.jpg").convert("RGB"))
+    decoded = write_textured_pair(tmp_path, orientation)
     train, _ = create_loaders("folder", str(tmp_path), batch_size=1, image_size=16,
                               loader="dali", workers=1, seed=5)
-    flips = set()
+    flips, windows = set(), set()
     for epoch in range(6):
         train.set_epoch(epoch)
         images, labels = next(iter(train))
@@ -293,6 +324,7 @@ def test_dali_decodes_the_window_crop_params_draws_and_flips_as_drawn(tmp_path):
         top, left, height, width = crop_params(40, 48, generator)
         flipped = flip_drawn(generator)
         flips.add(flipped)
+        windows.add((top, left, height, width))
         crop = Image.fromarray(decoded[top:top + height, left:left + width]).resize(
             (16, 16), Image.Resampling.BILINEAR)
         expected = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255).permute(2, 0, 1)
@@ -300,7 +332,91 @@ def test_dali_decodes_the_window_crop_params_draws_and_flips_as_drawn(tmp_path):
             expected = expected.flip(-1)
         # Seen: below 1e-3 for the drawn window, 0.1 to 0.17 for it shifted by 2 pixels.
         assert (pixels(images[0]) - expected).abs().mean() < 0.01, epoch
-    assert flips == {True, False}
+    assert flips == {True, False} and len(windows) == 6  # each epoch its own draws
+
+
+@needs_dali
+def test_dali_evaluates_a_file_with_an_exif_orientation_as_stored_like_torchvision(tmp_path):
+    """The torchvision and nvJPEG loaders decode pixels as stored; DALI's decoder turned them by
+    the EXIF orientation tag: for a 48x40 file tagged 6, evaluation saw another image."""
+    write_textured_pair(tmp_path, orientation=6)
+    outputs = {}
+    for kind in ("dali", "torch"):
+        _, val = create_loaders("folder", str(tmp_path), batch_size=1, image_size=16,
+                                loader=kind, workers=1, eval_batch_size=2)
+        outputs[kind] = torch.cat([images.clone() for images, _ in val])
+    # Seen: 0.10 as stored (the noise meets other decoders and resize kernels), 1.02 with DALI
+    # turning it.
+    assert (outputs["dali"] - outputs["torch"]).abs().mean() < 0.3
+
+
+@needs_dali
+def test_dali_policy_draws_follow_the_policys_distribution():
+    """``PolicyDraws.draw`` replaces DALI's own draws (``apply_auto_augment``): a uniform
+    sub-policy, each of its stages run with its probability at its magnitude, a sign even odds.
+    The frequency of every outcome (operations and magnitudes of both stages; a one-stage
+    sub-policy's second is the identity) over 20,000 samples' generators is its probability
+    under the policy within 5 standard deviations, and so is that of the + sign."""
+    import itertools
+
+    from fastkd.data.dali import PolicyDraws, image_net_policy
+    from fastkd.data.order import sample_seed
+
+    draws = PolicyDraws(image_net_policy())
+    expected = {}
+    for sub_policy in draws.policy.sub_policies:
+        for runs in itertools.product((False, True), repeat=len(sub_policy)):
+            outcome, probability = [], 1 / len(draws.policy.sub_policies)
+            for run, (operation, chance, magnitude) in zip(runs, sub_policy):
+                probability *= chance if run else 1 - chance
+                outcome.append((draws.operations.index(operation), magnitude or 0) if run
+                               else (0, 0))
+            outcome = tuple(outcome + [(0, 0)] * (draws.stages - len(outcome)))
+            expected[outcome] = expected.get(outcome, 0) + probability
+    count = 20_000
+    seen, signs = {}, []
+    for index in range(count):
+        operation, magnitude, sign = draws.draw(torch.Generator().manual_seed(
+            sample_seed(0, 0, index)))
+        outcome = tuple(zip(operation.tolist(), magnitude.tolist()))
+        seen[outcome] = seen.get(outcome, 0) + 1
+        signs += [value for value, op in zip(sign.tolist(), operation.tolist()) if op]
+    assert set(seen) <= set(expected)
+    for outcome, probability in expected.items():
+        bound = 5 * math.sqrt(probability * (1 - probability) / count)
+        assert abs(seen.get(outcome, 0) / count - probability) <= bound, outcome
+    assert abs(np.mean(signs) - 0.5) < 5 * math.sqrt(0.25 / len(signs))
+
+
+@needs_dali
+def test_dali_policy_runs_what_each_samples_generator_drew(demo_dir):
+    """The policy's choices reach the pipeline beside the sample they were drawn for: the
+    samples whose draws run no operation are the images of a run without the policy, bit for
+    bit (same crop and flip: the policy draws after them), and most of the others differ (an
+    operation at magnitude 0, such as a rotation by 0 degrees, may leave an image as it was)."""
+    from fastkd.data.augment import crop_params, flip_drawn
+    from fastkd.data.order import sample_seed
+
+    def batches(policy):
+        train, _ = create_loaders("demo", demo_dir, batch_size=64, loader="dali", workers=2,
+                                  seed=7, auto_augment=policy)
+        train.set_epoch(2, start_step=1)
+        images = torch.cat([images.clone() for _, (images, _) in zip(range(2), train)])
+        return images, train
+
+    plain, _ = batches(None)
+    augmented, train = batches("v0")
+    unchanged, changed = [], []
+    for slot, image, augmented_image in zip(train.slots, plain, augmented):
+        generator = torch.Generator().manual_seed(sample_seed(7, 2, slot))
+        width, height = train.size(slot)
+        crop_params(height, width, generator)
+        flip_drawn(generator)
+        operations = train.policy.draw(generator)[0]
+        same = torch.equal(image, augmented_image)
+        (changed if operations.any() else unchanged).append(same)
+    assert len(unchanged) >= 8 and all(unchanged)  # about 1 in 7 samples run no operation
+    assert sum(changed) < 0.2 * len(changed)
 
 
 @pytest.mark.parametrize("policy", ["v0", "rand-m9-mstd0.5-inc1"])

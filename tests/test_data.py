@@ -255,3 +255,33 @@ def test_what_the_folder_scan_leaves_out_is_named(tmp_path, caplog):
                  f"images are read from {root}/train/<class>/"):
         assert part in message, part
     assert ".DS_Store" not in message
+
+
+def blocked_signals():
+    """{thread id: (thread name, mask of the signals it blocks)} of this process's threads."""
+    threads = {}
+    for thread in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{thread}/status") as handle:
+            fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        threads[int(thread)] = (fields["Name"].strip(), int(fields["SigBlk"], 16))
+    return threads
+
+
+@needs_dali
+def test_dali_threads_block_the_stop_signals(tree):
+    """DALI's threads are started by the pipeline and its iterator within
+    ``blocked_for_children``: they keep SIGTERM, SIGINT and SIGUSR1 blocked, and the training
+    thread (which takes them) does not."""
+    from fastkd.signals import STOP_SIGNALS
+
+    stop_mask = sum(1 << (number - 1) for number in STOP_SIGNALS)
+    before = blocked_signals()
+    train, _ = create_loaders("folder", str(tree), batch_size=4, image_size=16, loader="dali",
+                              workers=2)
+    next(iter(train))
+    started = {thread: (name, mask) for thread, (name, mask) in blocked_signals().items()
+               if thread not in before and "DALI" in name}
+    assert len(started) >= 2, started  # a thread per worker at least
+    assert all(mask & stop_mask == stop_mask for _, mask in started.values()), started
+    assert not blocked_signals()[os.getpid()][1] & stop_mask
+    train.close()

@@ -14,6 +14,10 @@ runs, the signs of the magnitudes), applied with DALI's ``auto_aug.core.select``
 runs on each batch on the training device, per sample (``augment.erase_samples``). So a resumed
 run, another worker count or another thread schedule sees the same augmentations.
 
+Pixels are decoded as stored, as the torchvision and nvJPEG loaders read them: DALI's decoders
+would turn a file by its EXIF orientation tag (``adjust_orientation``, on by default), where the
+others do not, and the window drawn on the stored size would miss the turned image.
+
 DALI cannot skip a file inside its pipeline, so ``samples`` must hold only files that decode:
 ``create_loaders`` decodes each once beforehand (``verify.py``) and leaves the bad ones out.
 
@@ -126,8 +130,9 @@ def image_pipeline(files, labels, training, image_size, resize_size, mean, std, 
         anchor, shape, mirror, *choices = fn.external_source(
             source=draws, num_outputs=3 if policy is None else 4, batch=True, batch_info=True)
         images = fn.decoders.image_slice(jpegs, anchor, shape, device=decode_device,
-                                         output_type=types.RGB, normalized_anchor=False,
-                                         normalized_shape=False, axis_names="WH")
+                                         output_type=types.RGB, adjust_orientation=False,
+                                         normalized_anchor=False, normalized_shape=False,
+                                         axis_names="WH")
         images = fn.resize(images, resize_x=image_size, resize_y=image_size)
         if policy is not None:
             # timm's order: crop, flip, policy. Where timm fills with the mean colour, DALI
@@ -137,7 +142,8 @@ def image_pipeline(files, labels, training, image_size, resize_size, mean, std, 
                                   round(255 * sum(mean) / 3))
             mirror = False
     else:
-        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB,
+                                   adjust_orientation=False)
         images = fn.resize(images, resize_shorter=resize_size)
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=(image_size, image_size),
@@ -176,8 +182,10 @@ class DaliLoader:
             device_id=(self.device.index or 0) if self.device.type == "cuda" else None)
         self.random_erasing = random_erasing
         self.epoch = self.start_step = 0
-        self.slots, self.iterator = [], None
-        self.sizes = {}  # path -> (width, height), read from the file's header once
+        self.slots, self.iterator, self.reading = [], None, False
+        # Each sample's (width, height), read from its file's header when first drawn for; 0: not
+        # yet. An array rather than a dict: a few bytes a sample on ImageNet's 1.28 M.
+        self.sizes = np.zeros((self.dataset_size, 2), dtype=np.int32)
         self.bad_images = {}
         record_bad(self.bad_images, known_bad or {}, log=True)
 
@@ -199,11 +207,7 @@ class DaliLoader:
         anchors, shapes, mirrors, choices = [], [], [], []
         for slot in slots:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, slot))
-            path = self.samples[slot][0]
-            if path not in self.sizes:
-                with Image.open(path) as image:
-                    self.sizes[path] = image.size
-            width, height = self.sizes[path]
+            width, height = self.size(slot)
             top, left, crop_height, crop_width = crop_params(height, width, generator,
                                                              self.crop_flip)
             anchors.append(np.array([left, top], dtype=np.float32))
@@ -212,6 +216,15 @@ class DaliLoader:
             if self.policy:
                 choices.append(self.policy.draw(generator))
         return (anchors, shapes, mirrors, choices) if self.policy else (anchors, shapes, mirrors)
+
+    def size(self, slot):
+        """Sample ``slot``'s ``(width, height)`` as stored in its file, EXIF orientation not
+        applied (PIL reads the header alone; the decoders here leave the orientation as stored,
+        as the torchvision and nvJPEG loaders do)."""
+        if not self.sizes[slot, 0]:
+            with Image.open(self.samples[slot][0]) as image:
+                self.sizes[slot] = image.size
+        return tuple(int(value) for value in self.sizes[slot])
 
     def _build(self):
         """The epoch's pipeline (rebuilt per epoch and start: the order changes), built where its
@@ -224,12 +237,13 @@ class DaliLoader:
             self.slots = eval_indices(self.dataset_size, self.rank, self.world_size)
         files = [self.samples[index][0] for index in self.slots]
         labels = [self.samples[index][1] for index in self.slots]
-        with blocked_for_children():
+        with blocked_for_children():  # the iterator runs the pipeline's first batches too
             pipeline = image_pipeline(files=files, labels=labels, draws=self.draws,
                                       seed=self.seed, **self.pipeline_options)
             pipeline.build()
-        return DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER,
-                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+            return DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL,
+                                       auto_reset=True)
 
     def __len__(self):
         if self.training:
@@ -242,9 +256,11 @@ class DaliLoader:
         self.iterator = None
 
     def __iter__(self):
-        if self.iterator is None:
+        """The epoch from ``start_step``, at every pass: a pass left before its end leaves the
+        pipeline mid-epoch, which DALI cannot reset, so the next one builds it again."""
+        if self.iterator is None or self.reading:
             self.iterator = self._build()
-        position = 0
+        self.reading, position = True, 0
         for batch in self.iterator:
             images, labels = to_device(batch[0]["images"], batch[0]["labels"], self.device,
                                        self.channels_last)
@@ -254,3 +270,4 @@ class DaliLoader:
                                        [erase_seed(self.seed, self.epoch, slot) for slot in slots])
             position += len(labels)
             yield images, labels
+        self.reading = False
