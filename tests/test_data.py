@@ -3,6 +3,7 @@ the demo dataset and bad input."""
 
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -285,3 +286,37 @@ def test_dali_threads_block_the_stop_signals(tree):
     assert all(mask & stop_mask == stop_mask for _, mask in started.values()), started
     assert not blocked_signals()[os.getpid()][1] & stop_mask
     train.close()
+
+
+class _Reads(torch.utils.data.Dataset):
+    """Ten numbered samples; each read is logged to a file (reads happen in worker processes)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        with open(self.log, "a") as handle:
+            handle.write(f"{index}\n")
+        return torch.tensor([float(index)]), index
+
+
+def test_loader_workers_start_before_training_without_reading_ahead(tmp_path):
+    """``start()`` forks the worker processes (the trainer does it before its first collective)
+    and reads nothing: a batch read then would be thrown away with what its worker found."""
+    from fastkd.data.torch_loader import TorchLoader
+
+    log = tmp_path / "reads.txt"
+    loader = TorchLoader(_Reads(str(log)), 10, training=True, batch_size=2, workers=2)
+    loader.start()
+    assert loader.loader._iterator is not None and len(loader.loader._iterator._workers) == 2
+    time.sleep(0.5)
+    assert not log.exists()
+    loader.set_epoch(1, start_step=2)
+    labels = [labels.tolist() for _, labels in loader]
+    plan = train_indices(10, seed=0, epoch=1, batch_size=2, rank=0, world_size=1)
+    assert labels == [plan[index:index + 2] for index in range(4, 10, 2)]
+    assert sorted(map(int, log.read_text().split())) == sorted(plan[4:])
+    loader.close()

@@ -251,6 +251,9 @@ class DaliLoader:
         return math.ceil(len(eval_indices(self.dataset_size, self.rank, self.world_size))
                          / self.batch_size)
 
+    def start(self):
+        """Nothing to start: no worker processes (see ``TorchLoader.start``)."""
+
     def close(self):
         """Free the pipeline and its threads now rather than at interpreter shutdown."""
         self.iterator = None

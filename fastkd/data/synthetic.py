@@ -36,6 +36,9 @@ class SyntheticLoader:
     def set_epoch(self, epoch, start_step=0):
         self.start_step = start_step
 
+    def start(self):
+        """Nothing to start: no worker processes (see ``TorchLoader.start``)."""
+
     def close(self):
         pass
 

@@ -108,6 +108,7 @@ class EpochSampler(Sampler):
         self.batch_size, self.training, self.seed = batch_size, training, seed
         self.epoch = self.start_step = 0
         self.bad = set()
+        self.idle = False  # an empty pass (TorchLoader.start)
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
@@ -121,7 +122,7 @@ class EpochSampler(Sampler):
         return eval_indices(self.size, self.rank, self.world_size)
 
     def __iter__(self):
-        for slot in self.slots():
+        for slot in self.slots() if not self.idle else ():
             start = slot
             if slot in self.bad:  # all bad: keep slot, for FileDataset to say so
                 start = next((other for other in wrap_from(slot, self.size)
@@ -220,6 +221,20 @@ class TorchLoader:
             if bad:
                 self._add_bad(bad, log=True)
             yield to_device(images, labels, self.device, self.channels_last)
+
+    def start(self):
+        """Start the worker processes now (a DataLoader starts them at its first iteration;
+        persistent, they serve every later one). The trainer starts them before its first
+        collective: a fork while a gloo thread finishes one can leave the child waiting forever
+        on an interpreter lock that thread held (seen with CPython 3.11), and during training a
+        stop vote is in flight at every step (``engine.stop``)."""
+        if self.loader.num_workers and self.loader._iterator is None:
+            self.sampler.idle = True  # no batch read ahead now: it would be thrown away
+            try:
+                with blocked_for_children():
+                    iter(self.loader)
+            finally:
+                self.sampler.idle = False
 
     def close(self):
         """Stop the worker processes now. Persistent workers otherwise stop when their iterator is

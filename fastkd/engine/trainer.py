@@ -165,6 +165,8 @@ def run_job(args, world):
             world.barrier()
     world.log(f"loader: {type(loaders[0]).__name__} ({args.dataset}, "
               f"{data_config['input_size'][-1]} px)")
+    for loader in loaders:  # their worker processes, before any collective (TorchLoader.start)
+        loader.start()
     try:
         train_or_evaluate(args, world, loaders, data_config)
     finally:
