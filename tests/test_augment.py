@@ -409,7 +409,7 @@ def test_dali_policy_runs_what_each_samples_generator_drew(demo_dir):
     unchanged, changed = [], []
     for slot, image, augmented_image in zip(train.slots, plain, augmented):
         generator = torch.Generator().manual_seed(sample_seed(7, 2, slot))
-        width, height = train.size(slot)
+        width, height = (int(side) for side in train.sizes[slot])  # read by the pipeline
         crop_params(height, width, generator)
         flip_drawn(generator)
         operations = train.policy.draw(generator)[0]

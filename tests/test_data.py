@@ -288,6 +288,27 @@ def test_dali_threads_block_the_stop_signals(tree):
     train.close()
 
 
+@needs_dali
+def test_a_dropped_dali_loader_takes_its_threads_with_it(tree):
+    """Without the garbage collector: a pipeline whose external source referred back to its
+    loader lived on in a reference cycle with its threads, and a DataLoader forked beside them
+    later hung (a test run stuck in a torch worker's first read)."""
+    import gc
+
+    before = set(blocked_signals())
+    gc.disable()
+    try:
+        train, val = create_loaders("folder", str(tree), batch_size=4, image_size=16,
+                                    loader="dali", workers=2, auto_augment="v0")
+        next(iter(train))
+        list(val)
+        assert set(blocked_signals()) - before
+        del train, val
+        assert set(blocked_signals()) - before == set()
+    finally:
+        gc.enable()
+
+
 class _Reads(torch.utils.data.Dataset):
     """Ten numbered samples; each read is logged to a file (reads happen in worker processes)."""
 

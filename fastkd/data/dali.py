@@ -119,9 +119,8 @@ def apply_policy(images, choices, policy, image_size, fill_value):
 @pipeline_def(enable_conditionals=True)  # select splits the batch by operation
 def image_pipeline(files, labels, training, image_size, resize_size, mean, std, gpu,
                    draws, policy):
-    """``draws``: a callable giving each training batch's per-sample ``(anchor, shape, mirror,
-    policy choices)`` in the reader's order (``DaliLoader.draws``); ``policy``: a
-    ``PolicyDraws`` or None."""
+    """``draws``: the training batches' per-sample crop windows, flips and policy choices in the
+    reader's order (``SampleDraws``); ``policy``: a ``PolicyDraws`` or None."""
     jpegs, labels = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                     pad_last_batch=True, name=READER)
     decode_device = "mixed" if gpu else "cpu"
@@ -149,6 +148,50 @@ def image_pipeline(files, labels, training, image_size, resize_size, mean, std, 
         images, dtype=types.FLOAT, output_layout="CHW", crop=(image_size, image_size),
         mean=[255 * value for value in mean], std=[255 * value for value in std], mirror=mirror)
     return images, labels
+
+
+class SampleDraws:
+    """The training pipeline's external source: batch ``batch_info.iteration``'s per-sample crop
+    anchors and shapes ([x, y] and [w, h] in pixels), mirror flags and, with a ``PolicyDraws``
+    ``policy``, auto-augment choices, each from its sample's generator: crop, then flip, then the
+    policy's. ``files`` and ``slots`` in the reader's order; ``sizes``: the loader's array of
+    each sample's (width, height), 0 until read. It holds nothing of the loader: a pipeline that
+    referred back to its loader would live on in a reference cycle, its threads with it, until
+    the garbage collector ran."""
+
+    def __init__(self, files, slots, sizes, *, seed, epoch, batch_size, crop_flip, policy):
+        self.files, self.slots, self.sizes = files, slots, sizes
+        self.seed, self.epoch, self.batch_size = seed, epoch, batch_size
+        self.crop_flip, self.policy = crop_flip, policy
+
+    def __call__(self, batch_info):
+        first = batch_info.iteration * self.batch_size
+        positions = range(first, min(first + self.batch_size, len(self.slots)))
+        if not positions:
+            raise StopIteration
+        anchors, shapes, mirrors, choices = [], [], [], []
+        for position in positions:
+            slot = self.slots[position]
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, slot))
+            width, height = self.size(position)
+            top, left, crop_height, crop_width = crop_params(height, width, generator,
+                                                             self.crop_flip)
+            anchors.append(np.array([left, top], dtype=np.float32))
+            shapes.append(np.array([crop_width, crop_height], dtype=np.float32))
+            mirrors.append(np.array(flip_drawn(generator, self.crop_flip), dtype=np.int32))
+            if self.policy:
+                choices.append(self.policy.draw(generator))
+        return (anchors, shapes, mirrors, choices) if self.policy else (anchors, shapes, mirrors)
+
+    def size(self, position):
+        """The ``(width, height)`` of the file at ``position`` as stored, EXIF orientation not
+        applied (PIL reads the header alone; the decoders here leave the orientation as stored,
+        as the torchvision and nvJPEG loaders do)."""
+        slot = self.slots[position]
+        if not self.sizes[slot, 0]:
+            with Image.open(self.files[position]) as image:
+                self.sizes[slot] = image.size
+        return tuple(int(value) for value in self.sizes[slot])
 
 
 class DaliLoader:
@@ -196,36 +239,6 @@ class DaliLoader:
         if (epoch, start_step) != (self.epoch, self.start_step):
             self.epoch, self.start_step, self.iterator = epoch, start_step, None
 
-    def draws(self, batch_info):
-        """The external source: batch ``batch_info.iteration``'s per-sample crop anchors and
-        shapes ([x, y] and [w, h] in pixels), mirror flags and, with a policy, auto-augment
-        choices, each from its sample's generator: crop, then flip, then the policy's."""
-        slots = self.slots[batch_info.iteration * self.batch_size:
-                           (batch_info.iteration + 1) * self.batch_size]
-        if not slots:
-            raise StopIteration
-        anchors, shapes, mirrors, choices = [], [], [], []
-        for slot in slots:
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, slot))
-            width, height = self.size(slot)
-            top, left, crop_height, crop_width = crop_params(height, width, generator,
-                                                             self.crop_flip)
-            anchors.append(np.array([left, top], dtype=np.float32))
-            shapes.append(np.array([crop_width, crop_height], dtype=np.float32))
-            mirrors.append(np.array(flip_drawn(generator, self.crop_flip), dtype=np.int32))
-            if self.policy:
-                choices.append(self.policy.draw(generator))
-        return (anchors, shapes, mirrors, choices) if self.policy else (anchors, shapes, mirrors)
-
-    def size(self, slot):
-        """Sample ``slot``'s ``(width, height)`` as stored in its file, EXIF orientation not
-        applied (PIL reads the header alone; the decoders here leave the orientation as stored,
-        as the torchvision and nvJPEG loaders do)."""
-        if not self.sizes[slot, 0]:
-            with Image.open(self.samples[slot][0]) as image:
-                self.sizes[slot] = image.size
-        return tuple(int(value) for value in self.sizes[slot])
-
     def _build(self):
         """The epoch's pipeline (rebuilt per epoch and start: the order changes), built where its
         threads cannot take the stop signals."""
@@ -237,9 +250,12 @@ class DaliLoader:
             self.slots = eval_indices(self.dataset_size, self.rank, self.world_size)
         files = [self.samples[index][0] for index in self.slots]
         labels = [self.samples[index][1] for index in self.slots]
+        draws = SampleDraws(files, self.slots, self.sizes, seed=self.seed, epoch=self.epoch,
+                            batch_size=self.batch_size, crop_flip=self.crop_flip,
+                            policy=self.policy)
         with blocked_for_children():  # the iterator runs the pipeline's first batches too
-            pipeline = image_pipeline(files=files, labels=labels, draws=self.draws,
-                                      seed=self.seed, **self.pipeline_options)
+            pipeline = image_pipeline(files=files, labels=labels, draws=draws, seed=self.seed,
+                                      **self.pipeline_options)
             pipeline.build()
             return DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER,
                                        last_batch_policy=LastBatchPolicy.PARTIAL,
