@@ -237,6 +237,16 @@ def test_bad_input(tmp_path, tree):
         create_loaders("cifar100", str(tmp_path), batch_size=4, loader="dali")
 
 
+def test_a_class_of_other_formats_is_refused_saying_what_is_read(tmp_path, caplog):
+    root = write_tree(tmp_path, ["a", "b"], 1, 1)
+    (root / "train" / "b" / "0.jpeg").rename(root / "train" / "b" / "0.tif")
+    with caplog.at_level("WARNING", logger="fastkd.data"):
+        with pytest.raises(ValueError, match="class folders with no images .+ \\(images are read "
+                                             "with the extensions .jpg .jpeg .png .bmp .webp"):
+            create_loaders("folder", str(root), batch_size=1, loader="torch", workers=0)
+    assert "1 .tif file(s)" in caplog.text  # named before the refusal
+
+
 def test_what_the_folder_scan_leaves_out_is_named(tmp_path, caplog):
     """Nested folders, files of other formats and files beside the class folders used to be
     skipped silently; hidden files still are."""

@@ -252,6 +252,8 @@ def test_config_file_and_command_line(tmp_path):
     (["--output", "/proc/runs"], "--output /proc/runs cannot be made: making a folder in /proc "
      "fails ("),
     (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["--experiment", ""], "--experiment must be a folder name (the run goes to OUTPUT/NAME), "
+     "got ''"),
     (["--recovery-interval", "-5"], "--recovery-interval must be 0 or more, got -5"),
     (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 must be below --epochs 2"),
     (["--dataset", "folder", "--data-dir", "/", "--model", "resnet20", "--distiller", "kd",

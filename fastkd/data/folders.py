@@ -89,9 +89,11 @@ def scan_image_folder(root, check_files=True):
         if not files:
             empty.append(directory)
         samples.extend((os.path.join(directory, file), label) for file in sorted(files))
-    if empty:
-        raise ValueError(f"class folders with no images ({len(empty)}): {', '.join(empty[:5])}")
     warn_skipped(root, {what: paths for what, paths in skipped.items() if paths})
+    if empty:
+        raise ValueError(f"class folders with no images ({len(empty)}): {', '.join(empty[:5])} "
+                         f"(images are read with the extensions {' '.join(IMAGE_EXTENSIONS)}, "
+                         "directly inside each class folder)")
     folder = ImageFolder(root, tuple(classes), tuple(samples))
     if not check_files:
         return folder

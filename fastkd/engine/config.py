@@ -368,7 +368,8 @@ def check_args(parser, args, given=()):
         parser.error("--resume auto needs --experiment NAME (the run folder to continue)")
     if args.resume and args.eval_only:
         parser.error("--resume and --eval-only exclude each other")
-    if args.experiment and (os.sep in args.experiment or args.experiment in (".", "..")):
+    if args.experiment is not None and (not args.experiment or os.sep in args.experiment
+                                        or args.experiment in (".", "..")):
         parser.error(f"--experiment must be a folder name (the run goes to OUTPUT/NAME), got "
                      f"{args.experiment!r}")
     for option in ("teacher_checkpoint", "resume"):
