@@ -130,12 +130,12 @@ fi
 runs() { [[ " $PARTS " == *" $1 "* ]]; }  # runs PART: whether this check includes PART
 if runs trainer; then
     # The throughput script first: the trainer section compares its synthetic runs with it.
-    section throughput 60 "$PYTHON" bench/train_throughput.py --output "$OUTDIR"
+    section throughput 100 "$PYTHON" bench/train_throughput.py --output "$OUTDIR"
     section trainer-e2e 240 "$PYTHON" bench/trainer_e2e.py --output "$OUTDIR" --seconds 200 \
         --work /tmp/fastkd-e2e
 fi
 if runs kernels; then
-    section gpu-tests 90 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q \
+    section gpu-tests 150 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q \
         --junitxml="$OUTDIR/gpu-tests.xml"
     bench ldrld 50 bench_ldrld.py --bench-matrix targets
     bench hcd 40 bench_hcd.py --bench-matrix targets

@@ -19,8 +19,10 @@ from fastkd.data.bad_images import BadImageError
 from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 from fastkd.data.nvjpeg import (
     EncodedFileDataset,
+    JpegDecoder,
     NvJpegLoader,
     collate_encoded,
+    decode_images,
     flip,
     read_encoded,
     resized_crop,
@@ -347,3 +349,39 @@ def test_leaving_an_epoch_early_then_iterating_again(tmp_path, device):
         again = [images.cpu() for images, _ in val]
         assert len(again) == 5 and all(torch.equal(a, b) for a, b in zip(again, fresh))
         abandoned = None  # closing it leaves the iteration after it alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decoding_leaves_memory_that_queued_kernels_read_alone(tmp_path):
+    """Blocks that queued kernels still read are not written by the decoder: neither blocks freed
+    on the caller's stream (torchvision's CUDA decode_jpeg writes from a stream that does not
+    wait for the caller's; the first GPU runs of this loader ended in non-finite losses) nor
+    decoded images retired while their reads are queued."""
+    samples = jpeg_samples(tmp_path, count=16)
+    paths = [path for path, _ in samples]
+    encoded = [read_encoded(path) for path in paths]
+    shapes = [tuple(data.shape) for data in decode_images(encoded, paths, JpegDecoder("cpu"))[0]]
+    decoder = JpegDecoder("cuda")
+    reference, _ = decode_images(encoded, paths, decoder)
+    reference_sums = [int(image.sum(dtype=torch.int64)) for image in reference]
+    wrong = 0
+    for _ in range(20):
+        # Blocks the size of the decoded images, summed after a delay, freed at once.
+        blocks = [torch.full(shape, 7, dtype=torch.uint8, device="cuda") for shape in shapes]
+        torch.cuda._sleep(40_000_000)
+        sums = [block.sum(dtype=torch.int64) for block in blocks]
+        expected = [7 * block.numel() for block in blocks]
+        del blocks
+        images, failures = decode_images(encoded, paths, decoder)
+        assert not failures and [tuple(image.shape) for image in images] == shapes
+        torch.cuda._sleep(40_000_000)
+        image_sums = [image.sum(dtype=torch.int64) for image in images]  # queued reads
+        decoder.retire(images)
+        del images
+        # Other images of the same sizes: written into the retired images' blocks, were they
+        # reused before the queued sums ran.
+        decode_images(encoded[::-1], paths[::-1], decoder)
+        wrong += sum(int(total) != value for total, value in zip(sums, expected))
+        wrong += sum(int(total) != value for total, value in zip(image_sums, reference_sums))
+    assert wrong == 0

@@ -13,7 +13,9 @@ Design:
   device, then crops, resizes, flips and normalises there. Crop parameters come from the decoded
   shapes (host metadata) and each sample's host ``torch.Generator``, seeded by (seed, epoch,
   sample index) (``order``): the augmentations are reproducible, do not depend on the workers,
-  and nothing in a batch's path waits for the device.
+  and nothing in a batch's path waits for the device. The decoded images live in memory of
+  their own until the transforms have read them (``JpegDecoder``: torchvision's CUDA decoder
+  does not wait for the caller's stream before it writes).
 - Everything runs in the training process's thread, queued on the device without waiting for
   it, so the device's decode and transform work overlaps the host's. A background thread on a
   side stream, decoding batches ahead, was tried and did not pay on an H200 (256 500x375 JPEGs a
@@ -34,6 +36,8 @@ missing) without an error, to wrong pixels: on CUDA such files are found only by
 file with PIL before the run (``verify.py``, as for DALI).
 """
 
+
+import collections
 
 import numpy as np
 import torch
@@ -109,29 +113,69 @@ def unpack(packed, parts):
     return [next(views) if isinstance(part, int) else part for part in parts]
 
 
-def decode_file(path, data, device):
-    """One file as a uint8 [3, H, W] image on ``device``, from its ``read_encoded`` tensor
-    ``data``: decoded on the device, and where that fails, the file with PIL on the CPU (whose
-    error, one of ``DECODE_ERRORS``, is raised where that fails too)."""
+class JpegDecoder:
+    """``decode_jpeg`` to RGB uint8 [3, H, W] images on ``device``, safe from torchvision's
+    CUDA decoder, which (0.26 at least) allocates its images on the caller's stream but writes
+    them from a stream of its own that does not wait for the caller's: a block that the training
+    step freed while its queued kernels still read it could be handed to the decoder and
+    overwritten under them (this loader's first GPU runs: non-finite losses within 20 steps;
+    torchvision PR #9606). So on CUDA the images are allocated on a stream of this decoder's own,
+    whose blocks only ever hold decoded images, and ``retire`` keeps them until the caller's work
+    queued on them has run, so no block returns to the decoder while it is being read.
+    (``Tensor.record_stream`` would do the same, but a tensor marked so calls CUDA when freed,
+    which aborts a DataLoader worker forked after decoding that collects one it inherited.)"""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.in_use = collections.deque()  # (event on the caller's stream, images), oldest first
+
+    def decode(self, jpegs):
+        """The images of the 1-D uint8 tensors ``jpegs``; pass them to ``retire`` once every
+        kernel that reads them is queued."""
+        if self.stream is None:
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        with torch.cuda.stream(self.stream):
+            images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return images
+
+    def retire(self, images):
+        """Hold ``images`` until the work now queued on the caller's stream has run; drop the
+        ones whose work has."""
+        if self.stream is None:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.in_use.append((event, images))
+        while self.in_use and self.in_use[0][0].query():
+            self.in_use.popleft()
+
+
+def decode_file(path, data, decoder):
+    """One file as a uint8 [3, H, W] image on the ``JpegDecoder``'s device, from its
+    ``read_encoded`` tensor ``data``: decoded on the device, and where that fails, the file with
+    PIL on the CPU (whose error, one of ``DECODE_ERRORS``, is raised where that fails too)."""
+    device = decoder.device
     if data.dim() == 3:  # decoded in the worker
         return data.to(device, non_blocking=True)
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decoder.decode([data])[0]
     except RuntimeError:  # e.g. a CMYK JPEG on nvJPEG, or a broken body
         return pil_to_tensor(read_rgb(path)).to(device, non_blocking=True)
 
 
-def decode_images(encoded, paths, device):
+def decode_images(encoded, paths, decoder):
     """``(images, failures)`` for a batch of ``read_encoded`` tensors of the files ``paths``:
-    uint8 [3, H, W] images on ``device`` (None where no decoder takes the file) and {position:
-    PIL's error} of those. All JPEGs go in one batched decode; if that raises (one image fails
-    the whole call), each file is decoded alone (``decode_file``)."""
+    uint8 [3, H, W] images on the ``decoder``'s device (None where no decoder takes the file)
+    and {position: PIL's error} of those. All JPEGs go in one batched decode; if that raises
+    (one image fails the whole call), each file is decoded alone (``decode_file``). Pass the
+    images to ``decoder.retire`` once the work that reads them is queued."""
     images, failures = [None] * len(encoded), {}
     jpegs = [position for position, data in enumerate(encoded) if data.dim() == 1]
     if jpegs:
         try:
-            decoded = decode_jpeg([encoded[position] for position in jpegs],
-                                  mode=ImageReadMode.RGB, device=device)
+            decoded = decoder.decode([encoded[position] for position in jpegs])
         except RuntimeError:
             decoded = []  # each alone, below
         for position, image in zip(jpegs, decoded):
@@ -139,7 +183,7 @@ def decode_images(encoded, paths, device):
     for position, (path, data) in enumerate(zip(paths, encoded)):
         if images[position] is None:
             try:
-                images[position] = decode_file(path, data, device)
+                images[position] = decode_file(path, data, decoder)
             except DECODE_ERRORS as error:
                 failures[position] = error
     return images, failures
@@ -205,6 +249,7 @@ class NvJpegLoader(TorchLoader):
                                        pin_memory=False)
         self.training, self.image_size, self.seed, self.rank = training, image_size, seed, rank
         self.resize_to = eval_resize(image_size, crop_ratio)
+        self.decoder = JpegDecoder(self.device)
         self.random_erasing, self.crop_flip = random_erasing, crop_flip
         # (x / 255 - mean) / std as one multiply-add, on the device.
         std = torch.tensor(std, dtype=torch.float32)
@@ -223,7 +268,7 @@ class NvJpegLoader(TorchLoader):
             if path in found or path in self.bad_images:
                 continue
             try:
-                return decode_file(path, read_encoded(path), self.device), label
+                return decode_file(path, read_encoded(path), self.decoder), label
             except DECODE_ERRORS as failure:
                 self._found_bad(path, failure, found)
         raise BadImageError(f"none of the {len(samples)} files of this split decodes")
@@ -241,15 +286,15 @@ class NvJpegLoader(TorchLoader):
         encoded = unpack(packed, parts)
         found = dict(bad)
         samples = self.dataset.samples
-        images, failures = decode_images(encoded, [samples[index][0] for index in read],
-                                         self.device)
+        decoded, failures = decode_images(encoded, [samples[index][0] for index in read],
+                                          self.decoder)
         for position, error in failures.items():
-            images[position], labels[position] = self._replacement(read[position], error,
-                                                                   found)
+            decoded[position], labels[position] = self._replacement(read[position], error,
+                                                                    found)
         epoch = self.sampler.epoch
         if self.training:
             crops, mirror = [], []
-            for image, slot in zip(images, slots):
+            for image, slot in zip(decoded, slots):
                 generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, slot))
                 box = crop_params(*image.shape[1:], generator, self.crop_flip)
                 crops.append(resized_crop(image, *box, self.image_size))
@@ -258,7 +303,8 @@ class NvJpegLoader(TorchLoader):
                                                                       non_blocking=True))
         else:
             images = torch.stack([resize_centre_crop(image, self.resize_to, self.image_size)
-                                  for image in images])
+                                  for image in decoded])
+        self.decoder.retire(decoded)
         images, labels = to_device(images.mul_(self.scale).add_(self.shift), labels, self.device,
                                    self.channels_last)
         if self.random_erasing:
