@@ -105,11 +105,12 @@ def ldrld_loss(
     indices there is no "ce".
     """
     validation.check_logits(student_logits, teacher_logits)
+    top_d = validation.check_top_d(top_d, student_logits.shape[1])
+    temperature = validation.check_positive("temperature", temperature)
+    alpha, beta, ce_weight, irw_eps, erd_scale, erd_decay = validation.check_finite(
+        alpha=alpha, beta=beta, ce_weight=ce_weight, irw_eps=irw_eps, erd_scale=erd_scale,
+        erd_decay=erd_decay)
     labels = validation.check_ldrld_target(target, student_logits, ce_weight)
-    validation.check_top_d(top_d, student_logits.shape[1])
-    validation.check_positive("temperature", temperature)
-    validation.check_finite(alpha=alpha, beta=beta, ce_weight=ce_weight, irw_eps=irw_eps,
-                            erd_scale=erd_scale, erd_decay=erd_decay)
     validation.check_reduction(reduction)
     backend = requested_backend(backend)
     if backend == "reference":
@@ -134,7 +135,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=KD.temperature, reduc
     The plain formulation is already vectorised, so the torch backend is the reference.
     """
     validation.check_logits(student_logits, teacher_logits)
-    validation.check_positive("temperature", temperature)
+    temperature = validation.check_positive("temperature", temperature)
     validation.check_reduction(reduction)
     backend = requested_backend(backend)
     if backend == "reference":
@@ -167,8 +168,8 @@ def dkd_loss(
     """
     validation.check_logits(student_logits, teacher_logits)
     validation.check_target(target, student_logits)
-    validation.check_positive("temperature", temperature)
-    validation.check_finite(alpha=alpha, beta=beta)
+    temperature = validation.check_positive("temperature", temperature)
+    alpha, beta = validation.check_finite(alpha=alpha, beta=beta)
     validation.check_reduction(reduction)
     backend = requested_backend(backend)
     if backend == "reference":
@@ -221,11 +222,11 @@ def hcd_logit_loss(
     """
     validation.check_logits(student_logits, teacher_logits)
     validation.check_target(target, student_logits)
-    validation.check_shared_logits(shared_logits, student_logits, num_sub)
-    validation.check_positive("temperature", temperature)
-    validation.check_probability("label_smoothing", label_smoothing)
-    validation.check_finite(theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s,
-                            lam_t=lam_t)
+    num_sub = validation.check_shared_logits(shared_logits, student_logits, num_sub)
+    temperature = validation.check_positive("temperature", temperature)
+    label_smoothing = validation.check_probability("label_smoothing", label_smoothing)
+    theta, w_gt, w_sdd, w_ol, lam_s, lam_t = validation.check_finite(
+        theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t)
     validation.check_reduction(reduction)
     backend = requested_backend(backend)
     if backend == "reference":

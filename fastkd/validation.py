@@ -6,8 +6,10 @@ label on CUDA gives a NaN loss from the fused kernels rather than an error.
 """
 
 import math
+import numbers
 import os
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -111,8 +113,10 @@ def check_ldrld_target(target, student_logits, ce_weight):
 
 
 def check_shared_logits(shared_logits, student_logits, num_sub):
-    """HCD's shared logits ``[B, num_sub * C]``, floating, on the student logits' device."""
-    if not isinstance(num_sub, int) or isinstance(num_sub, bool) or num_sub < 1:
+    """HCD's shared logits ``[B, num_sub * C]``, floating, on the student logits' device.
+    Returns ``num_sub`` as an int."""
+    num_sub = _number("num_sub", num_sub, "a positive integer", integral=True)
+    if num_sub < 1:
         raise ValueError(f"num_sub must be a positive integer, got {num_sub!r}")
     check_float_tensor("shared_logits", shared_logits)
     batch, num_classes = student_logits.shape
@@ -136,32 +140,53 @@ def check_shared_logits(shared_logits, student_logits, num_sub):
             f"shared_logits must be on the device of student_logits ({student_logits.device}), "
             f"got {shared_logits.device}"
         )
+    return num_sub
+
+
+def _number(name, value, expected, integral=False):
+    """``value`` as a Python float (int where ``integral``): any real (integral) number, numpy's
+    scalars included, bool not. The fused ops take Python numbers only."""
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value) if integral else float(value)
 
 
 def check_probability(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+    """``value`` as a float in [0, 1)."""
+    number = _number(name, value, "a number in [0, 1)")
+    if not 0 <= number < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return number
 
 
 def check_positive(name, value):
-    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
-            or not math.isfinite(value)):
+    """``value`` as a finite float > 0."""
+    number = _number(name, value, "a positive number")
+    if not (number > 0 and math.isfinite(number)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return number
 
 
 def check_finite(**values):
-    """Each value (a weight, margin or decay) a finite number: NaN or inf makes every loss NaN."""
+    """Each value (a weight, margin or decay) as a finite float, in the order given: NaN or inf
+    makes every loss NaN."""
+    checked = []
     for name, value in values.items():
-        if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                or not math.isfinite(value)):
+        number = _number(name, value, "a finite number")
+        if not math.isfinite(number):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
+        checked.append(number)
+    return checked
 
 
 def check_top_d(top_d, num_classes):
-    if not isinstance(top_d, int) or isinstance(top_d, bool) or not 1 <= top_d <= num_classes:
-        raise ValueError(
-            f"top_d must be an integer in 1..{num_classes} (the classes), got {top_d!r}"
-        )
+    """``top_d`` as an int in 1..num_classes."""
+    expected = f"an integer in 1..{num_classes} (the classes)"
+    number = _number("top_d", top_d, expected, integral=True)
+    if not 1 <= number <= num_classes:
+        raise ValueError(f"top_d must be {expected}, got {top_d!r}")
+    return number
 
 
 def check_reduction(reduction):

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the argument and what was expected; backend dispatch."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import random_logits
@@ -157,3 +158,22 @@ def test_auto_backend_can_prefer_torch(monkeypatch):
     assert not runs_triton("auto", logits, triton_is_faster=False)
     assert runs_triton("triton", logits, triton_is_faster=False)
     assert not runs_triton("torch", logits)
+
+
+def test_numpy_scalars_are_numbers(inputs):
+    """numpy's scalars (a value read from an array, a config parsed with numpy) are accepted
+    where a number is, and give the loss of the Python number."""
+    student, teacher, target = inputs
+    assert torch.equal(kd_loss(student, teacher, temperature=np.float32(2)),
+                       kd_loss(student, teacher, temperature=2.0))
+    assert torch.equal(ldrld_loss(student, teacher, target, top_d=np.int64(3), alpha=np.float64(2)),
+                       ldrld_loss(student, teacher, target, top_d=3, alpha=2.0))
+    shared = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(
+        hcd_logit_loss(shared, teacher, student, target, num_sub=np.int32(4),
+                       label_smoothing=np.float32(0.25)),
+        hcd_logit_loss(shared, teacher, student, target, num_sub=4, label_smoothing=0.25))
+    with pytest.raises(ValueError, match=r"top_d must be an integer in 1\.\.10 .*got np\.float64"):
+        ldrld_loss(student, teacher, target, top_d=np.float64(3))
+    with pytest.raises(ValueError, match=r"temperature must be a positive number, got np\.True_"):
+        kd_loss(student, teacher, temperature=np.bool_(True))
