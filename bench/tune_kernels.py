@@ -20,7 +20,7 @@ from fastkd.kernels.hcd import hcd_forward, hcd_launch_config
 from fastkd.kernels.ldrld import ldrld_forward, ldrld_launch_config
 from harness import DTYPES, random_inputs
 
-from fastkd.ops import ldrld_group_weights
+from fastkd.ldrld_weights import ldrld_group_weights
 from fastkd.options import HCD, LDRLD
 
 

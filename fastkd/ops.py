@@ -29,9 +29,9 @@ import os
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .ldrld_weights import ldrld_group_weights
 from .optional import importable
 from .precision import compute_dtype
-from .reference.ldrld import adaptive_decay_weight
 from .vectorized import dkd as vectorized_dkd
 from .vectorized import hcd as vectorized_hcd
 from .vectorized import kd as vectorized_kd
@@ -66,17 +66,6 @@ def runs_triton(backend, logits, triton_is_faster=True):
 def _kernel_forward(module, name):
     """A Triton launcher, imported on first use: TRITON_INTERPRET is read at import."""
     return getattr(importlib.import_module(f"fastkd.kernels.{module}"), name)
-
-
-def ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay):
-    """``(top_set_weight, num_groups)`` of the local term, as the authors' code counts them:
-    d(d-1)/2 pairs plus the top set; for d = 2 the top set is that pair again, weighted
-    ADW(1, 2)."""
-    if top_d == 2:
-        top_set_weight = adaptive_decay_weight(1, 2, irw_eps, erd_scale, erd_decay)
-    else:
-        top_set_weight = 1.0
-    return top_set_weight, top_d * (top_d - 1) // 2 + 1
 
 
 def _gradient_or_empty(gradient, like):

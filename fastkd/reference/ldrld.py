@@ -10,14 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..ldrld_weights import adaptive_decay_weight
 from ..precision import compute_dtype
-
-
-def adaptive_decay_weight(rank_a, rank_b, irw_eps, erd_scale, erd_decay):
-    """ADW(r, r') = 1 / (|r - r'| + eps) * scale * exp(-decay * (r + r')), ranks 1-based."""
-    inverse_rank_weight = 1.0 / (abs(rank_a - rank_b) + irw_eps)
-    exponential_rank_decay = erd_scale * math.exp(-erd_decay * (rank_a + rank_b))
-    return inverse_rank_weight * exponential_rank_decay
 
 
 def masked_kl(student_logits, teacher_logits, group_mask, temperature):
