@@ -1,6 +1,11 @@
 """The CIFAR-style nets: parameter counts against the published ones, output shapes, timm
 registration and the feature interface HCD relies on."""
 
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -76,3 +81,17 @@ def test_registration_errors():
     with pytest.raises(ValueError, match=r"resnet8x4 takes no options \['drop_rate'\]"):
         timm.create_model("resnet8x4", drop_rate=0.1)
     assert "vgg13_cifar" in timm.list_models("vgg13*")
+
+
+def test_importing_fastkd_registers_the_nets_and_the_trainer_tells_its_version():
+    """A user's script that imports only ``fastkd`` can build a CIFAR net with timm; the
+    trainer's ``--version`` is the installed package's."""
+    repo = Path(__file__).resolve().parents[1]
+    built = subprocess.run(
+        [sys.executable, "-c", "import fastkd, timm; "
+         "print(type(timm.create_model('wrn_40_2', num_classes=10)).__name__)"],
+        capture_output=True, text=True, check=True)
+    assert built.stdout.strip() == "CifarNet"
+    told = subprocess.run([sys.executable, str(repo / "train" / "main.py"), "--version"],
+                          capture_output=True, text=True, check=True)
+    assert told.stdout.strip() == f"fastkd-train {version('fastkd')}"

@@ -16,6 +16,7 @@ import yaml
 from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
 
+from .. import __version__
 from ..data import DATASETS, LOADERS
 from ..data.augment import CropFlip
 from ..data.demo import foreign_demo_entries
@@ -94,6 +95,7 @@ def build_parser():
         usage="%(prog)s [--config FILE] [--dataset NAME] [--model NAME] [--distiller NAME] "
         "[options]; --help lists them")
     parser.add_argument("--config", metavar="FILE", help="YAML file of option defaults")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="student: any timm model or a CIFAR net (resnet8x4, ...)")
