@@ -94,17 +94,21 @@ def test_hcd_total_is_the_spec_formula():
         final, maps = student.forward_intermediates(images, indices=[2, 4])
         expected = F.cross_entropy(logits, target) + kd_loss(logits, teacher_logits,
                                                              temperature=1.0)
-        sdd = 0.0
+        sce = sdd = ol = 0.0
         for feature_map, projector, mapper in zip(maps, trainable.projectors, trainable.mappers):
             shared = mapper(torch.cat([projector(feature_map), embedding], dim=1))
             stage, parts = hcd_logit_loss(shared, teacher_logits, logits, target, w_sdd=3.0,
                                           w_ol=2.0, return_parts=True)
             expected = expected + stage
+            sce = sce + parts["sce"]
             sdd = sdd + 3.0 * parts["sdd"]
+            ol = ol + 2.0 * parts["ol"]
     total = losses.pop("loss")
     torch.testing.assert_close(total.detach(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sum(losses.values()), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(losses["sdd"], sdd, rtol=1e-5, atol=1e-6)
+    # Each part is its own term (w_gt = 1), not the remainder of the total.
+    for name, term in {"sce": sce, "sdd": sdd, "ol": ol}.items():
+        torch.testing.assert_close(losses[name], term, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])

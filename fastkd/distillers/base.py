@@ -138,9 +138,10 @@ class Distiller(TrainingTask):
         raise NotImplementedError
 
     @staticmethod
-    def result(output, **terms):
-        """The task's dict: ``loss`` = the sum of ``terms``, which are also returned detached."""
-        return {"loss": sum(terms.values()), "output": output,
+    def result(output, loss=None, **terms):
+        """The task's dict: ``loss`` (by default the sum of ``terms``) and the ``terms``
+        detached, for logging."""
+        return {"loss": sum(terms.values()) if loss is None else loss, "output": output,
                 **{name: value.detach() for name, value in terms.items()}}
 
     # -- timm task protocol -----------------------------------------------------------------------

@@ -174,11 +174,11 @@ class HCD(Distiller):
             stage_total = stage_total + loss
             for name, weight in weights.items():
                 parts[name] = parts[name] + weight * stage_parts[name]
-        kd = kd_loss(student_logits, teacher_logits, temperature=self.options.temperature,
-                     backend=self.backend)
-        # One fused computation gives the three stage terms and one gradient: "sce" carries the
-        # stage total minus the (detached) other two, so the parts still sum to the loss.
-        return self.result(student_logits, ce=self.cross_entropy(student_logits, target),
-                           kd=self.options.kd_weight * kd,
-                           sce=stage_total - (parts["sdd"] + parts["ol"]),
-                           sdd=parts["sdd"], ol=parts["ol"])
+        ce = self.cross_entropy(student_logits, target)
+        kd = self.options.kd_weight * kd_loss(student_logits, teacher_logits,
+                                              temperature=self.options.temperature,
+                                              backend=self.backend)
+        # One fused computation per stage gives its three terms (detached) and the gradient of
+        # their sum, so the loss is built from the stage totals; the parts sum to it up to
+        # rounding.
+        return self.result(student_logits, loss=ce + kd + stage_total, ce=ce, kd=kd, **parts)
