@@ -10,9 +10,9 @@ import pytest
 import torch
 from timm.scheduler import create_scheduler_v2
 
+from fastkd.distillers import method_options_classes
 from fastkd.engine.config import method_options, parse_args
 from fastkd.engine.optim import create_optimizer, create_scheduler
-from fastkd.options import METHOD_OPTIONS
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "train", "configs")
 
@@ -94,12 +94,12 @@ def test_imagenet_presets_state_their_recipes(tmp_path):
 
 def test_method_flags_come_from_the_options_dataclasses():
     args = parse_args([])
-    for method, options_class in METHOD_OPTIONS.items():
+    for method, options_class in method_options_classes().items():
         for item in dataclasses.fields(options_class):
             assert getattr(args, f"{method}_{item.name}") == item.default, (method, item.name)
     args = parse_args(["--distiller", "hcd", "--hcd-stages", "2", "3", "--hcd-w-sdd", "3",
                        "--hcd-detach-target", "--hcd-cfm", "linear"])
-    assert method_options(args) == METHOD_OPTIONS["hcd"](stages=(2, 3), w_sdd=3.0,
+    assert method_options(args) == method_options_classes()["hcd"](stages=(2, 3), w_sdd=3.0,
                                                          detach_target=True, cfm="linear")
     assert method_options(parse_args(["--distiller", "ce"])) is None
 
@@ -180,7 +180,8 @@ def test_amp_on_the_cpu_is_recorded_as_it_trains(monkeypatch, has_bf16, amp, dty
     said = []
     optim.resolve_amp(args, torch.device("cpu"), said.append)
     assert (args.amp, args.amp_dtype) == (amp, dtype) and len(said) == 1
-    assert optim.autocast_settings(args) == ((True, torch.bfloat16) if amp else (False, None))
+    assert optim.autocast_settings(args) == (optim.Autocast(True, torch.bfloat16) if amp
+                                             else optim.Autocast(False))
     gpu = parse_args(["--dataset", "synthetic", "--model", "resnet20", "--distiller", "ce",
                       "--amp"])
     optim.resolve_amp(gpu, torch.device("cuda"), said.append)

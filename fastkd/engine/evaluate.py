@@ -13,15 +13,15 @@ def accuracy_counts(logits, target):
 
 def evaluate(model, loader, world, autocast, convert_input=None, poll=None):
     """Top-1 and top-5 accuracy (%) and the mean cross-entropy over the whole validation set, all
-    ranks together; read from the device once. ``convert_input`` maps the loader's images to the
-    model's normalisation (a teacher's). ``poll()`` is called before each batch that every rank
-    has (shards may differ by one batch), where a stop signal may end the evaluation."""
+    ranks together; read from the device once, under ``autocast`` (an ``optim.Autocast``).
+    ``convert_input`` maps the loader's images to the model's normalisation (a teacher's).
+    ``poll()`` is called before each batch that every rank has (shards may differ by one batch),
+    where a stop signal may end the evaluation."""
     model.eval()
     correct = torch.zeros(2, dtype=torch.int64, device=world.device)
     loss, total = torch.zeros((), dtype=torch.float64, device=world.device), 0
     common = int(world.min([len(loader)])[0]) if poll else 0
-    with torch.no_grad(), torch.autocast(world.device.type, dtype=autocast[1],
-                                         enabled=autocast[0]):
+    with torch.no_grad(), autocast(world.device.type):
         for number, (images, target) in enumerate(loader):
             if number < common:
                 poll()

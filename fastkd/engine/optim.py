@@ -2,6 +2,8 @@
 train.py's flag meanings (``--decay-epochs`` an interval, ``--decay-milestones`` a list,
 ``--warmup-lr`` the warm-up's first rate, ``--min-lr`` the cosine floor)."""
 
+import dataclasses
+
 import torch
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -64,6 +66,22 @@ def resolve_amp(args, device, log):
         args.amp_dtype = "bfloat16"
 
 
+@dataclasses.dataclass(frozen=True)
+class Autocast:
+    """A run's ``torch.autocast`` settings: ``autocast(device_type)`` is the context."""
+
+    enabled: bool
+    dtype: torch.dtype | None = None
+
+    def __call__(self, device_type):
+        return torch.autocast(device_type, dtype=self.dtype, enabled=self.enabled)
+
+    @property
+    def needs_grad_scaler(self):
+        """fp16 underflows without loss scaling; bf16 has fp32's range."""
+        return self.enabled and self.dtype == torch.float16
+
+
 def autocast_settings(args):
-    """(enabled, dtype) for torch.autocast, from the options ``resolve_amp`` settled."""
-    return (True, getattr(torch, args.amp_dtype)) if args.amp else (False, None)
+    """The ``Autocast`` of the options ``resolve_amp`` settled."""
+    return Autocast(True, getattr(torch, args.amp_dtype)) if args.amp else Autocast(False)

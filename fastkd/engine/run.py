@@ -161,8 +161,7 @@ class Run:
         if args.channels_last:
             self.task.to(memory_format=torch.channels_last)
         self.autocast = autocast_settings(args)
-        self.scaler = torch.amp.GradScaler(
-            enabled=self.autocast[0] and self.autocast[1] == torch.float16)
+        self.scaler = torch.amp.GradScaler(enabled=self.autocast.needs_grad_scaler)
         # timm's order: optimiser and EMA over the plain module, then compile, then DDP.
         self.optimizer = create_optimizer(args, self.task.get_trainable_module(),
                                           grad_scaler=self.scaler.is_enabled())
@@ -323,8 +322,7 @@ class Run:
             even = len(target) - len(target) % 2  # timm's Mixup pairs samples: an odd last
             with seeded_globals(batch_seed(self.args.seed, epoch, step, self.world.rank)):
                 images, target = self.mixup(images[:even], target[:even])  # one sits out
-        with torch.autocast(self.world.device.type, dtype=self.autocast[1],
-                            enabled=self.autocast[0]):
+        with self.autocast(self.world.device.type):
             return self.task(images, target, epoch=epoch + step / steps)
 
     def backward(self, loss):
