@@ -18,9 +18,9 @@ import os
 import timm
 import torch
 
-from fastkd.distillers import Distiller, build_distiller
+from fastkd.distillers import Distiller, build_distiller, methods
 
-DISTILLERS = ("ce", "kd", "dkd", "ldrld", "hcd")  # each with its options' defaults
+DISTILLERS = tuple(methods())  # each with its options' defaults
 
 
 class StandInLoss(Distiller):
@@ -111,13 +111,14 @@ def main(argv=None):
     for name in args.distillers:
         student, teacher = models(args)
         try:
-            distiller = build_distiller(name, student, None if name == "ce" else teacher)
+            needs_teacher = methods()[name].needs_teacher
+            distiller = build_distiller(name, student, teacher if needs_teacher else None)
             step = step_milliseconds(distiller, images, target, args.steps, args.warmup)
         except Exception as error:  # recorded in the results; the other distillers still run
             rows.append({"distiller": name, "error": repr(error)})
             print(rows[-1], flush=True)
             continue
-        stand_in = stand_in_before["without teacher" if name == "ce" else "with teacher"]
+        stand_in = stand_in_before["with teacher" if needs_teacher else "without teacher"]
         rows.append({"distiller": name, "step_ms": step, "stand_in_ms": stand_in,
                      "images_per_s": args.batch_size / step * 1e3,
                      "loss_share": (step - stand_in) / step})

@@ -126,5 +126,3 @@ KD = KDOptions()
 DKD = DKDOptions()
 LDRLD = LDRLDOptions()
 HCD = HCDOptions()
-# The options class of each distiller that has one (the trainer's flags are generated from these).
-METHOD_OPTIONS = {"kd": KDOptions, "dkd": DKDOptions, "ldrld": LDRLDOptions, "hcd": HCDOptions}

@@ -3,6 +3,7 @@ import os
 import shutil
 
 import pytest
+from trainer_helpers import FAST, run_main
 
 from fastkd.data.demo import MANIFEST, build_demo_dataset
 
@@ -36,3 +37,17 @@ def demo_dir(full_demo_dir):
     with open(os.path.join(root, MANIFEST), "w") as handle:
         json.dump({"files": kept}, handle)
     return root
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(full_demo_dir, tmp_path_factory):
+    """A resnet20 trained on the demo digits (CE, 2 processes), as a --teacher-checkpoint."""
+    output = str(tmp_path_factory.mktemp("teacher"))
+    # Two epochs of all the digits at batch 32 per process: clearly better than chance, which a
+    # teacher must be.
+    result = run_main(["--dataset", "demo", "--data-dir", full_demo_dir, "--distiller", "ce",
+                       "--output", output, "--experiment", "teacher", *FAST, "--epochs", "2",
+                       "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "0"],
+                      processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return os.path.join(output, "teacher", "best.pth")

@@ -12,7 +12,6 @@ import timm.utils
 import torch
 import torch.distributed as dist
 
-import fastkd.models  # noqa: F401  (registers the CIFAR nets in timm)
 from fastkd.engine import checkpoint
 
 DATA_CONFIG = {"mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762],

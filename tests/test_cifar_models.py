@@ -10,7 +10,6 @@ import pytest
 import timm
 import torch
 
-import fastkd.models  # noqa: F401  (registers the nets)
 from fastkd.distillers import HCD
 from fastkd.models.taps import stage_taps
 

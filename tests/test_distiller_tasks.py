@@ -14,7 +14,6 @@ from timm.optim import create_optimizer_v2
 from timm.utils import unwrap_model
 from torch import nn
 
-import fastkd.models  # noqa: F401  (registers the CIFAR nets in timm)
 from fastkd import ldrld_loss
 from fastkd.distillers import build_distiller
 from fastkd.distillers.base import normalisation

@@ -18,19 +18,6 @@ from fastkd.engine.config import parse_args
 from fastkd.engine.run_folder import check_not_behind
 
 
-@pytest.fixture(scope="module")
-def teacher_checkpoint(full_demo_dir, tmp_path_factory):
-    output = str(tmp_path_factory.mktemp("teacher"))
-    # Two epochs of all the digits at batch 32 per process: clearly better than chance, which a
-    # teacher must be.
-    result = run_main(["--dataset", "demo", "--data-dir", full_demo_dir, "--distiller", "ce",
-                       "--output", output, "--experiment", "teacher", *FAST, "--epochs", "2",
-                       "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "0"],
-                      processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return os.path.join(output, "teacher", "best.pth")
-
-
 @pytest.mark.parametrize("distiller", ["kd", "dkd", "ldrld", "hcd"])
 def test_two_process_run_of_each_distiller(demo_dir, teacher_checkpoint, tmp_path, distiller):
     result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", distiller,

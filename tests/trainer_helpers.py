@@ -24,9 +24,9 @@ def command(args, processes=1, script=MAIN):
     return torchrun("--standalone", f"--nproc-per-node={processes}", script, *args)
 
 
-def run_main(args, processes=1, timeout=300, script=MAIN):
+def run_main(args, processes=1, timeout=300, script=MAIN, env=ENV):
     return subprocess.run(command(args, processes, script), capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+                          timeout=timeout, env=env)
 
 
 def start(argv, log=None):

@@ -4,6 +4,8 @@ from .base import Distiller
 
 
 class CE(Distiller):
+    needs_teacher = False
+
     def __init__(self, student, teacher=None, options=None, **settings):
         super().__init__(student, None, options, **settings)
 

@@ -2,7 +2,7 @@
 
 from ..functional import dkd_loss
 from ..options import DKDOptions
-from .base import Distiller
+from .base import Distiller, dummy_batch
 
 
 class DKD(Distiller):
@@ -12,6 +12,11 @@ class DKD(Distiller):
 
     options_class = DKDOptions
     needs_hard_labels = True
+
+    @classmethod
+    def check_options(cls, options, num_classes):
+        logits, target = dummy_batch(num_classes)
+        dkd_loss(logits, logits, target, **options.loss_options(), backend="torch")
 
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)

@@ -16,7 +16,7 @@ from torch import nn
 from ..functional import hcd_logit_loss, kd_loss
 from ..models.taps import embedding_width, stage_taps, student_outputs, teacher_outputs
 from ..options import HCDOptions
-from .base import Distiller
+from .base import Distiller, dummy_batch
 
 
 def sep_conv(in_channels, out_channels):
@@ -127,6 +127,13 @@ class HCD(Distiller):
 
     options_class = HCDOptions
     needs_hard_labels = True
+
+    @classmethod
+    def check_options(cls, options, num_classes):
+        logits, target = dummy_batch(num_classes)
+        shared = torch.zeros(len(logits), max(options.num_sub, 1) * num_classes)
+        hcd_logit_loss(shared, logits, logits, target, **options.loss_options(),
+                       backend="torch")
 
     def __init__(self, student, teacher, options=None, *, num_classes=None, **settings):
         super().__init__(student, teacher, options, num_classes=num_classes, **settings)

@@ -2,11 +2,16 @@
 
 from ..functional import kd_loss
 from ..options import KDOptions
-from .base import Distiller
+from .base import Distiller, dummy_batch
 
 
 class KD(Distiller):
     options_class = KDOptions
+
+    @classmethod
+    def check_options(cls, options, num_classes):
+        logits, _ = dummy_batch(num_classes)
+        kd_loss(logits, logits, **options.loss_options(), backend="torch")
 
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)

@@ -2,7 +2,7 @@
 
 from ..functional import ldrld_loss
 from ..options import LDRLDOptions
-from .base import Distiller
+from .base import Distiller, dummy_batch
 
 
 class LDRLD(Distiller):
@@ -11,6 +11,11 @@ class LDRLD(Distiller):
 
     options_class = LDRLDOptions
     fixed_loss_options = {"ce_weight": 0.0}
+
+    @classmethod
+    def check_options(cls, options, num_classes):
+        logits, target = dummy_batch(num_classes)
+        ldrld_loss(logits, logits, target, **options.loss_options(), backend="torch")
 
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)

@@ -20,8 +20,7 @@ from .. import __version__
 from ..data import DATASETS, LOADERS
 from ..data.augment import CropFlip
 from ..data.demo import foreign_demo_entries
-from ..distillers import DISTILLERS
-from ..options import METHOD_OPTIONS
+from ..distillers import method_options_classes, methods
 
 # Dataset-specific defaults used when the corresponding option is not given.
 # The demo's learning rate is low for its 8 epochs because LDRLD's loss weights (alpha 10.5,
@@ -54,11 +53,12 @@ class KeyValues(ParseKwargs):
 
 def add_method_options(parser):
     """``--<method>-<field>`` for every field of every method's options dataclass: the flags and
-    their defaults come from ``fastkd.options`` and nowhere else."""
-    for method, options_class in METHOD_OPTIONS.items():
+    their defaults come from the methods' options (``fastkd.options`` for the built-in ones) and
+    nowhere else."""
+    for method, options_class in method_options_classes().items():
         group = parser.add_argument_group(f"{method} options (with --distiller {method})")
         for item in dataclasses.fields(options_class):
-            flag = f"--{method}-{item.name.replace('_', '-')}"
+            flag = f"--{method_flag(method, item.name)}"
             settings = dict(default=item.default, dest=f"{method}_{item.name}",
                             help=f"{item.metadata['help']} (default: {item.default})")
             if isinstance(item.default, bool):
@@ -72,7 +72,7 @@ def add_method_options(parser):
 
 def method_options(args):
     """The options dataclass of ``args.distiller`` from its flags (None for ``ce``)."""
-    options_class = METHOD_OPTIONS.get(args.distiller)
+    options_class = method_options_classes().get(args.distiller)
     if options_class is None:
         return None
     values = {item.name: getattr(args, f"{args.distiller}_{item.name}")
@@ -83,8 +83,19 @@ def method_options(args):
 
 def method_option_names():
     """``{dest: method}`` of every method's flags (``ldrld_top_d: "ldrld"``)."""
-    return {f"{method}_{item.name}": method for method, options_class in METHOD_OPTIONS.items()
+    return {f"{method}_{item.name}": method
+            for method, options_class in method_options_classes().items()
             for item in dataclasses.fields(options_class)}
+
+
+def distils(args):
+    """Whether ``args.distiller`` learns from a teacher (every method but ce)."""
+    return methods()[args.distiller].needs_teacher
+
+
+def method_flag(method, field_name):
+    """``ldrld-top-d``: a method option's flag, without its leading dashes."""
+    return f"{method}-{field_name}".replace("_", "-")
 
 
 def build_parser():
@@ -113,7 +124,7 @@ def build_parser():
     group.add_argument("--allow-untrained-teacher", action="store_true",
                        help="distil from a teacher without weights, or one at chance level on "
                        "the validation set (otherwise refused)")
-    group.add_argument("--distiller", default="ldrld", choices=tuple(DISTILLERS))
+    group.add_argument("--distiller", default="ldrld", choices=tuple(methods()))
     group.add_argument("--num-classes", type=int,
                        help="default: the dataset's (synthetic: 1000)")
     group.add_argument("--img-size", type=int, help="input image size (default: the model's "
@@ -323,9 +334,9 @@ def check_args(parser, args, given=()):
     the options the user set (command line or config), as opposed to defaults."""
     if args.model is None:
         parser.error("--model is required for this dataset")
-    if args.distiller != "ce" and not args.teacher:
+    if distils(args) and not args.teacher:
         parser.error(f"--distiller {args.distiller} needs --teacher")
-    for option in ("model", "teacher") if args.distiller != "ce" else ("model",):
+    for option in ("model", "teacher") if distils(args) else ("model",):
         if not timm.is_model(getattr(args, option)):
             parser.error(f"--{option} {getattr(args, option)} is not a timm model (nor a "
                          "fastkd CIFAR net); timm.list_models() lists them")
@@ -406,7 +417,7 @@ def check_args(parser, args, given=()):
     if "warmup_epochs" in given and args.warmup_epochs >= args.epochs > 0:
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs "
                      f"{args.epochs} (the run would end still warming up)")
-    if (args.distiller != "ce" and args.dataset != "demo" and not args.teacher_checkpoint
+    if (distils(args) and args.dataset != "demo" and not args.teacher_checkpoint
             and not args.teacher_pretrained and not args.allow_untrained_teacher
             and not args.eval_only):
         parser.error(f"--distiller {args.distiller} needs the teacher's weights: "
@@ -414,7 +425,7 @@ def check_args(parser, args, given=()):
                      "--allow-untrained-teacher to distil from random weights)")
     if args.sched == "multistep" and not args.decay_milestones:
         parser.error("--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
-    if mixes(args) and getattr(DISTILLERS[args.distiller], "needs_hard_labels", False):
+    if mixes(args) and methods()[args.distiller].needs_hard_labels:
         parser.error(f"--distiller {args.distiller} needs hard labels (a loss term indexes the "
                      "true class): --mixup/--cutmix give soft targets; drop them")
     if args.dataset == "cifar100" and {"scale", "ratio"} & crop_flip_changes(args):
@@ -428,7 +439,7 @@ def check_args(parser, args, given=()):
 
 # Options that act only with another setting: (option, whether that setting is on, what it is).
 DEPENDENT_OPTIONS = (
-    *((name, lambda args: args.distiller != "ce", "a --distiller other than ce (ce trains "
+    *((name, distils, "a --distiller other than ce (ce trains "
        "without a teacher)")
       for name in ("teacher", "teacher_kwargs", "teacher_checkpoint", "teacher_pretrained",
                    "allow_untrained_teacher")),
@@ -509,26 +520,17 @@ def mixes(args):
 
 
 def check_method_options(args):
-    """The method's options through its loss's own checks, on a dummy batch of
-    ``args.num_classes`` classes; an error names the flag (``--ldrld-top-d``), not the loss's
-    argument (``top_d``)."""
-    from .. import functional
-
-    if args.distiller not in METHOD_OPTIONS:
+    """The method's options through its own checks (``Distiller.check_options``: the built-in
+    methods run their loss on a dummy batch of ``args.num_classes`` classes); an error names the
+    flag (``--ldrld-top-d``), not the loss's argument (``top_d``)."""
+    options = method_options(args)
+    if options is None:
         return
-    logits = torch.zeros(2, args.num_classes)
-    target = torch.zeros(2, dtype=torch.long)
-    loss = {"kd": lambda **o: functional.kd_loss(logits, logits, **o),
-            "dkd": lambda **o: functional.dkd_loss(logits, logits, target, **o),
-            "ldrld": lambda **o: functional.ldrld_loss(logits, logits, target, **o),
-            "hcd": lambda **o: functional.hcd_logit_loss(
-                torch.zeros(2, max(o["num_sub"], 1) * args.num_classes), logits, logits,
-                target, **o)}[args.distiller]
     try:
-        loss(**method_options(args).loss_options(), backend="torch")
+        methods()[args.distiller].check_options(options, args.num_classes)
     except (TypeError, ValueError) as error:
         message = str(error)
-        names = sorted((item.name for item in dataclasses.fields(METHOD_OPTIONS[args.distiller])
+        names = sorted((item.name for item in dataclasses.fields(options)
                         if message.startswith(item.name)), key=len, reverse=True)
-        flag = f"--{args.distiller}-{names[0].replace('_', '-')}: " if names else ""
+        flag = f"--{method_flag(args.distiller, names[0])}: " if names else ""
         raise SystemExit(f"error: {flag}{message}") from None
