@@ -12,8 +12,9 @@ from PIL import Image
 
 from fastkd import data
 from fastkd.data import create_loaders
-from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD
+from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD, Loader
 from fastkd.data.demo import build_demo_dataset
+from fastkd.data.nvjpeg import NvJpegLoader
 from fastkd.data.order import train_indices
 from fastkd.engine.config import parse_args
 
@@ -48,6 +49,7 @@ def tree(tmp_path_factory):
 def test_loader_batches(tree, kind):
     train, val = create_loaders("folder", str(tree), batch_size=4, image_size=32, loader=kind,
                                 workers=1)
+    assert isinstance(train, Loader) and isinstance(val, Loader)
     assert (train.num_classes, train.dataset_size, val.dataset_size) == (3, 21, 12)
     assert (len(train), len(val)) == (21 // 4, 3)  # training: full batches only
     lowest = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
@@ -351,3 +353,14 @@ def test_loader_workers_start_before_training_without_reading_ahead(tmp_path):
     assert labels == [plan[index:index + 2] for index in range(4, 10, 2)]
     assert sorted(map(int, log.read_text().split())) == sorted(plan[4:])
     loader.close()
+
+
+def test_synthetic_and_nvjpeg_loaders_have_the_loader_interface(tree):
+    """The other two kinds (``test_loader_batches`` checks DALI's and torchvision's)."""
+    synthetic = create_loaders("synthetic", batch_size=4, image_size=8, num_classes=3,
+                               synthetic_samples=8)
+    samples = create_loaders("folder", str(tree), batch_size=4, image_size=32, loader="torch",
+                             workers=0)[0].dataset.samples
+    nvjpeg = NvJpegLoader(samples, 3, training=True, batch_size=4, image_size=32,
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_ratio=0.875, workers=0)
+    assert all(isinstance(loader, Loader) for loader in (*synthetic, nvjpeg))

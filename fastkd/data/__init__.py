@@ -32,6 +32,7 @@ from .common import (
     DEFAULT_CROP_RATIO,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Loader,
     check_normalisation,
 )
 from .demo import build_demo_dataset, default_demo_root
@@ -80,8 +81,8 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                    channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO,
                    bad_images="skip", mean=None, std=None, auto_augment=None, re_prob=0.0,
                    re_mode="pixel", re_count=1, crop_flip=CropFlip(), num_classes=None,
-                   synthetic_samples=None):
-    """``(train_loader, val_loader)`` for ``dataset``.
+                   synthetic_samples=None) -> tuple[Loader, Loader]:
+    """``(train_loader, val_loader)`` for ``dataset``, each a ``common.Loader``.
 
     - ``dataset``: ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and
       ``data_dir/val/<class>/*``; ``"demo"``: the bundled digits, written as JPEGs under
