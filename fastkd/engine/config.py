@@ -330,8 +330,16 @@ def take_checkpoint_settings(parser, args):
 
 
 def check_args(parser, args, given=()):
-    """Errors a user can fix from the message, before any model or data is built. ``given``:
-    the options the user set (command line or config), as opposed to defaults."""
+    """Errors a user can fix from the message, before any model or data is built, one concern
+    after another. ``given``: the options the user set (command line or config), as opposed to
+    defaults."""
+    for check in (check_models, check_data, check_teacher_weights, check_run_folder,
+                  check_numbers, check_optimisation):
+        check(parser, args, given)
+
+
+def check_models(parser, args, given):
+    """The student and (when the method distils) the teacher are timm models."""
     if args.model is None:
         parser.error("--model is required for this dataset")
     if distils(args) and not args.teacher:
@@ -340,6 +348,10 @@ def check_args(parser, args, given=()):
         if not timm.is_model(getattr(args, option)):
             parser.error(f"--{option} {getattr(args, option)} is not a timm model (nor a "
                          "fastkd CIFAR net); timm.list_models() lists them")
+
+
+def check_data(parser, args, given):
+    """The dataset's folder, and augmentations the dataset can take."""
     try:
         crop_flip(args)
     except ValueError as error:  # its message starts with the field's name
@@ -367,16 +379,37 @@ def check_args(parser, args, given=()):
         problem = foreign_demo_entries(args.data_dir)
         if problem:
             parser.error(f"--data-dir {args.data_dir} {problem}")
+    if args.dataset == "cifar100" and {"scale", "ratio"} & crop_flip_changes(args):
+        parser.error("--scale and --ratio set a random-resized crop; CIFAR-100 trains with a "
+                     "padded random crop (only --hflip applies)")
+    if args.input_size is not None and (args.input_size[0] != 3
+                                        or args.input_size[1] != args.input_size[2]):
+        parser.error(f"--input-size must be 3 H W with H = W (RGB; the loaders crop squares), "
+                     f"got {' '.join(map(str, args.input_size))}")
+    if mixes(args) and methods()[args.distiller].needs_hard_labels:
+        parser.error(f"--distiller {args.distiller} needs hard labels (a loss term indexes the "
+                     "true class): --mixup/--cutmix give soft targets; drop them")
+
+
+def check_teacher_weights(parser, args, given):
+    """One source of the teacher's weights, and one at all outside the demo."""
     if args.teacher_checkpoint and args.teacher_pretrained:
         parser.error("--teacher-checkpoint and --teacher-pretrained exclude each other (both "
                      "give the teacher's weights)")
+    if (distils(args) and args.dataset != "demo" and not args.teacher_checkpoint
+            and not args.teacher_pretrained and not args.allow_untrained_teacher
+            and not args.eval_only):
+        parser.error(f"--distiller {args.distiller} needs the teacher's weights: "
+                     "--teacher-checkpoint FILE or --teacher-pretrained (or "
+                     "--allow-untrained-teacher to distil from random weights)")
+
+
+def check_run_folder(parser, args, given):
+    """Where the run writes and what it reads back: --output, --experiment, --resume and the
+    checkpoint files."""
     problem = unwritable_folder(args.output)
     if problem:
         parser.error(f"--output {args.output} {problem}; runs go to OUTPUT/<run name>/")
-    if args.torchcompile is not None and args.torchcompile not in (
-            torch.compiler.list_backends(exclude_tags=())):
-        parser.error(f"--torchcompile {args.torchcompile} is not a torch.compile backend; "
-                     f"choose from {', '.join(torch.compiler.list_backends())}")
     if args.resume == "auto" and not args.experiment:
         parser.error("--resume auto needs --experiment NAME (the run folder to continue)")
     if args.resume and args.eval_only:
@@ -391,6 +424,10 @@ def check_args(parser, args, given=()):
             problem = "is a folder, not a checkpoint file" if os.path.isdir(path) else (
                 "does not exist")
             parser.error(f"--{option.replace('_', '-')} {path} {problem}")
+
+
+def check_numbers(parser, args, given):
+    """Numeric options in their ranges (NaN refused everywhere)."""
     positive = ["epochs", "batch_size", "lr", "recount", "decay_rate", "log_interval"]
     positive += [name for name in ("img_size", "clip_grad", "decay_epochs", "synthetic_samples")
                  if getattr(args, name) is not None]
@@ -411,30 +448,22 @@ def check_args(parser, args, given=()):
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if not 0 < args.model_ema_decay < 1:
         parser.error(f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
+
+
+def check_optimisation(parser, args, given):
+    """The optimiser, the schedule and the compiler exist and fit the run."""
     if args.opt.lower() not in list_optimizers():
         parser.error(f"--opt {args.opt} is not a timm optimizer; see timm.optim.list_optimizers()")
     # A default warm-up may fill a short smoke run; one the user asked for must end in it.
     if "warmup_epochs" in given and args.warmup_epochs >= args.epochs > 0:
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs "
                      f"{args.epochs} (the run would end still warming up)")
-    if (distils(args) and args.dataset != "demo" and not args.teacher_checkpoint
-            and not args.teacher_pretrained and not args.allow_untrained_teacher
-            and not args.eval_only):
-        parser.error(f"--distiller {args.distiller} needs the teacher's weights: "
-                     "--teacher-checkpoint FILE or --teacher-pretrained (or "
-                     "--allow-untrained-teacher to distil from random weights)")
     if args.sched == "multistep" and not args.decay_milestones:
         parser.error("--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
-    if mixes(args) and methods()[args.distiller].needs_hard_labels:
-        parser.error(f"--distiller {args.distiller} needs hard labels (a loss term indexes the "
-                     "true class): --mixup/--cutmix give soft targets; drop them")
-    if args.dataset == "cifar100" and {"scale", "ratio"} & crop_flip_changes(args):
-        parser.error("--scale and --ratio set a random-resized crop; CIFAR-100 trains with a "
-                     "padded random crop (only --hflip applies)")
-    if args.input_size is not None and (args.input_size[0] != 3
-                                        or args.input_size[1] != args.input_size[2]):
-        parser.error(f"--input-size must be 3 H W with H = W (RGB; the loaders crop squares), "
-                     f"got {' '.join(map(str, args.input_size))}")
+    if args.torchcompile is not None and args.torchcompile not in (
+            torch.compiler.list_backends(exclude_tags=())):
+        parser.error(f"--torchcompile {args.torchcompile} is not a torch.compile backend; "
+                     f"choose from {', '.join(torch.compiler.list_backends())}")
 
 
 # Options that act only with another setting: (option, whether that setting is on, what it is).
