@@ -11,6 +11,7 @@ import torch
 from timm.scheduler import create_scheduler_v2
 
 from fastkd.distillers import method_options_classes
+from fastkd.engine import demo_teacher
 from fastkd.engine.config import method_options, parse_args
 from fastkd.engine.optim import create_optimizer, create_scheduler
 
@@ -186,3 +187,26 @@ def test_amp_on_the_cpu_is_recorded_as_it_trains(monkeypatch, has_bf16, amp, dty
                       "--amp"])
     optim.resolve_amp(gpu, torch.device("cuda"), said.append)
     assert (gpu.amp, gpu.amp_dtype) == (True, "float16")  # CUDA: as asked
+
+
+@pytest.mark.parametrize("argv", [[], ["--img-size", "24", "--scale", "0.3", "0.9", "--hflip",
+                                       "0.25", "--seed", "3", "-b", "16", "--amp"]])
+def test_the_demo_teacher_options_are_its_command_lines(tmp_path, argv):
+    """Built in code (``default_args``), the demo teacher's options equal what the command line
+    that names its settings parses to."""
+    args = parse_args(["--dataset", "demo", "--output", str(tmp_path), *argv])
+    args.num_classes = 10  # the trainer sets it from the data before the teacher
+    built = demo_teacher.teacher_args(args)
+    low, high = args.scale
+    parsed = parse_args(["--dataset", "demo", "--distiller", "ce", "--model", args.teacher,
+                         "--epochs", str(built.epochs), "--img-size", str(args.img_size),
+                         "--num-classes", str(args.num_classes), "--output", args.output,
+                         "--experiment", built.experiment, "--resume", "auto",
+                         "--seed", str(args.seed), "--workers", str(args.workers),
+                         "--loader", args.loader, "--batch-size", str(args.batch_size),
+                         "--log-interval", str(args.log_interval),
+                         "--recovery-interval", str(args.recovery_interval),
+                         "--scale", str(low), str(high), "--ratio", *map(str, args.ratio),
+                         "--hflip", str(args.hflip), *(["--amp"] if args.amp else []),
+                         "--amp-dtype", args.amp_dtype])
+    assert vars(built) == vars(parsed)

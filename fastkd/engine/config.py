@@ -299,13 +299,29 @@ def parse_args(argv=None):
     if args.eval_only:
         take_checkpoint_settings(parser, args)
     given = {key for key, value in vars(args).items() if value is not None}
-    defaults = {**DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, {})}
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_defaults(args)
     check_args(parser, args, given)
     check_unused(parser, args, changed)
     return args
+
+
+def fill_defaults(args):
+    """The options left unset (None) take their dataset's defaults, else the general ones."""
+    for key, value in {**DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def default_args(**settings):
+    """The options of a run built in code (the demo's teacher): every flag at its default,
+    ``settings`` set, then the dataset's defaults filled, as ``parse_args`` would give them for
+    the equivalent command line (unchecked: the caller's settings are known good)."""
+    parser = build_parser()
+    args = argparse.Namespace(**{action.dest: action.default for action in parser._actions
+                                 if action.dest not in ("help", "version")})
+    vars(args).update(settings)
+    return fill_defaults(args)
 
 
 # What --eval-only takes from the checkpoint: how to build the student and what it was trained as.

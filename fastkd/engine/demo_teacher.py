@@ -10,7 +10,7 @@ import json
 import os
 
 from ..files import atomic_write
-from .config import DEMO_DEFAULTS, parse_args
+from .config import DEMO_DEFAULTS, default_args
 from .run_folder import BEST
 
 COMPLETE = "complete.json"
@@ -24,18 +24,14 @@ def teacher_args(args):
     low, high = args.scale
     name = (f"demo-teacher-{args.teacher}-{args.num_classes}cls-{args.img_size}px-{epochs}ep-"
             f"scale{low:g}-{high:g}-flip{args.hflip:g}")
-    settings = parse_args(["--dataset", "demo", "--distiller", "ce", "--model", args.teacher,
-                           "--epochs", str(epochs), "--img-size", str(args.img_size),
-                           "--num-classes", str(args.num_classes), "--output", args.output,
-                           "--experiment", name, "--resume", "auto", "--seed", str(args.seed),
-                           "--workers", str(args.workers), "--loader", args.loader,
-                           "--batch-size", str(args.batch_size),  # it reads the same loaders
-                           "--log-interval", str(args.log_interval),
-                           "--recovery-interval", str(args.recovery_interval),
-                           "--scale", str(low), str(high),
-                           "--ratio", *map(str, args.ratio), "--hflip", str(args.hflip)])
-    settings.amp, settings.amp_dtype = args.amp, args.amp_dtype
-    return settings
+    return default_args(
+        dataset="demo", distiller="ce", model=args.teacher, epochs=epochs, img_size=args.img_size,
+        num_classes=args.num_classes, output=args.output, experiment=name, resume="auto",
+        seed=args.seed, workers=args.workers, loader=args.loader,
+        batch_size=args.batch_size,  # it reads the student's loaders
+        log_interval=args.log_interval, recovery_interval=args.recovery_interval,
+        scale=[low, high], ratio=list(args.ratio), hflip=args.hflip, amp=args.amp,
+        amp_dtype=args.amp_dtype)
 
 
 def _record(settings):
