@@ -120,8 +120,10 @@ def ldrld_loss(
             erd_decay=erd_decay)
     else:
         rows, part_columns, _ = ops.call(
-            "ldrld", student_logits, teacher_logits, labels, temperature, top_d, alpha, beta,
-            ce_weight, irw_eps, erd_scale, erd_decay, _needs_grad(student_logits), backend)
+            "ldrld", student_logits=student_logits, teacher_logits=teacher_logits,
+            target=labels, temperature=temperature, top_d=top_d, alpha=alpha, beta=beta,
+            ce_weight=ce_weight, irw_eps=irw_eps, erd_scale=erd_scale, erd_decay=erd_decay,
+            compute_grad=_needs_grad(student_logits), backend=backend)
         parts = _named_parts(part_columns, ("ce", "local", "rntk"))
         if labels is None:
             del parts["ce"]  # the ce column holds no meaning without labels
@@ -142,8 +144,9 @@ def kd_loss(student_logits, teacher_logits, *, temperature=KD.temperature, reduc
         rows = reference.kd_loss_reference(student_logits, teacher_logits,
                                            temperature=temperature)
     else:
-        rows, _, _ = ops.call("kd", student_logits, teacher_logits, temperature,
-                               _needs_grad(student_logits), backend)
+        rows, _, _ = ops.call("kd", student_logits=student_logits,
+                              teacher_logits=teacher_logits, temperature=temperature,
+                              compute_grad=_needs_grad(student_logits), backend=backend)
     return _reduce(rows, reduction)
 
 
@@ -178,8 +181,9 @@ def dkd_loss(
                                                    temperature=temperature)
     else:
         rows, part_columns, _ = ops.call(
-            "dkd", student_logits, teacher_logits, target, alpha, beta, temperature,
-            _needs_grad(student_logits), backend)
+            "dkd", student_logits=student_logits, teacher_logits=teacher_logits, target=target,
+            alpha=alpha, beta=beta, temperature=temperature,
+            compute_grad=_needs_grad(student_logits), backend=backend)
         parts = _named_parts(part_columns, ("tckd", "nckd"))
     return _finish(rows, parts, reduction, return_parts)
 
@@ -227,6 +231,7 @@ def hcd_logit_loss(
     label_smoothing = validation.check_probability("label_smoothing", label_smoothing)
     theta, w_gt, w_sdd, w_ol, lam_s, lam_t = validation.check_finite(
         theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t)
+    detach_target = validation.check_flag("detach_target", detach_target)
     validation.check_reduction(reduction)
     backend = requested_backend(backend)
     if backend == "reference":
@@ -236,8 +241,10 @@ def hcd_logit_loss(
             w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t, detach_target=detach_target)
     else:
         rows, part_columns, _, _ = ops.call(
-            "hcd", shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
-            label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target,
-            _needs_grad(shared_logits, student_logits), backend)
+            "hcd", shared_logits=shared_logits, teacher_logits=teacher_logits,
+            student_logits=student_logits, target=target, num_sub=num_sub,
+            temperature=temperature, label_smoothing=label_smoothing, theta=theta, w_gt=w_gt,
+            w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t, detach_target=detach_target,
+            compute_grad=_needs_grad(shared_logits, student_logits), backend=backend)
         parts = _named_parts(part_columns, ("sce", "sdd", "ol"))
     return _finish(rows, parts, reduction, return_parts)

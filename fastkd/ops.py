@@ -253,13 +253,40 @@ def _dispatcher_needed(args):
             or any(type(arg) is not torch.Tensor for arg in args if isinstance(arg, torch.Tensor)))
 
 
-def call(name, *args):
-    """``torch.ops.fastkd.<name>(*args)``, what the public losses run. In a plain eager call it
-    applies the op's autograd kernel (``FusedRows``) to its implementation directly, which is
-    where the dispatcher would arrive: the same work, without the op call's schema parsing and
-    call back into Python, about 40-65 us per forward + backward on the development VM (tiny CPU
-    tensors: KD 445 -> 406 us, HCD 1034 -> 968 us)."""
+_MISSING = object()
+
+
+@functools.cache
+def _schema_arguments(op):
+    """``((name, default or _MISSING), ...)`` of ``op``'s schema, read once (reading the schema
+    costs host time on every call)."""
+    return tuple((argument.name, argument.default_value if argument.has_default_value()
+                  else _MISSING) for argument in op._schema.arguments)
+
+
+def positional(op, arguments):
+    """``arguments`` ({name: value}) in the order of ``op``'s schema, its defaults filled: the
+    schema is the one list of an op's arguments, and the callers name each one (a swapped
+    argument cannot pass silently). A missing or unknown name is a TypeError naming it."""
+    schema = _schema_arguments(op)
+    if len(arguments) > len(schema) or not arguments.keys() <= {name for name, _ in schema}:
+        unknown = sorted(set(arguments) - {name for name, _ in schema})
+        raise TypeError(f"{op._schema.name} has no argument {', '.join(unknown)}")
+    values = tuple(arguments.get(name, default) for name, default in schema)
+    if any(value is _MISSING for value in values):
+        missing = [name for (name, _), value in zip(schema, values) if value is _MISSING]
+        raise TypeError(f"{op._schema.name} needs the argument {', '.join(missing)}")
+    return values
+
+
+def call(name, **arguments):
+    """``torch.ops.fastkd.<name>(**arguments)``, what the public losses run. In a plain eager
+    call it applies the op's autograd kernel (``FusedRows``) to its implementation directly,
+    which is where the dispatcher would arrive: the same work, without the op call's schema
+    parsing and call back into Python, about 40-65 us per forward + backward on the
+    development VM (tiny CPU tensors: KD 445 -> 406 us, HCD 1034 -> 968 us)."""
     op, function, gradient_inputs = _OPS[name]
+    args = positional(op, arguments)
     if _dispatcher_needed(args):
         return op(*args)
     return FusedRows.apply(function, gradient_inputs, *args)

@@ -180,6 +180,13 @@ def check_finite(**values):
     return checked
 
 
+def check_flag(name, value):
+    """``value`` as a bool (numpy's too)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_top_d(top_d, num_classes):
     """``top_d`` as an int in 1..num_classes."""
     expected = f"an integer in 1..{num_classes} (the classes)"

@@ -6,7 +6,7 @@ import torch
 from helpers import DEVICE, random_logits
 
 import fastkd
-from fastkd import dkd_loss, hcd_logit_loss, kd_loss, ldrld_loss
+from fastkd import dkd_loss, hcd_logit_loss, kd_loss, ldrld_loss, ops
 from fastkd.options import DKD, HCD, KD, LDRLD
 
 
@@ -116,3 +116,18 @@ def test_compiled_step_has_no_graph_break_and_matches_eager():
         results.append((loss.detach(), student_leaf.grad, shared_leaf.grad))
     for compiled, eager in zip(results[1], results[0]):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ops_are_called_by_argument_name():
+    """``ops.call`` takes every argument by name and orders it by the op's schema: a missing or
+    unknown name is an error naming it, a default (``backend``) is filled."""
+    student, teacher = torch.zeros(2, 3), torch.ones(2, 3)
+    rows, _, _ = ops.call("kd", teacher_logits=teacher, temperature=2.0, compute_grad=False,
+                          student_logits=student)
+    torch.testing.assert_close(rows, kd_loss(student, teacher, temperature=2.0,
+                                             reduction="none"))
+    with pytest.raises(TypeError, match="fastkd::kd has no argument temprature"):
+        ops.call("kd", student_logits=student, teacher_logits=teacher, temprature=2.0,
+                 compute_grad=False)
+    with pytest.raises(TypeError, match="needs the argument temperature"):
+        ops.call("kd", student_logits=student, teacher_logits=teacher, compute_grad=False)
