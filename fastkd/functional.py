@@ -21,6 +21,7 @@ source of the method's defaults.
 import os
 
 import torch
+from torch import Tensor
 
 from . import ops, reference, validation
 from .options import DKD, HCD, KD, LDRLD
@@ -69,22 +70,22 @@ def _named_parts(part_columns, names):
 
 
 def ldrld_loss(
-    student_logits,
-    teacher_logits,
-    target,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None,
     *,
-    temperature=LDRLD.temperature,
-    top_d=LDRLD.top_d,
-    alpha=LDRLD.alpha,
-    beta=LDRLD.beta,
-    ce_weight=LDRLD.ce_weight,
-    irw_eps=LDRLD.irw_eps,
-    erd_scale=LDRLD.erd_scale,
-    erd_decay=LDRLD.erd_decay,
-    reduction="mean",
-    backend="auto",
-    return_parts=False,
-):
+    temperature: float = LDRLD.temperature,
+    top_d: int = LDRLD.top_d,
+    alpha: float = LDRLD.alpha,
+    beta: float = LDRLD.beta,
+    ce_weight: float = LDRLD.ce_weight,
+    irw_eps: float = LDRLD.irw_eps,
+    erd_scale: float = LDRLD.erd_scale,
+    erd_decay: float = LDRLD.erd_decay,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Local Dense Relational Logit Distillation (Xu et al., ICCV 2025).
 
     With G = {pi(1..d)} the student's top-d classes (ties to the lower class index in the triton
@@ -97,12 +98,27 @@ def ldrld_loss(
 
     where KL_S = T^2 KL(softmax(zt_S / T) || softmax(zs_S / T)) over the classes in S.
 
-    ``target`` holds class indices ``[B]``. Only the CE term reads it, so with ``ce_weight=0`` it
-    may also be None or soft targets ``[B, C]`` (timm's Mixup output: add a soft-target CE
-    yourself); the loss is then alpha * L_local + beta * L_rntk, as with class indices.
-    ``return_parts=True`` also returns ``{"ce", "local", "rntk"}`` (unweighted, reduced like the
-    loss, detached), so ``loss == ce_weight*ce + alpha*local + beta*rntk``; without class
-    indices there is no "ce".
+    Args:
+        student_logits: zs ``[B, C]``, C >= 2; fp16, bf16, fp32 or fp64.
+        teacher_logits: zt ``[B, C]``, same device; its dtype may differ. Gets no gradient.
+        target: y, class indices ``[B]`` (int). Only the CE term reads it, so with
+            ``ce_weight=0`` it may also be None or soft targets ``[B, C]`` (timm's Mixup output:
+            add a soft-target CE yourself).
+        temperature: T > 0.
+        top_d: d, in 1..C (the triton backend takes at most 32).
+        alpha, beta, ce_weight: the terms' weights (finite).
+        irw_eps, erd_scale, erd_decay: ADW's eps, scale and decay (finite).
+        reduction: "mean" (over the batch), "sum" or "none" (``[B]``).
+        backend: "auto", "triton", "torch" or "reference" (see the module's docstring).
+        return_parts: also return the parts.
+
+    Returns:
+        The loss (a scalar, or ``[B]`` for "none"), in fp32 (fp64 for fp64 inputs). With
+        ``return_parts``, ``(loss, {"ce", "local", "rntk"})``: unweighted, reduced like the
+        loss, detached, so ``loss == ce_weight*ce + alpha*local + beta*rntk``; without class
+        indices there is no "ce".
+
+    Numbers may be numpy scalars; a bad argument raises ValueError or TypeError naming it.
     """
     validation.check_logits(student_logits, teacher_logits)
     top_d = validation.check_top_d(top_d, student_logits.shape[1])
@@ -130,11 +146,22 @@ def ldrld_loss(
     return _finish(rows, parts, reduction, return_parts)
 
 
-def kd_loss(student_logits, teacher_logits, *, temperature=KD.temperature, reduction="mean",
-            backend="auto"):
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *,
+            temperature: float = KD.temperature, reduction: str = "mean",
+            backend: str = "auto") -> Tensor:
     """Hinton KD: per sample ``T^2 * KL(softmax(zt/T) || softmax(zs/T))``.
 
     The plain formulation is already vectorised, so the torch backend is the reference.
+
+    Args:
+        student_logits: zs ``[B, C]``, C >= 2; fp16, bf16, fp32 or fp64.
+        teacher_logits: zt ``[B, C]``, same device; its dtype may differ. Gets no gradient.
+        temperature: T > 0.
+        reduction: "mean" (over the batch), "sum" or "none" (``[B]``).
+        backend: "auto", "triton", "torch" or "reference" (see the module's docstring).
+
+    Returns:
+        The loss (a scalar, or ``[B]`` for "none"), in fp32 (fp64 for fp64 inputs).
     """
     validation.check_logits(student_logits, teacher_logits)
     temperature = validation.check_positive("temperature", temperature)
@@ -151,23 +178,37 @@ def kd_loss(student_logits, teacher_logits, *, temperature=KD.temperature, reduc
 
 
 def dkd_loss(
-    student_logits,
-    teacher_logits,
-    target,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
     *,
-    alpha=DKD.alpha,
-    beta=DKD.beta,
-    temperature=DKD.temperature,
-    reduction="mean",
-    backend="auto",
-    return_parts=False,
-):
+    alpha: float = DKD.alpha,
+    beta: float = DKD.beta,
+    temperature: float = DKD.temperature,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Decoupled KD (Zhao et al., CVPR 2022): per sample ``alpha * TCKD + beta * NCKD``.
 
     TCKD = T^2 KL(b_t || b_s) on the binary split b = (p_y, 1 - p_y) of softmax(z/T);
     NCKD = T^2 KL(q_t || q_s) on the softmax of the non-target logits. No cross-entropy term (the
-    DKD distiller adds it), as in the authors' code. ``return_parts=True`` also returns
-    ``{"tckd", "nckd"}`` (unweighted, reduced like the loss, detached).
+    DKD distiller adds it), as in the authors' code.
+
+    Args:
+        student_logits: zs ``[B, C]``, C >= 2; fp16, bf16, fp32 or fp64.
+        teacher_logits: zt ``[B, C]``, same device; its dtype may differ. Gets no gradient.
+        target: y, class indices ``[B]`` (int).
+        alpha, beta: the weights of TCKD and NCKD (finite).
+        temperature: T > 0.
+        reduction: "mean" (over the batch), "sum" or "none" (``[B]``).
+        backend: "auto", "triton", "torch" or "reference" (see the module's docstring).
+        return_parts: also return the parts.
+
+    Returns:
+        The loss (a scalar, or ``[B]`` for "none"), in fp32 (fp64 for fp64 inputs). With
+        ``return_parts``, ``(loss, {"tckd", "nckd"})``: unweighted, reduced like the loss,
+        detached.
     """
     validation.check_logits(student_logits, teacher_logits)
     validation.check_target(target, student_logits)
@@ -189,25 +230,25 @@ def dkd_loss(
 
 
 def hcd_logit_loss(
-    shared_logits,
-    teacher_logits,
-    student_logits,
-    target,
+    shared_logits: Tensor,
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    target: Tensor,
     *,
-    num_sub=HCD.num_sub,
-    temperature=HCD.temperature,
-    label_smoothing=0.0,
-    theta=HCD.theta,
-    w_gt=HCD.w_gt,
-    w_sdd=HCD.w_sdd,
-    w_ol=HCD.w_ol,
-    lam_s=HCD.lam_s,
-    lam_t=HCD.lam_t,
-    detach_target=HCD.detach_target,
-    reduction="mean",
-    backend="auto",
-    return_parts=False,
-):
+    num_sub: int = HCD.num_sub,
+    temperature: float = HCD.temperature,
+    label_smoothing: float = 0.0,
+    theta: float = HCD.theta,
+    w_gt: float = HCD.w_gt,
+    w_sdd: float = HCD.w_sdd,
+    w_ol: float = HCD.w_ol,
+    lam_s: float = HCD.lam_s,
+    lam_t: float = HCD.lam_t,
+    detach_target: bool = HCD.detach_target,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """One stage of Heterogeneous Complementary Distillation (Xu et al., AAAI 2026): the shared
     logits ``S [B, n*C]`` split into n sub-logits, fused with the teacher and trained three ways.
 
@@ -221,8 +262,28 @@ def hcd_logit_loss(
 
     Gradients reach ``shared_logits`` and ``student_logits`` (the KL's target side too, unless
     ``detach_target``), each in its own dtype; never the teacher. The shared, teacher and student
-    logits may differ in dtype. ``return_parts=True`` also returns ``{"sce", "sdd", "ol"}``
-    (unweighted, reduced like the loss, detached).
+    logits may differ in dtype.
+
+    Args:
+        shared_logits: S ``[B, n*C]``, the stage's shared logits (the mapper's output).
+        teacher_logits: zt ``[B, C]``, same device. Gets no gradient.
+        student_logits: zs ``[B, C]``, C >= 2; fp16, bf16, fp32 or fp64.
+        target: y, class indices ``[B]`` (int).
+        num_sub: n >= 1, the sub-logits S splits into.
+        temperature: T > 0.
+        label_smoothing: eps of CE_eps, in [0, 1).
+        theta: the orthogonality margin (finite).
+        w_gt, w_sdd, w_ol: the terms' weights (finite).
+        lam_s, lam_t: the fusion weights (finite).
+        detach_target: stop L_sdd's gradient through F_j.
+        reduction: "mean" (over the batch), "sum" or "none" (``[B]``).
+        backend: "auto", "triton", "torch" or "reference" (see the module's docstring).
+        return_parts: also return the parts.
+
+    Returns:
+        The loss (a scalar, or ``[B]`` for "none"), in fp32 (fp64 for fp64 inputs). With
+        ``return_parts``, ``(loss, {"sce", "sdd", "ol"})``: unweighted, reduced like the loss,
+        detached.
     """
     validation.check_logits(student_logits, teacher_logits)
     validation.check_target(target, student_logits)

@@ -218,7 +218,9 @@ class FusedRows(torch.autograd.Function):
 # --- Registration. ---
 
 _LIBRARY = torch.library.Library("fastkd", "DEF")
-# name -> (the op, its implementation, positions of its differentiable inputs)
+# name -> (the op, its implementation, positions of its differentiable inputs, its schema's
+# (argument, default) pairs: read once, since reading the schema costs host time and
+# torch.compile cannot trace it)
 _OPS = {}
 
 
@@ -235,7 +237,7 @@ def _register(schema, implementation, fake, gradient_inputs):
         return FusedRows.apply(op, gradient_inputs, *args)
 
     _LIBRARY.impl(name, autograd_kernel, "Autograd")
-    _OPS[name] = (op, implementation, gradient_inputs)
+    _OPS[name] = (op, implementation, gradient_inputs, _schema_arguments(op))
 
 
 def implementation(op):
@@ -256,26 +258,24 @@ def _dispatcher_needed(args):
 _MISSING = object()
 
 
-@functools.cache
 def _schema_arguments(op):
-    """``((name, default or _MISSING), ...)`` of ``op``'s schema, read once (reading the schema
-    costs host time on every call)."""
+    """``((name, default or _MISSING), ...)`` of ``op``'s schema."""
     return tuple((argument.name, argument.default_value if argument.has_default_value()
                   else _MISSING) for argument in op._schema.arguments)
 
 
-def positional(op, arguments):
-    """``arguments`` ({name: value}) in the order of ``op``'s schema, its defaults filled: the
-    schema is the one list of an op's arguments, and the callers name each one (a swapped
+def positional(name, arguments):
+    """``arguments`` ({name: value}) in the order of op ``name``'s schema, its defaults filled:
+    the schema is the one list of an op's arguments, and the callers name each one (a swapped
     argument cannot pass silently). A missing or unknown name is a TypeError naming it."""
-    schema = _schema_arguments(op)
-    if len(arguments) > len(schema) or not arguments.keys() <= {name for name, _ in schema}:
-        unknown = sorted(set(arguments) - {name for name, _ in schema})
-        raise TypeError(f"{op._schema.name} has no argument {', '.join(unknown)}")
-    values = tuple(arguments.get(name, default) for name, default in schema)
+    schema = _OPS[name][3]
+    if not arguments.keys() <= {argument for argument, _ in schema}:
+        unknown = sorted(set(arguments) - {argument for argument, _ in schema})
+        raise TypeError(f"fastkd::{name} has no argument {', '.join(unknown)}")
+    values = tuple(arguments.get(argument, default) for argument, default in schema)
     if any(value is _MISSING for value in values):
-        missing = [name for (name, _), value in zip(schema, values) if value is _MISSING]
-        raise TypeError(f"{op._schema.name} needs the argument {', '.join(missing)}")
+        missing = [argument for (argument, _), value in zip(schema, values) if value is _MISSING]
+        raise TypeError(f"fastkd::{name} needs the argument {', '.join(missing)}")
     return values
 
 
@@ -285,8 +285,8 @@ def call(name, **arguments):
     which is where the dispatcher would arrive: the same work, without the op call's schema
     parsing and call back into Python, about 40-65 us per forward + backward on the
     development VM (tiny CPU tensors: KD 445 -> 406 us, HCD 1034 -> 968 us)."""
-    op, function, gradient_inputs = _OPS[name]
-    args = positional(op, arguments)
+    op, function, gradient_inputs, _ = _OPS[name]
+    args = positional(name, arguments)
     if _dispatcher_needed(args):
         return op(*args)
     return FusedRows.apply(function, gradient_inputs, *args)

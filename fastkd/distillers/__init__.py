@@ -12,6 +12,8 @@ import functools
 import re
 from importlib.metadata import entry_points
 
+from torch import nn
+
 from ..options import MethodOptions
 from .base import Distiller
 from .ce import CE
@@ -24,7 +26,7 @@ ENTRY_POINT_GROUP = "fastkd.methods"
 _METHODS = {}  # name -> Distiller subclass, in registration order
 
 
-def register_method(name, distiller_class):
+def register_method(name: str, distiller_class: type[Distiller]) -> type[Distiller]:
     """Register ``distiller_class`` (a ``Distiller`` subclass) as method ``name``: it trains with
     ``train/main.py --distiller name`` and its options dataclass (``options_class``, a frozen
     ``fastkd.options.MethodOptions`` dataclass, or None) gives the flags ``--name-<field>``.
@@ -54,19 +56,20 @@ def _load_entry_points():
         register_method(entry_point.name, entry_point.load())
 
 
-def methods():
+def methods() -> dict[str, type[Distiller]]:
     """``{name: Distiller subclass}`` of every method, installed packages' ones included."""
     _load_entry_points()
     return dict(_METHODS)
 
 
-def method_options_classes():
+def method_options_classes() -> dict[str, type[MethodOptions]]:
     """``{name: options dataclass}`` of the methods that have options."""
     return {name: distiller.options_class for name, distiller in methods().items()
             if distiller.options_class is not None}
 
 
-def build_distiller(name, student, teacher=None, options=None, **settings):
+def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None = None,
+                    options: MethodOptions | None = None, **settings) -> Distiller:
     """The distiller registered as ``name`` around ``student`` (and ``teacher``): ``options`` is
     the method's options dataclass (``fastkd.options``), keyword ``settings`` are its fields or
     the shared ones (``label_smoothing``, ``student_mean``, ``student_std``, ``backend``)."""
