@@ -45,7 +45,8 @@ DEFAULT_NUM_SUB = 4  # the method's default n (shared/spec/hcd.md), for hcd_laun
 # Launch sizes in tile elements (hcd_launch_config says what chose them).
 MAX_TILE = 4096  # a [SUBS, BLOCK] tile kept in registers for the whole kernel
 STREAM_TILE = 2048  # a tile of a streamed row
-PULL_BUDGET = 32768  # SUBS^2 x BLOCK, the bound on the orthogonality pull's coefficients
+PULL_BUDGET = 16384  # SUBS^2 x BLOCK, the bound on the orthogonality pull's coefficients
+MIN_BLOCK = 8  # the narrowest block (fp64 at n = 16)
 TILE_PER_THREAD = 8  # what the warp count aims at
 MAX_WARPS = 8  # 16 warps cap a thread at 128 registers
 
@@ -273,7 +274,9 @@ def hcd_launch_config(num_classes, block_size=None, num_warps=None, *, num_sub=D
     - The orthogonality pull needs SUBS coefficients for each tile row a thread holds, all live at
       once (they are loop-invariant, so they are hoisted out of the stream loop). At n = 16 a
       thread holding all 16 rows of a column needs 256 and spills; SUBS^2 x BLOCK <= PULL_BUDGET
-      keeps blocks at 128 columns there, so that 8 warps spread each column's rows over two warps.
+      keeps blocks at 64 columns there, with at least SUBS / 2 warps to spread each column's
+      rows. (At 128 columns, triton 3.6, the GPU machines' compiler, spilled 32-232 bytes at
+      n = 16 and 16 bytes for fp64 at n = 4; triton 3.8 none.)
     - fp64 (the exact-test path) is sized as 4x the rows with at most 4 warps: its values take two
       registers and its exp is a long software routine.
 
@@ -286,10 +289,12 @@ def hcd_launch_config(num_classes, block_size=None, num_warps=None, *, num_sub=D
     """
     # fp64 values take two registers and fp64 exp is a long software routine: size as 4x the rows.
     rows = sub_rows(num_sub) * (4 if fp64 else 1)
-    widest = min(MAX_TILE // rows, PULL_BUDGET // rows**2)
+    widest = max(min(MAX_TILE // rows, PULL_BUDGET // rows**2), MIN_BLOCK)
     block = block_size or (triton.next_power_of_2(num_classes) if num_classes <= widest
-                           else min(STREAM_TILE // rows, PULL_BUDGET // rows**2))
-    num_warps = num_warps or min(max(rows * block // (32 * TILE_PER_THREAD), 1),
+                           else max(min(STREAM_TILE // rows, PULL_BUDGET // rows**2), MIN_BLOCK))
+    # At least a warp per two sub-logit rows: fewer spilled the pull at n = 16 (triton 3.6).
+    num_warps = num_warps or min(max(rows * block // (32 * TILE_PER_THREAD),
+                                     sub_rows(num_sub) // 2, 1),
                                  MAX_WARPS // (2 if fp64 else 1))
     return block, num_classes <= block, num_warps
 
