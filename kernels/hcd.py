@@ -38,6 +38,7 @@ from .common import (
     optional_output,
     row_major,
     row_outputs,
+    row_prologue,
 )
 
 MAX_NUM_SUB = 16
@@ -135,6 +136,22 @@ def _tile_grads(fused, student, in_tile, subs, block_cols, target, q_lse, pf_lse
 
 
 @triton.jit
+def _store_tile_grads(grad_shared_row, grad_student_row, fused, student, in_row, in_tile, subs,
+                      block_cols, target, q_lse, pf_lse, s_lse, kl, pull, inv_temperature,
+                      temperature, ce_scale, label_smoothing, num_classes, num_sub, w_sdd, lam_s,
+                      SUBS: tl.constexpr, DETACH_TARGET: tl.constexpr):
+    """One tile's gradients (``_tile_grads``), stored in the tile's dtype of each input."""
+    grad, grad_student = _tile_grads(
+        fused, student, in_tile, subs, block_cols, target, q_lse, pf_lse, s_lse, kl, pull,
+        inv_temperature, temperature, ce_scale, label_smoothing, num_classes, num_sub, w_sdd,
+        lam_s, SUBS, DETACH_TARGET)
+    tl.store(grad_shared_row + subs[:, None] * num_classes + block_cols[None, :],
+             grad.to(grad_shared_row.dtype.element_ty), mask=in_tile)
+    tl.store(grad_student_row + block_cols, grad_student.to(grad_student_row.dtype.element_ty),
+             mask=in_row)
+
+
+@triton.jit
 def _hcd_kernel(
     shared_ptr, teacher_ptr, student_ptr, target_ptr, loss_ptr, parts_ptr,
     grad_shared_ptr, grad_student_ptr,
@@ -144,20 +161,17 @@ def _hcd_kernel(
     ACC: tl.constexpr, SUBS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     DETACH_TARGET: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row, student_row, teacher_row, grad_student_row, cols, temperature, inv_temperature = (
+        row_prologue(student_ptr, teacher_ptr, grad_student_ptr, student_stride, teacher_stride,
+                     grad_student_stride, temperature, BLOCK, ACC))
     shared_row = shared_ptr + row * shared_stride
-    teacher_row = teacher_ptr + row * teacher_stride
-    student_row = student_ptr + row * student_stride
-    cols = tl.arange(0, BLOCK)
     subs = tl.arange(0, SUBS)
     is_sub = subs < num_sub
     # Float arguments arrive as fp32; those divided below are widened first.
-    temperature = tl.full([], temperature, ACC)
     label_smoothing = tl.full([], label_smoothing, ACC)
     w_gt = tl.full([], w_gt, ACC)
     w_sdd = tl.full([], w_sdd, ACC)
     w_ol = tl.full([], w_ol, ACC)
-    inv_temperature = 1.0 / temperature
     target = tl.load(target_ptr + row).to(tl.int32)
     valid_target = (target >= 0) & (target < num_classes)
 
@@ -180,13 +194,12 @@ def _hcd_kernel(
             fused, student, in_row, in_tile, subs, cols, target, inv_temperature, SUBS)
     else:
         for start in range(0, num_classes, BLOCK):
-            block_cols = start + cols
             in_row, in_tile, fused, student = _load_tile(
-                shared_row, teacher_row, student_row, subs, is_sub, block_cols, num_classes,
+                shared_row, teacher_row, student_row, subs, is_sub, start + cols, num_classes,
                 lam_s, lam_t, ACC)
             q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _tile_stats(
                 q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum,
-                fused, student, in_row, in_tile, subs, block_cols, target, inv_temperature,
+                fused, student, in_row, in_tile, subs, start + cols, target, inv_temperature,
                 SUBS)
 
     # 2. The three terms.
@@ -223,36 +236,27 @@ def _hcd_kernel(
     # 3. Gradients, tile by tile.
     if COMPUTE_GRAD:
         grad_shared_row = grad_shared_ptr + row * grad_shared_stride
-        grad_student_row = grad_student_ptr + row * grad_student_stride
         coupling = (4.0 * w_ol / num_pairs) * excess
         along = tl.sum(coupling * cosines, axis=1)  # u_j . g_j
         # dL/dv_j = (g_j - u_j (u_j . g_j)) / |v_j| = sum_k pull_jk v_k, with u_k = v_k / |v_k|.
         pull = (tl.where(is_diagonal, -along[:, None], coupling)
                 * inv_norm[:, None] * inv_norm[None, :])
         ce_scale = w_gt / num_sub
-        if SINGLE_BLOCK:
-            grad, grad_student = _tile_grads(
-                fused, student, in_tile, subs, cols, target, q_lse, pf_lse, s_lse, kl, pull,
-                inv_temperature, temperature, ce_scale, label_smoothing, num_classes, num_sub,
-                w_sdd, lam_s, SUBS, DETACH_TARGET)
-            tl.store(grad_shared_row + subs[:, None] * num_classes + cols[None, :],
-                     grad.to(grad_shared_ptr.dtype.element_ty), mask=in_tile)
-            tl.store(grad_student_row + cols, grad_student.to(grad_student_ptr.dtype.element_ty),
-                     mask=in_row)
+        if SINGLE_BLOCK:  # the tile is still in registers
+            _store_tile_grads(
+                grad_shared_row, grad_student_row, fused, student, in_row, in_tile, subs, cols,
+                target, q_lse, pf_lse, s_lse, kl, pull, inv_temperature, temperature, ce_scale,
+                label_smoothing, num_classes, num_sub, w_sdd, lam_s, SUBS, DETACH_TARGET)
         else:
             for start in range(0, num_classes, BLOCK):
-                block_cols = start + cols
                 in_row, in_tile, fused, student = _load_tile(
-                    shared_row, teacher_row, student_row, subs, is_sub, block_cols, num_classes,
-                    lam_s, lam_t, ACC)
-                grad, grad_student = _tile_grads(
-                    fused, student, in_tile, subs, block_cols, target, q_lse, pf_lse, s_lse, kl,
-                    pull, inv_temperature, temperature, ce_scale, label_smoothing, num_classes,
-                    num_sub, w_sdd, lam_s, SUBS, DETACH_TARGET)
-                tl.store(grad_shared_row + subs[:, None] * num_classes + block_cols[None, :],
-                         grad.to(grad_shared_ptr.dtype.element_ty), mask=in_tile)
-                tl.store(grad_student_row + block_cols,
-                         grad_student.to(grad_student_ptr.dtype.element_ty), mask=in_row)
+                    shared_row, teacher_row, student_row, subs, is_sub, start + cols,
+                    num_classes, lam_s, lam_t, ACC)
+                _store_tile_grads(
+                    grad_shared_row, grad_student_row, fused, student, in_row, in_tile, subs,
+                    start + cols, target, q_lse, pf_lse, s_lse, kl, pull, inv_temperature,
+                    temperature, ce_scale, label_smoothing, num_classes, num_sub, w_sdd, lam_s,
+                    SUBS, DETACH_TARGET)
 
 
 def sub_rows(num_sub):
