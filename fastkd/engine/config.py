@@ -568,14 +568,14 @@ def check_method_options(args):
     """The method's options through its own checks (``Distiller.check_options``: the built-in
     methods run their loss on a dummy batch of ``args.num_classes`` classes); an error names the
     flag (``--ldrld-top-d``), not the loss's argument (``top_d``)."""
-    options = method_options(args)
-    if options is None:
+    options_class = method_options_classes().get(args.distiller)
+    if options_class is None:
         return
-    try:
-        methods()[args.distiller].check_options(options, args.num_classes)
+    try:  # making the options checks the distiller-only ones, the method the rest
+        methods()[args.distiller].check_options(method_options(args), args.num_classes)
     except (TypeError, ValueError) as error:
         message = str(error)
-        names = sorted((item.name for item in dataclasses.fields(options)
+        names = sorted((item.name for item in dataclasses.fields(options_class)
                         if message.startswith(item.name)), key=len, reverse=True)
         flag = f"--{method_flag(args.distiller, names[0])}: " if names else ""
         raise SystemExit(f"error: {flag}{message}") from None
