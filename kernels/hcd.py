@@ -136,6 +136,57 @@ def _tile_grads(fused, student, in_tile, subs, block_cols, target, q_lse, pf_lse
 
 
 @triton.jit
+def _empty_stats(SUBS: tl.constexpr, ACC: tl.constexpr):
+    """``_tile_stats``'s running statistics before the first tile."""
+    zeros = tl.zeros([SUBS], ACC)
+    return (tl.full([SUBS], NEG_FILL, ACC), zeros, zeros, zeros, zeros,
+            tl.zeros([SUBS, SUBS], ACC), tl.full([], NEG_FILL, ACC), tl.zeros([], ACC))
+
+
+@triton.jit
+def _softmax_terms(q_max, q_sum, pf_sum, pf_dot, fused_sum, s_max, s_sum, is_sub, fused_target,
+                   valid_target, inv_temperature, temperature, label_smoothing, num_classes,
+                   num_sub):
+    """From the row's statistics: the log-sum-exps of F_j, F_j / T and zs / T, each sub-logit's
+    KL, L_sce (NaN for an out-of-range label, instead of reading out of bounds) and L_sdd."""
+    # Padding rows (j >= num_sub) get finite stand-ins so no exp() overflows on them.
+    safe_pf_sum = tl.where(is_sub, pf_sum, 1.0)
+    q_lse = tl.where(is_sub, q_max + tl.log(tl.where(is_sub, q_sum, 1.0)), 0.0)
+    pf_lse = tl.where(is_sub, q_max * inv_temperature + tl.log(safe_pf_sum), 0.0)
+    s_lse = s_max + tl.log(s_sum)
+    ce = q_lse - (1.0 - label_smoothing) * fused_target - label_smoothing / num_classes * fused_sum
+    sce = tl.sum(tl.where(is_sub, ce, 0.0), axis=0) / num_sub
+    sce = tl.where(valid_target, sce, float("nan"))
+    kl = tl.where(is_sub, pf_dot / safe_pf_sum - pf_lse + s_lse, 0.0)
+    sdd = temperature * temperature * tl.sum(kl, axis=0) / num_sub
+    return q_lse, pf_lse, s_lse, kl, sce, sdd
+
+
+@triton.jit
+def _orthogonality(gram, subs, is_sub, num_sub, theta):
+    """L_ol from the Gram matrix of the v_j, with what its gradient reuses."""
+    is_diagonal = subs[:, None] == subs[None, :]
+    norm = tl.sqrt(tl.sum(tl.where(is_diagonal, gram, 0.0), axis=1))
+    inv_norm = 1.0 / tl.maximum(norm, 1e-12)
+    cosines = gram * inv_norm[:, None] * inv_norm[None, :]
+    is_pair = is_sub[:, None] & is_sub[None, :] & ~is_diagonal
+    excess = tl.where(is_pair, tl.maximum(cosines - theta, 0.0), 0.0)
+    num_pairs = tl.maximum(num_sub * (num_sub - 1), 1)
+    ol = tl.sum(tl.sum(excess * excess, axis=1), axis=0) / num_pairs
+    return is_diagonal, inv_norm, cosines, excess, num_pairs, ol
+
+
+@triton.jit
+def _orthogonality_pull(excess, cosines, is_diagonal, inv_norm, w_ol, num_pairs):
+    """w_ol dL_ol/dv_j = sum_k pull_jk v_k: with g_j = dL/du_j and u_k = v_k / |v_k|,
+    dL/dv_j = (g_j - u_j (u_j . g_j)) / |v_j|."""
+    coupling = (4.0 * w_ol / num_pairs) * excess
+    along = tl.sum(coupling * cosines, axis=1)  # u_j . g_j
+    return (tl.where(is_diagonal, -along[:, None], coupling)
+            * inv_norm[:, None] * inv_norm[None, :])
+
+
+@triton.jit
 def _store_tile_grads(grad_shared_row, grad_student_row, fused, student, in_row, in_tile, subs,
                       block_cols, target, q_lse, pf_lse, s_lse, kl, pull, inv_temperature,
                       temperature, ce_scale, label_smoothing, num_classes, num_sub, w_sdd, lam_s,
@@ -177,14 +228,7 @@ def _hcd_kernel(
 
     # 1. Per-sub-logit statistics: log-sum-exp of F_j and of F_j / T, the KL dot product, the sum
     #    of F_j (label smoothing), and the Gram matrix of the v_j.
-    q_max = tl.full([SUBS], NEG_FILL, ACC)
-    q_sum = tl.zeros([SUBS], ACC)
-    pf_sum = tl.zeros([SUBS], ACC)
-    pf_dot = tl.zeros([SUBS], ACC)
-    fused_sum = tl.zeros([SUBS], ACC)
-    gram = tl.zeros([SUBS, SUBS], ACC)
-    s_max = tl.full([], NEG_FILL, ACC)
-    s_sum = tl.zeros([], ACC)
+    q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _empty_stats(SUBS, ACC)
     if SINGLE_BLOCK:
         in_row, in_tile, fused, student = _load_tile(
             shared_row, teacher_row, student_row, subs, is_sub, cols, num_classes, lam_s, lam_t,
@@ -203,30 +247,15 @@ def _hcd_kernel(
                 SUBS)
 
     # 2. The three terms.
-    # Padding rows (j >= num_sub) get finite stand-ins so no exp() overflows on them.
-    safe_pf_sum = tl.where(is_sub, pf_sum, 1.0)
-    q_lse = tl.where(is_sub, q_max + tl.log(tl.where(is_sub, q_sum, 1.0)), 0.0)
-    pf_lse = tl.where(is_sub, q_max * inv_temperature + tl.log(safe_pf_sum), 0.0)
-    s_lse = s_max + tl.log(s_sum)
     target_shared = tl.load(shared_row + subs * num_classes + target,
                             mask=is_sub & valid_target, other=0.0).to(ACC)
     target_teacher = tl.load(teacher_row + target, mask=valid_target, other=0.0).to(ACC)
-    fused_target = lam_s * target_shared + lam_t * target_teacher
-    ce = q_lse - (1.0 - label_smoothing) * fused_target - label_smoothing / num_classes * fused_sum
-    sce = tl.sum(tl.where(is_sub, ce, 0.0), axis=0) / num_sub
-    # An out-of-range label makes the loss NaN instead of reading out of bounds.
-    sce = tl.where(valid_target, sce, float("nan"))
-    kl = tl.where(is_sub, pf_dot / safe_pf_sum - pf_lse + s_lse, 0.0)
-    sdd = temperature * temperature * tl.sum(kl, axis=0) / num_sub
-
-    is_diagonal = subs[:, None] == subs[None, :]
-    norm = tl.sqrt(tl.sum(tl.where(is_diagonal, gram, 0.0), axis=1))
-    inv_norm = 1.0 / tl.maximum(norm, 1e-12)
-    cosines = gram * inv_norm[:, None] * inv_norm[None, :]
-    is_pair = is_sub[:, None] & is_sub[None, :] & ~is_diagonal
-    excess = tl.where(is_pair, tl.maximum(cosines - theta, 0.0), 0.0)
-    num_pairs = tl.maximum(num_sub * (num_sub - 1), 1)
-    ol = tl.sum(tl.sum(excess * excess, axis=1), axis=0) / num_pairs
+    q_lse, pf_lse, s_lse, kl, sce, sdd = _softmax_terms(
+        q_max, q_sum, pf_sum, pf_dot, fused_sum, s_max, s_sum, is_sub,
+        lam_s * target_shared + lam_t * target_teacher, valid_target, inv_temperature,
+        temperature, label_smoothing, num_classes, num_sub)
+    is_diagonal, inv_norm, cosines, excess, num_pairs, ol = _orthogonality(
+        gram, subs, is_sub, num_sub, theta)
 
     tl.store(loss_ptr + row, w_gt * sce + w_sdd * sdd + w_ol * ol)
     tl.store(parts_ptr + row * 3 + 0, sce)
@@ -236,11 +265,7 @@ def _hcd_kernel(
     # 3. Gradients, tile by tile.
     if COMPUTE_GRAD:
         grad_shared_row = grad_shared_ptr + row * grad_shared_stride
-        coupling = (4.0 * w_ol / num_pairs) * excess
-        along = tl.sum(coupling * cosines, axis=1)  # u_j . g_j
-        # dL/dv_j = (g_j - u_j (u_j . g_j)) / |v_j| = sum_k pull_jk v_k, with u_k = v_k / |v_k|.
-        pull = (tl.where(is_diagonal, -along[:, None], coupling)
-                * inv_norm[:, None] * inv_norm[None, :])
+        pull = _orthogonality_pull(excess, cosines, is_diagonal, inv_norm, w_ol, num_pairs)
         ce_scale = w_gt / num_sub
         if SINGLE_BLOCK:  # the tile is still in registers
             _store_tile_grads(
