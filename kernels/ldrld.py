@@ -161,6 +161,54 @@ def _store_remainder_grad(grad_row, student, teacher, in_row, block_cols, last_v
 
 
 @triton.jit
+def _join_remainder(t_max, t_sum, t_dot, s_max, s_sum,
+                    evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum):
+    """The remainder's statistics: classes left outside the set as their block was read (per
+    lane) plus members evicted later (per slot), each reduced once, then joined."""
+    t_max, t_sum, t_dot, s_max, s_sum = reduce_lane_kl_stats(t_max, t_sum, t_dot, s_max, s_sum)
+    evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum = (
+        reduce_lane_kl_stats(evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
+                             evicted_s_sum))
+    return merge_kl_stats(t_max, t_sum, t_dot, s_max, s_sum, evicted_t_max, evicted_t_sum,
+                          evicted_t_dot, evicted_s_max, evicted_s_sum)
+
+
+@triton.jit
+def _local_term(top_logits, top_values, top_cols, top_teacher, slots, is_slot, inv_temperature,
+                temperature, inv_num_groups, top_set_weight, irw_eps, erd_scale, erd_decay,
+                ACC: tl.constexpr):
+    """L_local = (sum_{i<j<=d} ADW(i, j) KL_{pi(i), pi(j)} + w_G KL_G) / groups, times T^2, on
+    the d slots in registers; with what its gradient reuses (each slot's summed pair gradient,
+    and the top set's student log-softmax and teacher softmax)."""
+    top_student = top_logits * inv_temperature
+    top_teacher = top_teacher * inv_temperature
+    # 1-based rank of each slot = 1 + number of set members ahead of it.
+    value_p = top_values[:, None]
+    value_q = top_values[None, :]
+    ahead = (value_q > value_p) | ((value_q == value_p) & (top_cols[None, :] < top_cols[:, None]))
+    rank = (tl.sum((ahead & is_slot[None, :]).to(tl.int32), axis=1) + 1).to(ACC)
+    rank_p = rank[:, None]
+    rank_q = rank[None, :]
+    adw = erd_scale * tl.exp(-erd_decay * (rank_p + rank_q)) / (tl.abs(rank_p - rank_q) + irw_eps)
+    is_pair = is_slot[:, None] & is_slot[None, :] & (slots[:, None] != slots[None, :])
+
+    teacher_gaps = top_teacher[:, None] - top_teacher[None, :]
+    student_gaps = top_student[:, None] - top_student[None, :]
+    pair_kl = binary_kl(teacher_gaps, student_gaps)
+    # Each unordered pair appears twice in the d x d matrix.
+    pair_sum = 0.5 * tl.sum(tl.sum(tl.where(is_pair, adw * pair_kl, 0.0), axis=1), axis=0)
+    pair_prob_gap = sigmoid(student_gaps) - sigmoid(teacher_gaps)
+    pair_grad = tl.sum(tl.where(is_pair, adw * pair_prob_gap, 0.0), axis=1)
+
+    log_ps_top = masked_log_softmax(top_student, is_slot)
+    log_pt_top = masked_log_softmax(top_teacher, is_slot)
+    pt_top = tl.exp(log_pt_top)
+    top_set_kl = tl.sum(tl.where(is_slot, pt_top * (log_pt_top - log_ps_top), 0.0), axis=0)
+    local = temperature * temperature * inv_num_groups * (pair_sum + top_set_weight * top_set_kl)
+    return local, pair_grad, log_ps_top, pt_top
+
+
+@triton.jit
 def _ldrld_kernel(
     student_ptr, teacher_ptr, target_ptr, loss_ptr, parts_ptr, grad_ptr,
     student_stride, teacher_stride, grad_stride,
@@ -224,14 +272,7 @@ def _ldrld_kernel(
             t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums = _fold_block_rest(
                 student, teacher, in_row, start + cols, block_max, last_value, last_col,
                 t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums, inv_temperature)
-        # The remainder = classes left outside the set as their block was read (per lane) plus
-        # members evicted later (per slot): reduce each once, then join them.
-        t_max, t_sum, t_dot, s_max, s_sum = reduce_lane_kl_stats(t_max, t_sum, t_dot, s_max,
-                                                                 s_sum)
-        evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum = (
-            reduce_lane_kl_stats(evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
-                                 evicted_s_sum))
-        t_max, t_sum, t_dot, s_max, s_sum = merge_kl_stats(
+        t_max, t_sum, t_dot, s_max, s_sum = _join_remainder(
             t_max, t_sum, t_dot, s_max, s_sum,
             evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum)
         ce_sum = tl.sum(ce_sums, axis=0)
@@ -241,33 +282,9 @@ def _ldrld_kernel(
 
     # 2. Pair and top-set terms on the d slots, in registers.
     top_logits = tl.where(is_slot, top_values, NEG_FILL)  # empty slots would overflow exp()
-    top_student = top_logits * inv_temperature
-    top_teacher = top_teacher * inv_temperature
-
-    # 1-based rank of each slot = 1 + number of set members ahead of it.
-    value_p = top_values[:, None]
-    value_q = top_values[None, :]
-    ahead = (value_q > value_p) | ((value_q == value_p) & (top_cols[None, :] < top_cols[:, None]))
-    rank = (tl.sum((ahead & is_slot[None, :]).to(tl.int32), axis=1) + 1).to(ACC)
-    rank_p = rank[:, None]
-    rank_q = rank[None, :]
-    adw = erd_scale * tl.exp(-erd_decay * (rank_p + rank_q)) / (tl.abs(rank_p - rank_q) + irw_eps)
-    is_pair = is_slot[:, None] & is_slot[None, :] & (slots[:, None] != slots[None, :])
-
-    teacher_gaps = top_teacher[:, None] - top_teacher[None, :]
-    student_gaps = top_student[:, None] - top_student[None, :]
-    pair_kl = binary_kl(teacher_gaps, student_gaps)
-    # Each unordered pair appears twice in the d x d matrix.
-    pair_sum = 0.5 * tl.sum(tl.sum(tl.where(is_pair, adw * pair_kl, 0.0), axis=1), axis=0)
-    pair_prob_gap = sigmoid(student_gaps) - sigmoid(teacher_gaps)
-    pair_grad = tl.sum(tl.where(is_pair, adw * pair_prob_gap, 0.0), axis=1)
-
-    log_ps_top = masked_log_softmax(top_student, is_slot)
-    log_pt_top = masked_log_softmax(top_teacher, is_slot)
-    pt_top = tl.exp(log_pt_top)
-    top_set_kl = tl.sum(tl.where(is_slot, pt_top * (log_pt_top - log_ps_top), 0.0), axis=0)
-
-    local = temperature * temperature * inv_num_groups * (pair_sum + top_set_weight * top_set_kl)
+    local, pair_grad, log_ps_top, pt_top = _local_term(
+        top_logits, top_values, top_cols, top_teacher, slots, is_slot, inv_temperature,
+        temperature, inv_num_groups, top_set_weight, irw_eps, erd_scale, erd_decay, ACC)
 
     valid_target = (target >= 0) & (target < num_classes)
     target_logit = tl.load(student_row + target, mask=valid_target, other=0.0).to(ACC)
