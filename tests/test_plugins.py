@@ -92,6 +92,12 @@ def test_an_installed_entry_point_trains_with_the_trainer(tmp_path, demo_dir, te
         [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
     help_text = run_main(["--help"], env=environment)
     assert "--rkd-weight" in help_text.stdout, help_text.stderr[-2000:]
+    refused = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "rkd",
+                        "--rkd-temperature", "0", "--teacher", "resnet20", "--output",
+                        str(tmp_path / "refused"), *FAST], env=environment)
+    assert refused.returncode == 1 and (
+        "error: --rkd-temperature: temperature must be positive, got 0.0" in refused.stderr)
+    assert not (tmp_path / "refused").exists()  # refused before any work
     result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "rkd",
                        "--rkd-weight", "2", "--teacher", "resnet20", "--teacher-checkpoint",
                        teacher_checkpoint, "--output", str(tmp_path), "--experiment", "rkd",
