@@ -210,6 +210,7 @@ def test_synthetic_loaders_shard_the_epoch_and_repeat_one_batch():
     (["--loader", "torch"], "--loader would change nothing"),
     (["--aa", "v0", "--reprob", "0.5"], "--aa, --reprob would change nothing"),
     (["--synthetic-samples", "0"], "--synthetic-samples must be a positive number, got 0"),
+    (["--num-classes", "0"], "--num-classes must be 2 or more for --dataset synthetic, got 0"),
     (["--scale", "0", "1"], "--scale must be two area fractions 0 < low <= high <= 1"),
 ])
 def test_synthetic_refusals(argv, message, capsys, tmp_path):

@@ -148,7 +148,7 @@ def test_an_unreadable_checkpoint_is_named(demo_dir, tmp_path):
                            "--teacher", "resnet20", "--output", str(tmp_path / "out"), *FAST,
                            option, str(junk)])
         assert result.returncode == 1
-        assert f"error: cannot read the checkpoint {junk}" in result.stderr
+        assert f"error: cannot read the checkpoint {junk} given to {option}" in result.stderr
         assert ("(not a file that torch.save or safetensors wrote, or a damaged one)"
                 in result.stderr)
         assert "Traceback" not in result.stderr

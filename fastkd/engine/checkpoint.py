@@ -40,13 +40,14 @@ def save_atomic(state, path):
         torch.save(state, handle)
 
 
-def load(path):
-    """The checkpoint at ``path``, on the CPU, read without running any pickled code."""
+def load(path, flag=None):
+    """The checkpoint at ``path``, on the CPU, read without running any pickled code; a file
+    that cannot be read is refused naming it (and ``flag``, the option that gave it)."""
     try:
         with torch.serialization.safe_globals(READABLE_CLASSES):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises whatever unpickling a bad file raises
-        raise SystemExit(_cannot_read(path, _reason(path, error))) from None
+        raise SystemExit(_cannot_read(path, _reason(path, error), flag)) from None
 
 
 def _cannot_read(path, reason, flag=None):
@@ -129,12 +130,12 @@ def _shape(value):
     return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def data_config_of(path):
+def data_config_of(path, flag=None):
     """The input normalisation (``{"mean", "std", "input_size", "crop_pct"}``) a fastkd
-    checkpoint's model was trained with, or None for any other file."""
+    checkpoint's model was trained with, or None for any other file (``flag``: ``load``'s)."""
     if str(path).endswith(".safetensors"):  # tensors only
         return None
-    state = load(path)
+    state = load(path, flag)
     return state.get("data_config") if isinstance(state, dict) else None
 
 

@@ -334,7 +334,7 @@ def take_checkpoint_settings(parser, args):
 
     if not os.path.isfile(args.eval_only):
         parser.error(f"--eval-only {args.eval_only} is not a checkpoint file")
-    saved = load(args.eval_only)
+    saved = load(args.eval_only, "--eval-only")
     if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
         parser.error(f"--eval-only {args.eval_only} is not a fastkd checkpoint (no 'args' "
                      "entry): evaluate timm checkpoints with timm's validate.py")
@@ -386,6 +386,9 @@ def check_data(parser, args, given):
         if unused:
             parser.error(f"--dataset synthetic makes random tensors on the device: "
                          f"{', '.join(unused)} would change nothing")
+        if args.num_classes is not None and args.num_classes < 2:
+            parser.error(f"--num-classes must be 2 or more for --dataset synthetic, got "
+                         f"{args.num_classes}")
     elif args.synthetic_samples is not None:
         parser.error(f"--synthetic-samples is for --dataset synthetic, not {args.dataset}")
     if args.data_dir and not os.path.isdir(args.data_dir):

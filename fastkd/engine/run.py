@@ -42,7 +42,7 @@ def build_task(args, data_config, teacher_checkpoint=None):
         check_input_size(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes, size)
         if teacher_checkpoint:
             checkpoint.load_weights(teacher, teacher_checkpoint, arch=args.teacher)
-            trained_with = checkpoint.data_config_of(teacher_checkpoint)
+            trained_with = checkpoint.data_config_of(teacher_checkpoint, "--teacher-checkpoint")
             if trained_with:
                 teacher.pretrained_cfg = {**(getattr(teacher, "pretrained_cfg", None) or {}),
                                           "mean": tuple(trained_with["mean"]),

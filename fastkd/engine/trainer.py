@@ -41,7 +41,7 @@ def resume_point(args, world):
     path = world.broadcast(checkpoint_to_resume(args) if world.main else None)
     if not path:
         return None, None
-    state = checkpoint.load(path)
+    state = checkpoint.load(path, "--resume")
     saved_processes = len(state.get("ranks") or state["rng"])
     checkpoint.check_resumable(state["args"], args, saved_processes, world.world_size)
     if args.resume != "auto":  # auto restarts a job where it was
@@ -221,7 +221,7 @@ def train_or_evaluate(args, world, loaders, data_config):
 def evaluate_checkpoint(args, world, val_loader):
     """--eval-only: the checkpoint's student, and its EMA student when it has one."""
     autocast = autocast_settings(args)
-    has_ema = "state_dict_ema" in checkpoint.load(args.eval_only)
+    has_ema = "state_dict_ema" in checkpoint.load(args.eval_only, "--eval-only")
     for label, use_ema in (("student", False), ("EMA student", True))[:1 + has_ema]:
         model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
         checkpoint.load_weights(model, args.eval_only, flag="--eval-only", use_ema=use_ema,
