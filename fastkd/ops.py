@@ -219,8 +219,8 @@ class FusedRows(torch.autograd.Function):
 
 _LIBRARY = torch.library.Library("fastkd", "DEF")
 # name -> (the op, its implementation, positions of its differentiable inputs, its schema's
-# (argument, default) pairs: read once, since reading the schema costs host time and
-# torch.compile cannot trace it)
+# (argument, default) pairs and their names: read once, since reading the schema costs host time
+# and torch.compile cannot trace it)
 _OPS = {}
 
 
@@ -237,7 +237,9 @@ def _register(schema, implementation, fake, gradient_inputs):
         return FusedRows.apply(op, gradient_inputs, *args)
 
     _LIBRARY.impl(name, autograd_kernel, "Autograd")
-    _OPS[name] = (op, implementation, gradient_inputs, _schema_arguments(op))
+    arguments = _schema_arguments(op)
+    _OPS[name] = (op, implementation, gradient_inputs, arguments,
+                  frozenset(argument for argument, _ in arguments))
 
 
 def implementation(op):
@@ -264,13 +266,13 @@ def _schema_arguments(op):
                   else _MISSING) for argument in op._schema.arguments)
 
 
-def positional(name, arguments):
-    """``arguments`` ({name: value}) in the order of op ``name``'s schema, its defaults filled:
-    the schema is the one list of an op's arguments, and the callers name each one (a swapped
-    argument cannot pass silently). A missing or unknown name is a TypeError naming it."""
-    schema = _OPS[name][3]
-    if not arguments.keys() <= {argument for argument, _ in schema}:
-        unknown = sorted(set(arguments) - {argument for argument, _ in schema})
+def positional(name, schema, names, arguments):
+    """``arguments`` ({name: value}) in the order of op ``name``'s ``schema`` ((argument,
+    default) pairs; ``names``: theirs), its defaults filled: the schema is the one list of an
+    op's arguments, and the callers name each one (a swapped argument cannot pass silently). A
+    missing or unknown name is a TypeError naming it."""
+    if not arguments.keys() <= names:
+        unknown = sorted(set(arguments) - names)
         raise TypeError(f"fastkd::{name} has no argument {', '.join(unknown)}")
     values = tuple(arguments.get(argument, default) for argument, default in schema)
     if any(value is _MISSING for value in values):
@@ -285,8 +287,8 @@ def call(name, **arguments):
     which is where the dispatcher would arrive: the same work, without the op call's schema
     parsing and call back into Python, about 40-65 us per forward + backward on the
     development VM (tiny CPU tensors: KD 445 -> 406 us, HCD 1034 -> 968 us)."""
-    op, function, gradient_inputs, _ = _OPS[name]
-    args = positional(name, arguments)
+    op, function, gradient_inputs, schema, names = _OPS[name]
+    args = positional(name, schema, names, arguments)
     if _dispatcher_needed(args):
         return op(*args)
     return FusedRows.apply(function, gradient_inputs, *args)
