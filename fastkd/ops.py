@@ -203,11 +203,16 @@ class FusedRows(torch.autograd.Function):
         ctx.gradient_inputs = gradient_inputs
         ctx.save_for_backward(*gradients)
         ctx.mark_non_differentiable(parts, *gradients)
+        # Otherwise autograd hands backward a zero-filled tensor for each output it does not
+        # differentiate: a second gradient's worth of memory (the H200 check of 2026-12-04).
+        ctx.set_materialize_grads(False)
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss_rows, *unused):
         input_grads = [None] * len(ctx.needs_input_grad)
+        if grad_loss_rows is None:  # the loss rows took no part in what is differentiated
+            return tuple(input_grads)
         for position, gradient in zip(ctx.gradient_inputs, ctx.saved_tensors):
             position += 2  # past op and gradient_inputs
             if ctx.needs_input_grad[position]:

@@ -75,6 +75,31 @@ def test_op_outputs_and_backward_contract(name):
     assert all(g.numel() == 0 for g in gradients)
 
 
+def bytes_allocated_by(function):
+    """Bytes the CPU allocator handed out while ``function()`` ran (torch.profiler's memory
+    events: allocations only, frees not subtracted)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profiler:
+        function()
+    return sum(max(event.self_cpu_memory_usage, 0) for event in profiler.events())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CUDA variant is in test_gpu.py")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_function", [ldrld_loss, dkd_loss, kd_loss],
+                         ids=["ldrld", "dkd", "kd"])
+def test_backward_allocates_no_gradient_sized_block(loss_function, backend):
+    """A fused loss's backward hands on the gradient its forward computed, scaled in place: it
+    allocates nothing near a gradient's size (autograd materialising zeros for the unused
+    gradient outputs did: two gradients' peak in 2026-12-04's H200 check)."""
+    student, teacher, target = random_logits(64, 4096, seed=43)
+    student.requires_grad_()
+    labels = () if loss_function is kd_loss else (target,)
+    loss = loss_function(student, teacher, *labels, backend=backend)
+    gradient_bytes = student.numel() * student.element_size()
+    assert bytes_allocated_by(loss.backward) < gradient_bytes / 4
+
+
 def test_gradient_asked_of_a_call_without_one_is_an_error():
     op, args = op_calls(False, "torch")["kd"]
     student = args[0].detach().requires_grad_()
