@@ -160,10 +160,18 @@ def check_probability(name, value):
     return number
 
 
+def _is_finite(number):
+    """math.isfinite by comparison: torch.compile(dynamic=True) traces Python floats as symbols,
+    and math.isfinite on one is a graph break (the compiled losses recompiled at every call
+    site and took minutes on an H200, 2026-12-04); a comparison is a guard. NaN compares
+    false."""
+    return -math.inf < number < math.inf
+
+
 def check_positive(name, value):
     """``value`` as a finite float > 0."""
     number = _number(name, value, "a positive number")
-    if not (number > 0 and math.isfinite(number)):
+    if not (number > 0 and _is_finite(number)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return number
 
@@ -174,7 +182,7 @@ def check_finite(**values):
     checked = []
     for name, value in values.items():
         number = _number(name, value, "a finite number")
-        if not math.isfinite(number):
+        if not _is_finite(number):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         checked.append(number)
     return checked

@@ -143,6 +143,22 @@ def test_compiled_step_has_no_graph_break_and_matches_eager():
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def test_dynamic_shape_compile_traces_every_loss_in_one_graph():
+    """torch.compile(dynamic=True), as bench/'s "compiled" provider runs the losses, traces
+    Python floats as symbols: the option checks must stay traceable (math.isfinite on one was a
+    graph break, and each call site recompiled: minutes per loss on the 2026-12-04 H200). One
+    graph (fullgraph), and a second batch size reuses it (no recompile). Dynamo alone (the eager
+    backend): inductor's code is test_compiled_step_has_no_graph_break_and_matches_eager's."""
+    torch._dynamo.reset()
+    step = torch.compile(distillation_step, dynamic=True, fullgraph=True, backend="eager")
+    for batch in (6, 9):
+        student, teacher, target = random_logits(batch, 12, seed=45)
+        shared = random_logits(batch, 24, seed=46)[0]
+        with torch._dynamo.config.patch(error_on_recompile=batch == 9):
+            compiled = step(student, shared, teacher, target)
+        torch.testing.assert_close(compiled, distillation_step(student, shared, teacher, target))
+
+
 def test_the_ops_are_called_by_argument_name():
     """``ops.call`` takes every argument by name and orders it by the op's schema: a missing or
     unknown name is an error naming it, a default (``backend``) is filled."""
