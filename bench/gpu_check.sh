@@ -140,7 +140,7 @@ if runs kernels; then
     bench ldrld 50 bench_ldrld.py --bench-matrix targets
     bench hcd 40 bench_hcd.py --bench-matrix targets
     bench kd 60 bench_kd.py --bench-matrix targets
-    section tune-kernels 50 "$PYTHON" bench/tune_kernels.py --output "$OUTDIR"
+    section tune-kernels 80 "$PYTHON" bench/tune_kernels.py --output "$OUTDIR"
     "$PYTHON" bench/targets.py "$OUTDIR" >>"$LOG" 2>&1
 fi
 : >"$OUTDIR/report.md"

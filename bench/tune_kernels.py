@@ -1,10 +1,10 @@
-"""GPU time of the fused LDRLD and HCD kernels for each block width and warp count, against the
+"""GPU time of the fused LDRLD, HCD and KD kernels for each block width and warp count, against the
 copy floor: ``python bench/tune_kernels.py --output OUTDIR`` (CUDA).
 
 Each setting runs the launcher (loss and gradients in one launch) replayed from a CUDA graph
 (``triton.testing.do_bench_cudagraph``, median), so the times hold no host launch overhead. The
 copy floor is one device copy of the bytes the kernel must move (inputs read, gradients written).
-The launchers' defaults (``ldrld_launch_config``, ``hcd_launch_config``) are marked; the others
+The launchers' defaults (``ldrld_launch_config``, ``hcd_launch_config``, ``launch_config``) are marked; the others
 are the settings they were chosen against.
 """
 
@@ -16,12 +16,14 @@ import os
 import torch
 import triton.testing
 from bench_hcd import LABEL_SMOOTHING, NUM_SUB, hcd_inputs
+from fastkd.kernels.common import launch_config
 from fastkd.kernels.hcd import hcd_forward, hcd_launch_config
+from fastkd.kernels.kd import kd_forward
 from fastkd.kernels.ldrld import ldrld_forward, ldrld_launch_config
 from harness import DTYPES, random_inputs
 
 from fastkd.ldrld_weights import ldrld_group_weights
-from fastkd.options import HCD, LDRLD
+from fastkd.options import HCD, KD, LDRLD
 
 
 def gpu_milliseconds(function):
@@ -42,7 +44,7 @@ def ldrld_cases(batch, classes, dtype):
                                                      LDRLD.erd_decay)
     options = dict(LDRLD.loss_options(), top_set_weight=top_set_weight, num_groups=num_groups)
     block, _, warps = ldrld_launch_config(classes)
-    for setting in dict.fromkeys([(block, warps), (4096, 16), (4096, 8), (2048, 8)]):
+    for setting in dict.fromkeys([(block, warps), (1024, 8), (512, 4), (2048, 8), (4096, 16)]):
         yield setting, setting == (block, warps), functools.partial(
             ldrld_forward, student, teacher, target, block_size=setting[0], num_warps=setting[1],
             **options)
@@ -59,9 +61,20 @@ def hcd_cases(batch, classes, dtype):
             num_warps=setting[1], **options)
 
 
-# kernel -> (cases, elements read + written per row element: LDRLD reads two [B, C] tensors and
+def kd_cases(batch, classes, dtype):
+    """KD at its default temperature (DKD's kernel shares the launch configuration)."""
+    student, teacher, _ = random_inputs(batch, classes, dtype)
+    block, _, warps = launch_config(classes)
+    for setting in dict.fromkeys([(block, warps), (4096, 8), (2048, 8), (1024, 4), (8192, 16)]):
+        yield setting, setting == (block, warps), functools.partial(
+            kd_forward, student, teacher, None, temperature=KD.temperature,
+            block_size=setting[0], num_warps=setting[1])
+
+
+# kernel -> (cases, elements read + written per row element: LDRLD and KD read two [B, C] tensors and
 # writes one; HCD reads n + 2 and writes n + 1)
-KERNELS = {"ldrld": (ldrld_cases, 3), "hcd": (hcd_cases, (NUM_SUB + 2) + (NUM_SUB + 1))}
+KERNELS = {"ldrld": (ldrld_cases, 3), "kd": (kd_cases, 3),
+           "hcd": (hcd_cases, (NUM_SUB + 2) + (NUM_SUB + 1))}
 
 
 def main(argv=None):

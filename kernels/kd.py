@@ -152,7 +152,7 @@ def _dkd_kernel(
 
 
 def kd_forward(student_logits, teacher_logits, target, *, temperature, needs_grad=(True,),
-               block_size=None):
+               block_size=None, num_warps=None):
     """Launch the KD kernel: loss [B], no parts ([B, 0]), gradient [B, C] in the student logits'
     dtype if ``needs_grad``. ``target`` is unused (KD needs no labels); it keeps the launchers'
     common signature."""
@@ -160,7 +160,8 @@ def kd_forward(student_logits, teacher_logits, target, *, temperature, needs_gra
     dtype = compute_dtype(student_logits, teacher_logits)
     loss, parts, grad = row_outputs(student_logits, 0, needs_grad[0], dtype)
     grad_ptr, grad_stride = optional_output(grad, loss)
-    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size)
+    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size,
+                                                     num_warps)
     _kd_kernel[(student_logits.shape[0],)](
         student_logits, teacher_logits, loss, grad_ptr,
         student_logits.stride(0), teacher_logits.stride(0), grad_stride,
@@ -172,14 +173,15 @@ def kd_forward(student_logits, teacher_logits, target, *, temperature, needs_gra
 
 
 def dkd_forward(student_logits, teacher_logits, target, *, alpha, beta, temperature,
-                needs_grad=(True,), block_size=None):
+                needs_grad=(True,), block_size=None, num_warps=None):
     """Launch the DKD kernel: loss [B], parts [B, 2] (tckd, nckd), gradient [B, C] in the student
     logits' dtype."""
     student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
     dtype = compute_dtype(student_logits, teacher_logits)
     loss, parts, grad = row_outputs(student_logits, 2, needs_grad[0], dtype)
     grad_ptr, grad_stride = optional_output(grad, loss)
-    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size)
+    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size,
+                                                     num_warps)
     _dkd_kernel[(student_logits.shape[0],)](
         student_logits, teacher_logits, target, loss, parts, grad_ptr,
         student_logits.stride(0), teacher_logits.stride(0), grad_stride,
