@@ -4,8 +4,8 @@ copy floor: ``python bench/tune_kernels.py --output OUTDIR`` (CUDA).
 Each setting runs the launcher (loss and gradients in one launch) replayed from a CUDA graph
 (``triton.testing.do_bench_cudagraph``, median), so the times hold no host launch overhead. The
 copy floor is one device copy of the bytes the kernel must move (inputs read, gradients written).
-The launchers' defaults (``ldrld_launch_config``, ``hcd_launch_config``, ``launch_config``) are marked; the others
-are the settings they were chosen against.
+The launchers' defaults (``ldrld_launch_config``, ``hcd_launch_config``, ``launch_config``) are
+marked; the others are the settings they were chosen against.
 """
 
 import argparse
@@ -71,8 +71,8 @@ def kd_cases(batch, classes, dtype):
             block_size=setting[0], num_warps=setting[1])
 
 
-# kernel -> (cases, elements read + written per row element: LDRLD and KD read two [B, C] tensors and
-# writes one; HCD reads n + 2 and writes n + 1)
+# kernel -> (cases, elements read + written per row element: LDRLD and KD read two [B, C]
+# tensors and write one; HCD reads n + 2 and writes n + 1)
 KERNELS = {"ldrld": (ldrld_cases, 3), "kd": (kd_cases, 3),
            "hcd": (hcd_cases, (NUM_SUB + 2) + (NUM_SUB + 1))}
 
