@@ -203,6 +203,80 @@ def _store_tile_grads(grad_shared_row, grad_student_row, fused, student, in_row,
 
 
 @triton.jit
+def _widened(label_smoothing, w_gt, w_sdd, w_ol, ACC: tl.constexpr):
+    """The float arguments the kernel divides, in ACC: float arguments arrive as fp32."""
+    return (tl.full([], label_smoothing, ACC), tl.full([], w_gt, ACC), tl.full([], w_sdd, ACC),
+            tl.full([], w_ol, ACC))
+
+
+@triton.jit
+def _stats_in_one_tile(fused, student, in_row, in_tile, subs, cols, target, inv_temperature,
+                       SUBS: tl.constexpr, ACC: tl.constexpr):
+    """Pass 1 on a row held in one tile: ``_tile_stats`` from ``_empty_stats`` (the maxima m_j
+    of F_j with sum exp(F_j - m_j), sum exp((F_j - m_j) / T) and the KL dot product, sum_c F_jc,
+    the Gram matrix v_k . v_j, and the student's log-sum-exp at T)."""
+    q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _empty_stats(SUBS, ACC)
+    return _tile_stats(q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum, fused,
+                       student, in_row, in_tile, subs, cols, target, inv_temperature, SUBS)
+
+
+@triton.jit
+def _stats_streamed(shared_row, teacher_row, student_row, subs, is_sub, cols, num_classes,
+                    target, inv_temperature, lam_s, lam_t, SUBS: tl.constexpr,
+                    BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Pass 1 over a row read in tiles of BLOCK columns: the statistics ``_stats_in_one_tile``
+    returns, folded in tile by tile (``_tile_stats``)."""
+    q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _empty_stats(SUBS, ACC)
+    for start in range(0, num_classes, BLOCK):
+        in_row, in_tile, fused, student = _load_tile(
+            shared_row, teacher_row, student_row, subs, is_sub, start + cols, num_classes,
+            lam_s, lam_t, ACC)
+        q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _tile_stats(
+            q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum,
+            fused, student, in_row, in_tile, subs, start + cols, target, inv_temperature,
+            SUBS)
+    return q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum
+
+
+@triton.jit
+def _fused_target(shared_row, teacher_row, subs, is_sub, target, valid_target, num_classes,
+                  lam_s, lam_t, ACC: tl.constexpr):
+    """F_jy = lam_s S_jy + lam_t zt_y at the label y, for every sub-logit j; 0 where y is not a
+    class (``valid_target`` false), instead of reading out of bounds."""
+    target_shared = tl.load(shared_row + subs * num_classes + target,
+                            mask=is_sub & valid_target, other=0.0).to(ACC)
+    target_teacher = tl.load(teacher_row + target, mask=valid_target, other=0.0).to(ACC)
+    return lam_s * target_shared + lam_t * target_teacher
+
+
+@triton.jit
+def _store_loss(loss_ptr, parts_ptr, row, sce, sdd, ol, w_gt, w_sdd, w_ol):
+    """L = w_gt L_sce + w_sdd L_sdd + w_ol L_ol, and its parts (L_sce, L_sdd, L_ol)."""
+    tl.store(loss_ptr + row, w_gt * sce + w_sdd * sdd + w_ol * ol)
+    tl.store(parts_ptr + row * 3 + 0, sce)
+    tl.store(parts_ptr + row * 3 + 1, sdd)
+    tl.store(parts_ptr + row * 3 + 2, ol)
+
+
+@triton.jit
+def _stream_tile_grads(grad_shared_row, grad_student_row, shared_row, teacher_row, student_row,
+                       subs, is_sub, cols, target, q_lse, pf_lse, s_lse, kl, pull,
+                       inv_temperature, temperature, ce_scale, label_smoothing, num_classes,
+                       num_sub, w_sdd, lam_s, lam_t, SUBS: tl.constexpr, BLOCK: tl.constexpr,
+                       DETACH_TARGET: tl.constexpr, ACC: tl.constexpr):
+    """Pass 2 over a streamed row: each tile read again and its dL/dS and dL/dzs stored
+    (``_store_tile_grads``)."""
+    for start in range(0, num_classes, BLOCK):
+        in_row, in_tile, fused, student = _load_tile(
+            shared_row, teacher_row, student_row, subs, is_sub, start + cols, num_classes,
+            lam_s, lam_t, ACC)
+        _store_tile_grads(
+            grad_shared_row, grad_student_row, fused, student, in_row, in_tile, subs,
+            start + cols, target, q_lse, pf_lse, s_lse, kl, pull, inv_temperature, temperature,
+            ce_scale, label_smoothing, num_classes, num_sub, w_sdd, lam_s, SUBS, DETACH_TARGET)
+
+
+@triton.jit
 def _hcd_kernel(
     shared_ptr, teacher_ptr, student_ptr, target_ptr, loss_ptr, parts_ptr,
     grad_shared_ptr, grad_student_ptr,
@@ -212,55 +286,39 @@ def _hcd_kernel(
     ACC: tl.constexpr, SUBS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     DETACH_TARGET: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
+    """One program per sample: its loss, parts and (COMPUTE_GRAD) gradients, in three phases."""
     row, student_row, teacher_row, grad_student_row, cols, temperature, inv_temperature = (
         row_prologue(student_ptr, teacher_ptr, grad_student_ptr, student_stride, teacher_stride,
                      grad_student_stride, temperature, BLOCK, ACC))
     shared_row = shared_ptr + row * shared_stride
     subs = tl.arange(0, SUBS)
     is_sub = subs < num_sub
-    # Float arguments arrive as fp32; those divided below are widened first.
-    label_smoothing = tl.full([], label_smoothing, ACC)
-    w_gt = tl.full([], w_gt, ACC)
-    w_sdd = tl.full([], w_sdd, ACC)
-    w_ol = tl.full([], w_ol, ACC)
+    label_smoothing, w_gt, w_sdd, w_ol = _widened(label_smoothing, w_gt, w_sdd, w_ol, ACC)
     target = tl.load(target_ptr + row).to(tl.int32)
     valid_target = (target >= 0) & (target < num_classes)
 
     # 1. Per-sub-logit statistics: log-sum-exp of F_j and of F_j / T, the KL dot product, the sum
     #    of F_j (label smoothing), and the Gram matrix of the v_j.
-    q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _empty_stats(SUBS, ACC)
     if SINGLE_BLOCK:
         in_row, in_tile, fused, student = _load_tile(
             shared_row, teacher_row, student_row, subs, is_sub, cols, num_classes, lam_s, lam_t,
             ACC)
-        q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _tile_stats(
-            q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum,
-            fused, student, in_row, in_tile, subs, cols, target, inv_temperature, SUBS)
+        q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _stats_in_one_tile(
+            fused, student, in_row, in_tile, subs, cols, target, inv_temperature, SUBS, ACC)
     else:
-        for start in range(0, num_classes, BLOCK):
-            in_row, in_tile, fused, student = _load_tile(
-                shared_row, teacher_row, student_row, subs, is_sub, start + cols, num_classes,
-                lam_s, lam_t, ACC)
-            q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _tile_stats(
-                q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum,
-                fused, student, in_row, in_tile, subs, start + cols, target, inv_temperature,
-                SUBS)
+        q_max, q_sum, pf_sum, pf_dot, fused_sum, gram, s_max, s_sum = _stats_streamed(
+            shared_row, teacher_row, student_row, subs, is_sub, cols, num_classes, target,
+            inv_temperature, lam_s, lam_t, SUBS, BLOCK, ACC)
 
     # 2. The three terms.
-    target_shared = tl.load(shared_row + subs * num_classes + target,
-                            mask=is_sub & valid_target, other=0.0).to(ACC)
-    target_teacher = tl.load(teacher_row + target, mask=valid_target, other=0.0).to(ACC)
+    fused_target = _fused_target(shared_row, teacher_row, subs, is_sub, target, valid_target,
+                                 num_classes, lam_s, lam_t, ACC)
     q_lse, pf_lse, s_lse, kl, sce, sdd = _softmax_terms(
-        q_max, q_sum, pf_sum, pf_dot, fused_sum, s_max, s_sum, is_sub,
-        lam_s * target_shared + lam_t * target_teacher, valid_target, inv_temperature,
-        temperature, label_smoothing, num_classes, num_sub)
+        q_max, q_sum, pf_sum, pf_dot, fused_sum, s_max, s_sum, is_sub, fused_target,
+        valid_target, inv_temperature, temperature, label_smoothing, num_classes, num_sub)
     is_diagonal, inv_norm, cosines, excess, num_pairs, ol = _orthogonality(
         gram, subs, is_sub, num_sub, theta)
-
-    tl.store(loss_ptr + row, w_gt * sce + w_sdd * sdd + w_ol * ol)
-    tl.store(parts_ptr + row * 3 + 0, sce)
-    tl.store(parts_ptr + row * 3 + 1, sdd)
-    tl.store(parts_ptr + row * 3 + 2, ol)
+    _store_loss(loss_ptr, parts_ptr, row, sce, sdd, ol, w_gt, w_sdd, w_ol)
 
     # 3. Gradients, tile by tile.
     if COMPUTE_GRAD:
@@ -273,15 +331,11 @@ def _hcd_kernel(
                 target, q_lse, pf_lse, s_lse, kl, pull, inv_temperature, temperature, ce_scale,
                 label_smoothing, num_classes, num_sub, w_sdd, lam_s, SUBS, DETACH_TARGET)
         else:
-            for start in range(0, num_classes, BLOCK):
-                in_row, in_tile, fused, student = _load_tile(
-                    shared_row, teacher_row, student_row, subs, is_sub, start + cols,
-                    num_classes, lam_s, lam_t, ACC)
-                _store_tile_grads(
-                    grad_shared_row, grad_student_row, fused, student, in_row, in_tile, subs,
-                    start + cols, target, q_lse, pf_lse, s_lse, kl, pull, inv_temperature,
-                    temperature, ce_scale, label_smoothing, num_classes, num_sub, w_sdd, lam_s,
-                    SUBS, DETACH_TARGET)
+            _stream_tile_grads(
+                grad_shared_row, grad_student_row, shared_row, teacher_row, student_row, subs,
+                is_sub, cols, target, q_lse, pf_lse, s_lse, kl, pull, inv_temperature,
+                temperature, ce_scale, label_smoothing, num_classes, num_sub, w_sdd, lam_s,
+                lam_t, SUBS, BLOCK, DETACH_TARGET, ACC)
 
 
 def sub_rows(num_sub):

@@ -209,6 +209,140 @@ def _local_term(top_logits, top_values, top_cols, top_teacher, slots, is_slot, i
 
 
 @triton.jit
+def _empty_top_set(slots, is_slot, TOP_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The top set before any class is read: each slot's student logit, column and teacher logit,
+    and the set's last member (``_last_member``).
+
+    Empty slots get NEG_FILL as masked and taken block lanes do (a Python float against an ACC
+    tensor): equal to them, so the merge's strict ">" never inserts one. (A fill made in fp32 and
+    widened, -1.0000000150e30 in fp64, sits below the lanes' -1e30 and let them in.) Slots beyond
+    top_d hold POS_FILL and EMPTY_COL + slot."""
+    top_values = tl.where(is_slot, NEG_FILL, tl.full([TOP_BLOCK], POS_FILL, ACC))
+    top_cols = EMPTY_COL + slots
+    top_teacher = tl.full([TOP_BLOCK], NEG_FILL, ACC)
+    last_value, last_col = _last_member(top_values, top_cols)
+    return top_values, top_cols, top_teacher, last_value, last_col
+
+
+@triton.jit
+def _select_in_one_block(student, teacher, in_row, cols, teacher_row, top_values, top_cols,
+                         top_teacher, last_value, last_col, temperature, inv_temperature,
+                         TOP_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Pass 1 on a row held in one block (``student``, ``teacher``), from the empty top set
+    (``_empty_top_set``): the top set G = {pi(1..d)} by student logit (``_merge_block``),
+    L_rntk = T^2 KL(pt_R || ps_R) over the remainder R = C \\ G with its log-sum-exps
+    lse(zt_R / T) and lse(zs_R / T), and lse(zs) over the whole row for the CE term. Returns the
+    set (values, columns, teacher logits, last member), then L_rntk, lse(zt_R / T),
+    lse(zs_R / T) and lse(zs)."""
+    evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum = (
+        empty_lane_kl_stats(TOP_BLOCK, ACC))
+    block_max = tl.max(student, axis=0)
+    (top_values, top_cols, top_teacher, last_value, last_col, evicted_t_max, evicted_t_sum,
+     evicted_t_dot, evicted_s_max, evicted_s_sum) = _merge_block(
+        student, block_max, cols, 0, teacher_row, top_values, top_cols, top_teacher,
+        last_value, last_col, evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
+        evicted_s_sum, inv_temperature)
+    # The set started empty and took the block best first: nothing real was evicted, and the
+    # evicted statistics are left unread. With one block, per-lane statistics would save no
+    # reduction and cost registers (88 instead of 64 at C = 4096, 16 warps: one program per SM
+    # instead of two).
+    t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
+    t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
+        t_max, t_sum, t_dot, s_max, s_sum, teacher * inv_temperature,
+        student * inv_temperature, in_row & ~_in_top_set(student, cols, last_value, last_col))
+    ce_sum = tl.sum(tl.exp(student - block_max), axis=0)
+    remainder_kl, t_lse, s_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
+    rntk = temperature * temperature * remainder_kl
+    return (top_values, top_cols, top_teacher, last_value, last_col, rntk, t_lse, s_lse,
+            block_max + tl.log(ce_sum))
+
+
+@triton.jit
+def _select_streamed(student_row, teacher_row, cols, num_classes, top_values, top_cols,
+                     top_teacher, last_value, last_col, temperature, inv_temperature,
+                     BLOCK: tl.constexpr, TOP_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Pass 1 over a row read in blocks of BLOCK columns, from the empty top set: what
+    ``_select_in_one_block`` returns (G, L_rntk, lse(zt_R / T), lse(zs_R / T), lse(zs)). Each
+    block is merged into the set (``_merge_block``), then its classes outside the set join the
+    per-lane remainder statistics and all of them the CE term's (``_fold_block_rest``); members
+    evicted later join per-slot statistics, and the two are joined at the end
+    (``_join_remainder``)."""
+    evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum = (
+        empty_lane_kl_stats(TOP_BLOCK, ACC))
+    t_max, t_sum, t_dot, s_max, s_sum = empty_lane_kl_stats(BLOCK, ACC)
+    ce_max = tl.full([], NEG_FILL, ACC)
+    ce_sums = tl.zeros([BLOCK], ACC)
+    for start in range(0, num_classes, BLOCK):
+        in_row, student, teacher = load_blocks(student_row, teacher_row, start + cols,
+                                               num_classes, ACC)
+        # The block's one cross-lane reduction: the merge's prefilter and the CE's shift.
+        block_max = tl.max(student, axis=0)
+        (top_values, top_cols, top_teacher, last_value, last_col, evicted_t_max,
+         evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum) = _merge_block(
+            student, block_max, cols, start, teacher_row, top_values, top_cols, top_teacher,
+            last_value, last_col, evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
+            evicted_s_sum, inv_temperature)
+        t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums = _fold_block_rest(
+            student, teacher, in_row, start + cols, block_max, last_value, last_col,
+            t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums, inv_temperature)
+    t_max, t_sum, t_dot, s_max, s_sum = _join_remainder(
+        t_max, t_sum, t_dot, s_max, s_sum,
+        evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum)
+    ce_sum = tl.sum(ce_sums, axis=0)
+    remainder_kl, t_lse, s_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
+    rntk = temperature * temperature * remainder_kl
+    return (top_values, top_cols, top_teacher, last_value, last_col, rntk, t_lse, s_lse,
+            ce_max + tl.log(ce_sum))
+
+
+@triton.jit
+def _cross_entropy(student_row, target, num_classes, ce_lse, ACC: tl.constexpr):
+    """CE(zs, y) = lse(zs) - zs_y; NaN for an out-of-range label instead of reading out of
+    bounds."""
+    valid_target = (target >= 0) & (target < num_classes)
+    target_logit = tl.load(student_row + target, mask=valid_target, other=0.0).to(ACC)
+    return tl.where(valid_target, ce_lse - target_logit, float("nan"))
+
+
+@triton.jit
+def _store_loss(loss_ptr, parts_ptr, row, ce, local, rntk, ce_weight, alpha, beta):
+    """L = ce_weight CE + alpha L_local + beta L_rntk, and its parts (CE, L_local, L_rntk)."""
+    tl.store(loss_ptr + row, ce_weight * ce + alpha * local + beta * rntk)
+    tl.store(parts_ptr + row * 3 + 0, ce)
+    tl.store(parts_ptr + row * 3 + 1, local)
+    tl.store(parts_ptr + row * 3 + 2, rntk)
+
+
+@triton.jit
+def _stream_remainder_grad(grad_row, student_row, teacher_row, cols, num_classes, last_value,
+                           last_col, target, inv_temperature, s_lse, t_lse, rntk_scale, ce_lse,
+                           ce_weight, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """``_store_remainder_grad`` block by block: the streamed row's second read."""
+    for start in range(0, num_classes, BLOCK):
+        in_row, student, teacher = load_blocks(student_row, teacher_row, start + cols,
+                                               num_classes, ACC)
+        _store_remainder_grad(grad_row, student, teacher, in_row, start + cols, last_value,
+                              last_col, target, inv_temperature, s_lse, t_lse, rntk_scale,
+                              ce_lse, ce_weight)
+
+
+@triton.jit
+def _store_top_set_grad(grad_row, top_logits, top_cols, is_slot, num_classes, pair_grad,
+                        log_ps_top, pt_top, target, alpha, temperature, inv_num_groups,
+                        top_set_weight, ce_lse, ce_weight):
+    """Gradient at the top-set class pi(i), from ``_local_term``'s parts: the CE term plus
+    alpha T / n_groups (sum_j ADW(i, j) (sigma((zs_pi(i) - zs_pi(j)) / T) - sigma((zt_pi(i) -
+    zt_pi(j)) / T)) + w_G (ps_G(pi(i)) - pt_G(pi(i))))."""
+    top_set_grad = tl.exp(log_ps_top) - pt_top
+    local_grad = (alpha * temperature * inv_num_groups
+                  * (pair_grad + top_set_weight * top_set_grad))
+    top_grad = local_grad + _ce_grad(top_logits, top_cols, ce_lse, target, ce_weight)
+    # A slot no class entered (only if logits are NaN) keeps its EMPTY_COL column: skip it
+    # rather than write 2^30 elements past the row.
+    store_block(grad_row, top_cols, top_grad, is_slot & (top_cols < num_classes))
+
+
+@triton.jit
 def _ldrld_kernel(
     student_ptr, teacher_ptr, target_ptr, loss_ptr, parts_ptr, grad_ptr,
     student_stride, teacher_stride, grad_stride,
@@ -218,6 +352,7 @@ def _ldrld_kernel(
     ACC: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     TOP_BLOCK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
+    """One program per sample: its loss, parts and (COMPUTE_GRAD) gradient, in three phases."""
     row, student_row, teacher_row, grad_row, cols, temperature, inv_temperature = row_prologue(
         student_ptr, teacher_ptr, grad_ptr, student_stride, teacher_stride, grad_stride,
         temperature, BLOCK, ACC)
@@ -229,72 +364,27 @@ def _ldrld_kernel(
     #    statistics and the full-row log-sum-exp of the CE term. Remainder classes are summed
     #    directly (never as "all minus top"): a block's classes outside the set as the block is
     #    read, a set member when it is evicted.
-    # Empty slots get NEG_FILL as masked and taken block lanes do (a Python float against an ACC
-    # tensor): equal to them, so the merge's strict ">" never inserts one. (A fill made in fp32
-    # and widened, -1.0000000150e30 in fp64, sits below the lanes' -1e30 and let them in.)
-    top_values = tl.where(is_slot, NEG_FILL, tl.full([TOP_BLOCK], POS_FILL, ACC))
-    top_cols = EMPTY_COL + slots
-    top_teacher = tl.full([TOP_BLOCK], NEG_FILL, ACC)
-    last_value, last_col = _last_member(top_values, top_cols)
-    evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum = (
-        empty_lane_kl_stats(TOP_BLOCK, ACC))
-    if SINGLE_BLOCK:
+    top_values, top_cols, top_teacher, last_value, last_col = _empty_top_set(
+        slots, is_slot, TOP_BLOCK, ACC)
+    if SINGLE_BLOCK:  # the block stays in registers for the gradient
         in_row, student, teacher = load_blocks(student_row, teacher_row, cols, num_classes, ACC)
-        block_max = tl.max(student, axis=0)
-        (top_values, top_cols, top_teacher, last_value, last_col, evicted_t_max, evicted_t_sum,
-         evicted_t_dot, evicted_s_max, evicted_s_sum) = _merge_block(
-            student, block_max, cols, 0, teacher_row, top_values, top_cols, top_teacher,
-            last_value, last_col, evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
-            evicted_s_sum, inv_temperature)
-        # The set started empty and took the block best first: nothing real was evicted. With
-        # one block, per-lane statistics would save no reduction and cost registers (88 instead
-        # of 64 at C = 4096, 16 warps: one program per SM instead of two).
-        t_max, t_sum, t_dot, s_max, s_sum = empty_kl_stats(ACC)
-        t_max, t_sum, t_dot, s_max, s_sum = online_kl_stats(
-            t_max, t_sum, t_dot, s_max, s_sum, teacher * inv_temperature,
-            student * inv_temperature, in_row & ~_in_top_set(student, cols, last_value, last_col))
-        ce_max = block_max
-        ce_sum = tl.sum(tl.exp(student - block_max), axis=0)
+        top_values, top_cols, top_teacher, last_value, last_col, rntk, t_lse, s_lse, ce_lse = (
+            _select_in_one_block(student, teacher, in_row, cols, teacher_row, top_values,
+                                 top_cols, top_teacher, last_value, last_col, temperature,
+                                 inv_temperature, TOP_BLOCK, ACC))
     else:
-        t_max, t_sum, t_dot, s_max, s_sum = empty_lane_kl_stats(BLOCK, ACC)
-        ce_max = tl.full([], NEG_FILL, ACC)
-        ce_sums = tl.zeros([BLOCK], ACC)
-        for start in range(0, num_classes, BLOCK):
-            in_row, student, teacher = load_blocks(student_row, teacher_row, start + cols,
-                                                   num_classes, ACC)
-            # The block's one cross-lane reduction: the merge's prefilter and the CE's shift.
-            block_max = tl.max(student, axis=0)
-            (top_values, top_cols, top_teacher, last_value, last_col, evicted_t_max,
-             evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum) = _merge_block(
-                student, block_max, cols, start, teacher_row, top_values, top_cols, top_teacher,
-                last_value, last_col, evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max,
-                evicted_s_sum, inv_temperature)
-            t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums = _fold_block_rest(
-                student, teacher, in_row, start + cols, block_max, last_value, last_col,
-                t_max, t_sum, t_dot, s_max, s_sum, ce_max, ce_sums, inv_temperature)
-        t_max, t_sum, t_dot, s_max, s_sum = _join_remainder(
-            t_max, t_sum, t_dot, s_max, s_sum,
-            evicted_t_max, evicted_t_sum, evicted_t_dot, evicted_s_max, evicted_s_sum)
-        ce_sum = tl.sum(ce_sums, axis=0)
-    rntk, t_lse, s_lse = kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum)
-    rntk = temperature * temperature * rntk
-    ce_lse = ce_max + tl.log(ce_sum)
+        top_values, top_cols, top_teacher, last_value, last_col, rntk, t_lse, s_lse, ce_lse = (
+            _select_streamed(student_row, teacher_row, cols, num_classes, top_values, top_cols,
+                             top_teacher, last_value, last_col, temperature, inv_temperature,
+                             BLOCK, TOP_BLOCK, ACC))
 
-    # 2. Pair and top-set terms on the d slots, in registers.
+    # 2. Pair and top-set terms on the d slots, in registers; the CE term.
     top_logits = tl.where(is_slot, top_values, NEG_FILL)  # empty slots would overflow exp()
     local, pair_grad, log_ps_top, pt_top = _local_term(
         top_logits, top_values, top_cols, top_teacher, slots, is_slot, inv_temperature,
         temperature, inv_num_groups, top_set_weight, irw_eps, erd_scale, erd_decay, ACC)
-
-    valid_target = (target >= 0) & (target < num_classes)
-    target_logit = tl.load(student_row + target, mask=valid_target, other=0.0).to(ACC)
-    # An out-of-range label makes the loss NaN instead of reading out of bounds.
-    ce = tl.where(valid_target, ce_lse - target_logit, float("nan"))
-
-    tl.store(loss_ptr + row, ce_weight * ce + alpha * local + beta * rntk)
-    tl.store(parts_ptr + row * 3 + 0, ce)
-    tl.store(parts_ptr + row * 3 + 1, local)
-    tl.store(parts_ptr + row * 3 + 2, rntk)
+    ce = _cross_entropy(student_row, target, num_classes, ce_lse, ACC)
+    _store_loss(loss_ptr, parts_ptr, row, ce, local, rntk, ce_weight, alpha, beta)
 
     # 3. Gradient: remainder classes block by block (the row's second read when streamed), then
     #    the d top-set slots.
@@ -305,19 +395,12 @@ def _ldrld_kernel(
                                   target, inv_temperature, s_lse, t_lse, rntk_scale, ce_lse,
                                   ce_weight)
         else:
-            for start in range(0, num_classes, BLOCK):
-                in_row, student, teacher = load_blocks(student_row, teacher_row, start + cols,
-                                                       num_classes, ACC)
-                _store_remainder_grad(grad_row, student, teacher, in_row, start + cols,
-                                      last_value, last_col, target, inv_temperature, s_lse,
-                                      t_lse, rntk_scale, ce_lse, ce_weight)
-        top_set_grad = tl.exp(log_ps_top) - pt_top
-        local_grad = (alpha * temperature * inv_num_groups
-                      * (pair_grad + top_set_weight * top_set_grad))
-        top_grad = local_grad + _ce_grad(top_logits, top_cols, ce_lse, target, ce_weight)
-        # A slot no class entered (only if logits are NaN) keeps its EMPTY_COL column: skip it
-        # rather than write 2^30 elements past the row.
-        store_block(grad_row, top_cols, top_grad, is_slot & (top_cols < num_classes))
+            _stream_remainder_grad(grad_row, student_row, teacher_row, cols, num_classes,
+                                   last_value, last_col, target, inv_temperature, s_lse, t_lse,
+                                   rntk_scale, ce_lse, ce_weight, BLOCK, ACC)
+        _store_top_set_grad(grad_row, top_logits, top_cols, is_slot, num_classes, pair_grad,
+                            log_ps_top, pt_top, target, alpha, temperature, inv_num_groups,
+                            top_set_weight, ce_lse, ce_weight)
 
 
 @functools.cache
