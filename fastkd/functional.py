@@ -65,10 +65,6 @@ def _finish(loss_rows, parts, reduction, return_parts):
     return loss, {name: _reduce(part.detach(), reduction) for name, part in parts.items()}
 
 
-def _named_parts(part_columns, names):
-    return dict(zip(names, part_columns.unbind(dim=1)))
-
-
 def ldrld_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -140,7 +136,7 @@ def ldrld_loss(
             target=labels, temperature=temperature, top_d=top_d, alpha=alpha, beta=beta,
             ce_weight=ce_weight, irw_eps=irw_eps, erd_scale=erd_scale, erd_decay=erd_decay,
             compute_grad=_needs_grad(student_logits), backend=backend)
-        parts = _named_parts(part_columns, ("ce", "local", "rntk"))
+        parts = ops.named_parts("ldrld", part_columns)
         if labels is None:
             del parts["ce"]  # the ce column holds no meaning without labels
     return _finish(rows, parts, reduction, return_parts)
@@ -225,7 +221,7 @@ def dkd_loss(
             "dkd", student_logits=student_logits, teacher_logits=teacher_logits, target=target,
             alpha=alpha, beta=beta, temperature=temperature,
             compute_grad=_needs_grad(student_logits), backend=backend)
-        parts = _named_parts(part_columns, ("tckd", "nckd"))
+        parts = ops.named_parts("dkd", part_columns)
     return _finish(rows, parts, reduction, return_parts)
 
 
@@ -307,5 +303,5 @@ def hcd_logit_loss(
             temperature=temperature, label_smoothing=label_smoothing, theta=theta, w_gt=w_gt,
             w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t, detach_target=detach_target,
             compute_grad=_needs_grad(shared_logits, student_logits), backend=backend)
-        parts = _named_parts(part_columns, ("sce", "sdd", "ol"))
+        parts = ops.named_parts("hcd", part_columns)
     return _finish(rows, parts, reduction, return_parts)

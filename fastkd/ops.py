@@ -22,9 +22,11 @@ autograd.Function), and host time is what the fused losses spend at classificati
 Arguments are assumed validated (``fastkd.functional`` validates before calling).
 """
 
+import dataclasses
 import functools
 import importlib
 import os
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -73,10 +75,11 @@ def _gradient_or_empty(gradient, like):
     return like.new_empty(0) if gradient is None else gradient
 
 
-# --- Implementations: one for every device, dispatching on the tensors' device. ---
+# --- Implementations: one for every device, dispatching on the tensors' device. Keyword-only:
+# the op's spec (below) binds the dispatcher's positional arguments to these names. ---
 
-def ldrld(student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
-          irw_eps, erd_scale, erd_decay, compute_grad, backend="auto"):
+def ldrld(*, student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
+          irw_eps, erd_scale, erd_decay, compute_grad, backend):
     if runs_triton(backend, student_logits):
         forward = _kernel_forward("ldrld", "ldrld_forward")
     else:
@@ -90,7 +93,7 @@ def ldrld(student_logits, teacher_logits, target, temperature, top_d, alpha, bet
     return loss, parts, _gradient_or_empty(grad, student_logits)
 
 
-def kd(student_logits, teacher_logits, temperature, compute_grad, backend="auto"):
+def kd(*, student_logits, teacher_logits, temperature, compute_grad, backend):
     if runs_triton(backend, student_logits):
         forward = _kernel_forward("kd", "kd_forward")
     else:
@@ -100,8 +103,8 @@ def kd(student_logits, teacher_logits, temperature, compute_grad, backend="auto"
     return loss, parts, _gradient_or_empty(grad, student_logits)
 
 
-def dkd(student_logits, teacher_logits, target, alpha, beta, temperature, compute_grad,
-        backend="auto"):
+def dkd(*, student_logits, teacher_logits, target, alpha, beta, temperature, compute_grad,
+        backend):
     if runs_triton(backend, student_logits):
         forward = _kernel_forward("kd", "dkd_forward")
     else:
@@ -111,9 +114,9 @@ def dkd(student_logits, teacher_logits, target, alpha, beta, temperature, comput
     return loss, parts, _gradient_or_empty(grad, student_logits)
 
 
-def hcd(shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
+def hcd(*, shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
         label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target, compute_grad,
-        backend="auto"):
+        backend):
     fits_one_tile = student_logits.shape[1] <= HCD_TRITON_AUTO_MAX_CLASSES
     if runs_triton(backend, student_logits, fits_one_tile):
         forward = _kernel_forward("hcd", "hcd_forward")
@@ -128,38 +131,74 @@ def hcd(shared_logits, teacher_logits, student_logits, target, num_sub, temperat
             _gradient_or_empty(grad_student, student_logits))
 
 
-# --- Fake (meta) implementations: output shapes and dtypes only, for torch.compile's tracing. ---
+# --- The ops, each described once. ---
 
-def _fake_outputs(inputs, num_parts, gradients_like, compute_grad):
-    """Per-row loss and parts in the compute dtype of ``inputs`` and one contiguous gradient per
-    ``gradients_like`` tensor, shaped like it (empty without ``compute_grad``)."""
-    like = inputs[0]
-    loss = like.new_empty(like.shape[0], dtype=compute_dtype(*inputs))
-    parts = like.new_empty(like.shape[0], num_parts, dtype=loss.dtype)
-    gradients = tuple(tensor.new_empty(tensor.shape if compute_grad else 0)
-                      for tensor in gradients_like)
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One fused op: its schema, fake, keyword calls and part names are all made from this.
+
+    ``arguments`` is the schema's argument list up to the options every op ends with
+    (``bool compute_grad, str backend='auto'``); ``logits`` are the inputs whose dtypes set the
+    compute dtype; ``gradients`` the differentiable inputs, in the order the op returns their
+    gradients; ``parts`` the names of the loss-part columns, each its own term."""
+
+    name: str
+    arguments: str
+    logits: tuple[str, ...]
+    gradients: tuple[str, ...]
+    parts: tuple[str, ...]
+    implementation: Callable
+
+    @property
+    def schema(self):
+        outputs = ", ".join(["Tensor"] * (2 + len(self.gradients)))
+        return (f"{self.name}({self.arguments}, bool compute_grad, str backend='auto') "
+                f"-> ({outputs})")
+
+
+OP_SPECS = {spec.name: spec for spec in (
+    OpSpec("ldrld", "Tensor student_logits, Tensor teacher_logits, Tensor? target, "
+                    "float temperature, int top_d, float alpha, float beta, float ce_weight, "
+                    "float irw_eps, float erd_scale, float erd_decay",
+           logits=("student_logits", "teacher_logits"), gradients=("student_logits",),
+           parts=("ce", "local", "rntk"), implementation=ldrld),
+    OpSpec("kd", "Tensor student_logits, Tensor teacher_logits, float temperature",
+           logits=("student_logits", "teacher_logits"), gradients=("student_logits",),
+           parts=(), implementation=kd),
+    OpSpec("dkd", "Tensor student_logits, Tensor teacher_logits, Tensor target, float alpha, "
+                  "float beta, float temperature",
+           logits=("student_logits", "teacher_logits"), gradients=("student_logits",),
+           parts=("tckd", "nckd"), implementation=dkd),
+    OpSpec("hcd", "Tensor shared_logits, Tensor teacher_logits, Tensor student_logits, "
+                  "Tensor target, int num_sub, float temperature, float label_smoothing, "
+                  "float theta, float w_gt, float w_sdd, float w_ol, float lam_s, float lam_t, "
+                  "bool detach_target",
+           logits=("shared_logits", "teacher_logits", "student_logits"),
+           gradients=("shared_logits", "student_logits"), parts=("sce", "sdd", "ol"),
+           implementation=hcd),
+)}
+
+
+def _bound(schema, args, kwargs):
+    """The op's arguments by name, from a call in ``schema`` order ((argument, default) pairs),
+    defaults filled (the dispatcher may leave them out)."""
+    values = dict(zip((argument for argument, _ in schema), args), **kwargs)
+    for argument, default in schema[len(args):]:
+        values.setdefault(argument, default)
+    return values
+
+
+def _fake_outputs(spec, schema, args, kwargs):
+    """What ``spec``'s op returns, shapes and dtypes only (torch.compile traces with this): loss
+    and parts rows in the compute dtype of its logits, and a contiguous gradient shaped like each
+    differentiable input (empty without ``compute_grad``)."""
+    values = _bound(schema, args, kwargs)
+    like = values[spec.logits[0]]
+    loss = like.new_empty(like.shape[0], dtype=compute_dtype(*(values[n] for n in spec.logits)))
+    parts = like.new_empty(like.shape[0], len(spec.parts), dtype=loss.dtype)
+    gradients = tuple(values[n].new_empty(values[n].shape if values["compute_grad"] else 0)
+                      for n in spec.gradients)
     return (loss, parts, *gradients)
-
-
-def _ldrld_fake(student_logits, teacher_logits, target, temperature, top_d, alpha, beta,
-                ce_weight, irw_eps, erd_scale, erd_decay, compute_grad, backend="auto"):
-    return _fake_outputs((student_logits, teacher_logits), 3, (student_logits,), compute_grad)
-
-
-def _kd_fake(student_logits, teacher_logits, temperature, compute_grad, backend="auto"):
-    return _fake_outputs((student_logits, teacher_logits), 0, (student_logits,), compute_grad)
-
-
-def _dkd_fake(student_logits, teacher_logits, target, alpha, beta, temperature, compute_grad,
-              backend="auto"):
-    return _fake_outputs((student_logits, teacher_logits), 2, (student_logits,), compute_grad)
-
-
-def _hcd_fake(shared_logits, teacher_logits, student_logits, target, num_sub, temperature,
-              label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target,
-              compute_grad, backend="auto"):
-    return _fake_outputs((shared_logits, teacher_logits, student_logits), 3,
-                         (shared_logits, student_logits), compute_grad)
 
 
 # --- Autograd: backward scales the gradient rows that the forward saved. ---
@@ -229,22 +268,28 @@ _LIBRARY = torch.library.Library("fastkd", "DEF")
 _OPS = {}
 
 
-def _register(schema, implementation, fake, gradient_inputs):
-    """Define ``fastkd::<name>`` with one implementation for every device, its fake and its
-    autograd kernel."""
-    name = schema.split("(", 1)[0]
-    _LIBRARY.define(schema)
-    _LIBRARY.impl(name, implementation, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"fastkd::{name}", fake, lib=_LIBRARY)
-    op = getattr(torch.ops.fastkd, name).default
+def _register(spec):
+    """Define ``fastkd::<name>`` from its spec: one implementation for every device, its fake and
+    its autograd kernel."""
+    _LIBRARY.define(spec.schema)
+    op = getattr(torch.ops.fastkd, spec.name).default
+    arguments = _schema_arguments(op)
+    names = tuple(argument for argument, _ in arguments)
+    gradient_inputs = tuple(names.index(name) for name in spec.gradients)
+
+    def implementation(*args, **kwargs):
+        return spec.implementation(**_bound(arguments, args, kwargs))
+
+    def fake(*args, **kwargs):
+        return _fake_outputs(spec, arguments, args, kwargs)
 
     def autograd_kernel(*args):
         return FusedRows.apply(op, gradient_inputs, *args)
 
-    _LIBRARY.impl(name, autograd_kernel, "Autograd")
-    arguments = _schema_arguments(op)
-    _OPS[name] = (op, implementation, gradient_inputs, arguments,
-                  frozenset(argument for argument, _ in arguments))
+    _LIBRARY.impl(spec.name, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fastkd::{spec.name}", fake, lib=_LIBRARY)
+    _LIBRARY.impl(spec.name, autograd_kernel, "Autograd")
+    _OPS[spec.name] = (op, implementation, gradient_inputs, arguments, frozenset(names))
 
 
 def implementation(op):
@@ -299,17 +344,10 @@ def call(name, **arguments):
     return FusedRows.apply(function, gradient_inputs, *args)
 
 
-_register("ldrld(Tensor student_logits, Tensor teacher_logits, Tensor? target, float temperature, "
-          "int top_d, float alpha, float beta, float ce_weight, float irw_eps, float erd_scale, "
-          "float erd_decay, bool compute_grad, str backend='auto') -> (Tensor, Tensor, Tensor)",
-          ldrld, _ldrld_fake, (0,))
-_register("kd(Tensor student_logits, Tensor teacher_logits, float temperature, bool compute_grad, "
-          "str backend='auto') -> (Tensor, Tensor, Tensor)", kd, _kd_fake, (0,))
-_register("dkd(Tensor student_logits, Tensor teacher_logits, Tensor target, float alpha, "
-          "float beta, float temperature, bool compute_grad, str backend='auto') "
-          "-> (Tensor, Tensor, Tensor)", dkd, _dkd_fake, (0,))
-_register("hcd(Tensor shared_logits, Tensor teacher_logits, Tensor student_logits, Tensor target, "
-          "int num_sub, float temperature, float label_smoothing, float theta, float w_gt, "
-          "float w_sdd, float w_ol, float lam_s, float lam_t, bool detach_target, "
-          "bool compute_grad, str backend='auto') -> (Tensor, Tensor, Tensor, Tensor)",
-          hcd, _hcd_fake, (0, 2))
+for _spec in OP_SPECS.values():
+    _register(_spec)
+
+
+def named_parts(name, part_columns):
+    """Op ``name``'s ``parts`` output ``[B, K]`` as ``{part name: [B]}``."""
+    return dict(zip(OP_SPECS[name].parts, part_columns.unbind(dim=1)))
