@@ -13,7 +13,7 @@ from fastkd import dkd_loss, hcd_logit_loss, kd_loss, ldrld_loss
 from fastkd.distillers import HCD, build_distiller, methods
 from fastkd.distillers.hcd import complementary_feature_mapper
 from fastkd.models.taps import stage_taps
-from fastkd.options import LDRLDOptions
+from fastkd.options import LDRLD, LDRLDOptions
 
 timm = pytest.importorskip("timm")
 
@@ -155,8 +155,11 @@ def logit_distiller_cases():
                 "kd": 0.25 * dkd_loss(logits, teacher_logits, target)}  # epoch 5 of 20
 
     def expect_ldrld(logits, teacher_logits, target):
-        return {"ce": F.cross_entropy(logits, target),
-                "kd": ldrld_loss(logits, teacher_logits, target, top_d=5, ce_weight=0.0)}
+        """Its own terms, weighted: alpha L_local and beta L_rntk (issue 24: not one "kd")."""
+        _, parts = ldrld_loss(logits, teacher_logits, target, top_d=5, ce_weight=0.0,
+                              return_parts=True)
+        return {"ce": F.cross_entropy(logits, target), "local": LDRLD.alpha * parts["local"],
+                "rntk": LDRLD.beta * parts["rntk"]}
 
     return [("kd", dict(temperature=2.0, weight=0.5), expect_kd),
             ("dkd", dict(warmup_epochs=20), expect_dkd),

@@ -54,8 +54,8 @@ def test_each_line_is_timestamped_and_steps_are_logged_at_the_interval(run):
     steps = [line for line in logged if re.search(r"epoch \d \[\d/4\]", line)]
     assert [re.search(r"\[(\d)/4\]", line).group(1) for line in steps] == ["2", "4"] * 2
     for line in steps:
-        assert re.search(r"loss [\d.]+ ce [\d.]+ kd [\d.]+ lr 0\.01 \d+ img/s data \d+% "
-                         r"eta \d+ s$", line), line
+        assert re.search(r"loss [\d.]+ ce [\d.]+ local [\d.]+ rntk [\d.]+ lr 0\.01 \d+ img/s "
+                         r"data \d+% eta \d+ s$", line), line
 
 
 def test_summary_has_timm_columns_the_loss_parts_and_eval_loss(run):
@@ -63,8 +63,8 @@ def test_summary_has_timm_columns_the_loss_parts_and_eval_loss(run):
     with open(folder / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["0", "1"]
-    for column in ("lr", "train_loss", "train_ce", "train_kd", "eval_loss", "eval_top1",
-                   "eval_top5", "data_wait"):
+    for column in ("lr", "train_loss", "train_ce", "train_local", "train_rntk", "eval_loss",
+                   "eval_top1", "eval_top5", "data_wait"):
         assert all(float(row[column]) >= 0 for row in rows), column
     # eval_loss: the saved student's mean cross-entropy over the (regenerated) evaluation batch.
     student = timm.create_model("resnet20", num_classes=10)

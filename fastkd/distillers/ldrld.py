@@ -20,7 +20,10 @@ class LDRLD(Distiller):
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)
         student_logits = self.trainable_module(images)
-        relational = ldrld_loss(student_logits, teacher_logits, None, **self.loss_keywords)
-        return self.result(student_logits,
-                           ce=self.options.ce_weight * self.cross_entropy(student_logits, target),
-                           kd=relational)
+        relational, parts = ldrld_loss(student_logits, teacher_logits, None,
+                                       **self.loss_keywords, return_parts=True)
+        ce = self.options.ce_weight * self.cross_entropy(student_logits, target)
+        # Logged as its own terms, weighted as they enter the loss: alpha L_local, beta L_rntk.
+        return self.result(student_logits, loss=ce + relational, ce=ce,
+                           local=self.options.alpha * parts["local"],
+                           rntk=self.options.beta * parts["rntk"])
