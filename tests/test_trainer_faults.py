@@ -119,9 +119,16 @@ def test_interrupted_demo_teacher_is_resumed_not_reused(demo_dir, tmp_path):
     assert "baseline  resnet20 (ce)" in result.stdout
     assert f"kd - ce top-1: {gain:+.2f} last, {gain:+.2f} best" in result.stdout
 
-    again = run_main(args)
+    # Resumed from its checkpoint for one more epoch: the cached teacher, and the baseline that
+    # the first run recorded, resumed for the same epoch, so the closing table keeps its row.
+    again = run_main(args + ["--resume", str(tmp_path / "student" / "last.pth"), "--epochs", "2"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"using the cached demo teacher {teacher}/best.pth" in again.stdout
+    assert f"resumed {baseline}/last.pth at epoch 1" in again.stdout
+    assert summary_epochs(baseline) == summary_epochs(tmp_path / "student") == ["0", "1"]
+    gain = (summary_top1(tmp_path / "student") - summary_top1(baseline))
+    assert "baseline  resnet20 (ce)" in again.stdout
+    assert f"kd - ce top-1: {gain:+.2f} last" in again.stdout
 
 
 def test_a_reused_run_name_never_touches_the_earlier_run(demo_dir, tmp_path):

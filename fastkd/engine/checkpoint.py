@@ -25,6 +25,9 @@ from ..files import atomic_write
 # these because no random draw depends on it (``fastkd.data.order``).
 RUN_OPTIONS = {"config", "output", "experiment", "resume", "eval_only", "log_interval", "workers",
                "recovery_interval", "bad_images", "allow_untrained_teacher"}
+# What the trainer records beside the options, in the checkpoint's args but not in args.yaml
+# (no flag takes it back): the folder of the demo's CE baseline, for a resumed run's table.
+RUN_RECORDS = {"demo_baseline"}
 
 # The one class beyond tensors and plain values that a checkpoint may hold: timm's training
 # checkpoints store their args as an argparse.Namespace (timm's own loader allows it too).
@@ -171,7 +174,8 @@ def check_resumable(saved_args, args, saved_processes, processes):
     number of processes with the same global batches."""
     changed = []
     for name, value in vars(args).items():
-        if name in RUN_OPTIONS or name in ("epochs", "batch_size") or name not in saved_args:
+        if (name in RUN_OPTIONS | RUN_RECORDS or name in ("epochs", "batch_size")
+                or name not in saved_args):
             continue
         if name == "teacher_checkpoint" and value is None:  # the demo's, found later
             continue

@@ -93,7 +93,8 @@ def write_args(folder, args):
     with atomic_write(os.path.join(folder, "args.yaml")) as handle:
         handle.write("".join(f"# {line}\n" for line in provenance()))
         yaml.safe_dump({key: list(value) if isinstance(value, tuple) else value
-                        for key, value in vars(args).items() if key != "config"}, handle)
+                        for key, value in vars(args).items()
+                        if key != "config" and key not in checkpoint.RUN_RECORDS}, handle)
 
 
 def provenance():

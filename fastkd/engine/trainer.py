@@ -31,7 +31,14 @@ from .distributed import World
 from .evaluate import evaluate, last_and_best, report
 from .optim import autocast_settings, resolve_amp
 from .run import Run, build_task
-from .run_folder import BEST, check_not_behind, checkpoint_to_resume, create_run_folder, write_args
+from .run_folder import (
+    BEST,
+    LAST,
+    check_not_behind,
+    checkpoint_to_resume,
+    create_run_folder,
+    write_args,
+)
 from .stop import Stopped
 
 
@@ -106,20 +113,35 @@ def seed_everything(args, world):
     random.seed(args.seed + world.rank)
 
 
-def train_demo_baseline(args, world, loaders, data_config):
+def train_demo_baseline(args, world, loaders, data_config, resumed_state):
     """The demo's CE-only student: the distilled student's model, seed and schedule without a
     teacher, trained first so that the closing table shows what distillation adds. With
-    ``--resume auto`` it continues in its own folder, or is read back there once finished."""
+    ``--resume auto`` it continues in its own folder, or is read back there once finished; a
+    run resumed from its checkpoint (``resumed_state``) finds it where that run recorded it
+    (``demo_baseline``, which the distilled run's checkpoint keeps). None when there is none."""
     baseline = argparse.Namespace(**{**vars(args), "distiller": "ce", "teacher_checkpoint": None})
     if args.experiment:
         baseline.experiment = f"{args.experiment}-ce-baseline"
     seed_everything(args, world)
-    resume = resume_point(baseline, world) if args.resume == "auto" else (None, None)
+    resume = (None, None)
+    if args.resume == "auto":
+        resume = resume_point(baseline, world)
+    elif resumed_state:
+        recorded = resumed_state["args"].get("demo_baseline")
+        last = os.path.join(recorded, LAST) if recorded else None
+        if not (last and os.path.isfile(last)):
+            world.log(f"no CE baseline to compare with: {args.resume} records "
+                      f"{last or 'none'}")
+            return None
+        baseline.resume = last
+        resume = resume_point(baseline, world)
     if has_finished(resume[1], baseline):
         world.log(f"using the finished CE baseline {resume[0]}")
+        args.demo_baseline = os.path.dirname(os.path.abspath(resume[0]))
         return argparse.Namespace(args=baseline, rows=resume[1]["summary"])
     world.log(f"training the CE baseline {args.model} first ({args.epochs} epochs, no teacher)")
     run = open_run(baseline, world, loaders, data_config, resume)
+    args.demo_baseline = run.run_dir
     run.fit()
     return run
 
@@ -203,15 +225,14 @@ def train_or_evaluate(args, world, loaders, data_config):
                   "a larger --epochs trains on")
         return
     # The demo: distillation from the demo teacher, beside a CE baseline (a resumed run's
-    # baseline was its first run's).
+    # baseline is its first run's).
     demo = (distils(args) and args.dataset == "demo" and not args.teacher_checkpoint
             and not args.teacher_pretrained)
     if demo:
         build_task(args, data_config)  # settings the models refuse cost no demo teacher
         # args.yaml names the teacher used
         args.teacher_checkpoint = train_demo_teacher(args, world, loaders, data_config)
-    baseline = (train_demo_baseline(args, world, loaders, data_config)
-                if demo and (not resume[0] or args.resume == "auto") else None)
+    baseline = train_demo_baseline(args, world, loaders, data_config, resume[1]) if demo else None
     seed_everything(args, world)
     run = open_run(args, world, loaders, data_config, resume, args.teacher_checkpoint)
     run.fit()
