@@ -119,7 +119,7 @@ def ldrld_loss(
     validation.check_logits(student_logits, teacher_logits)
     top_d = validation.check_top_d(top_d, student_logits.shape[1])
     temperature = validation.check_positive("temperature", temperature)
-    alpha, beta, ce_weight, irw_eps, erd_scale, erd_decay = validation.check_finite(
+    alpha, beta, ce_weight, irw_eps, erd_scale, erd_decay = validation.check_non_negative(
         alpha=alpha, beta=beta, ce_weight=ce_weight, irw_eps=irw_eps, erd_scale=erd_scale,
         erd_decay=erd_decay)
     labels = validation.check_ldrld_target(target, student_logits, ce_weight)
@@ -209,7 +209,7 @@ def dkd_loss(
     validation.check_logits(student_logits, teacher_logits)
     validation.check_target(target, student_logits)
     temperature = validation.check_positive("temperature", temperature)
-    alpha, beta = validation.check_finite(alpha=alpha, beta=beta)
+    alpha, beta = validation.check_non_negative(alpha=alpha, beta=beta)
     validation.check_reduction(reduction)
     backend = requested_backend(backend)
     if backend == "reference":
@@ -286,8 +286,9 @@ def hcd_logit_loss(
     num_sub = validation.check_shared_logits(shared_logits, student_logits, num_sub)
     temperature = validation.check_positive("temperature", temperature)
     label_smoothing = validation.check_probability("label_smoothing", label_smoothing)
-    theta, w_gt, w_sdd, w_ol, lam_s, lam_t = validation.check_finite(
-        theta=theta, w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t)
+    (theta,) = validation.check_finite(theta=theta)  # a cosine margin: any sign
+    w_gt, w_sdd, w_ol, lam_s, lam_t = validation.check_non_negative(
+        w_gt=w_gt, w_sdd=w_sdd, w_ol=w_ol, lam_s=lam_s, lam_t=lam_t)
     detach_target = validation.check_flag("detach_target", detach_target)
     validation.check_reduction(reduction)
     backend = requested_backend(backend)

@@ -177,13 +177,24 @@ def check_positive(name, value):
 
 
 def check_finite(**values):
-    """Each value (a weight, margin or decay) as a finite float, in the order given: NaN or inf
-    makes every loss NaN."""
+    """Each value (a margin) as a finite float, in the order given: NaN or inf makes every loss
+    NaN."""
+    return _check_numbers(values, "a finite number", lambda number: True)
+
+
+def check_non_negative(**values):
+    """Each value (a weight, a decay, an epsilon) as a finite float >= 0, in the order given: a
+    negative weight trains away from the teacher, a negative decay or epsilon makes the rank
+    weights grow or divide by zero."""
+    return _check_numbers(values, "a finite number >= 0", lambda number: number >= 0)
+
+
+def _check_numbers(values, expected, admits):
     checked = []
     for name, value in values.items():
-        number = _number(name, value, "a finite number")
-        if not _is_finite(number):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        number = _number(name, value, expected)
+        if not (_is_finite(number) and admits(number)):
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
         checked.append(number)
     return checked
 

@@ -354,7 +354,7 @@ def one_class_data(demo_dir, tmp_path_factory):
     ("untrained teacher", "error: the teacher resnet20 scores"),
     ("num classes", "error: --num-classes 5 but the data has 10 classes"),
     ("top d", "error: --ldrld-top-d: top_d must be an integer in 1..10 (the classes), got 20"),
-    ("nan weight", "error: --dkd-beta: beta must be a finite number, got nan"),
+    ("nan weight", "error: --dkd-beta: beta must be a finite number >= 0, got nan"),
     ("warm-up", "error: --dkd-warmup-epochs: warmup_epochs must be an integer >= 0, got -1"),
     ("one class", "has 1 class folder: classification needs at least 2"),
     ("no train split", "/no-train: image folder {data}/train does not exist (expected "

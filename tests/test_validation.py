@@ -88,18 +88,39 @@ def test_bad_reduction_and_backend(inputs, loss):
         LOSSES[loss](*inputs, backend="cuda")
 
 
+# Every weight, decay and epsilon of the losses (>= 0), and HCD's margin theta (any sign).
+NON_NEGATIVE = [("ldrld", name) for name in ("alpha", "beta", "ce_weight", "irw_eps", "erd_scale",
+                                             "erd_decay")] + [
+    ("dkd", "alpha"), ("dkd", "beta")] + [
+    ("hcd", name) for name in ("w_gt", "w_sdd", "w_ol", "lam_s", "lam_t")]
+
+
+def loss_with_option(inputs, loss):
+    student, teacher, target = inputs
+    return {"ldrld": lambda **o: ldrld_loss(student, teacher, target, **o),
+            "dkd": lambda **o: dkd_loss(student, teacher, target, **o),
+            "hcd": lambda **o: hcd_logit_loss(torch.zeros(4, 40), teacher, student, target,
+                                              **o)}[loss]
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "1", None])
 @pytest.mark.parametrize("loss,weight", [("ldrld", "alpha"), ("ldrld", "erd_decay"),
                                          ("dkd", "beta"), ("hcd", "w_ol"), ("hcd", "theta")])
 def test_weights_must_be_finite_numbers(inputs, loss, weight, value):
     """A NaN or infinite weight would make every loss value NaN: refused by name."""
-    student, teacher, target = inputs
-    call = {"ldrld": lambda **o: ldrld_loss(student, teacher, target, **o),
-            "dkd": lambda **o: dkd_loss(student, teacher, target, **o),
-            "hcd": lambda **o: hcd_logit_loss(torch.zeros(4, 40), teacher, student, target,
-                                              **o)}[loss]
-    with pytest.raises(ValueError, match=rf"^{weight} must be a finite number, got {value!r}"):
-        call(**{weight: value})
+    expected = "a finite number" if weight == "theta" else "a finite number >= 0"
+    with pytest.raises(ValueError, match=rf"^{weight} must be {expected}, got {value!r}"):
+        loss_with_option(inputs, loss)(**{weight: value})
+
+
+@pytest.mark.parametrize("loss,weight", NON_NEGATIVE, ids=["-".join(case) for case in NON_NEGATIVE])
+def test_negative_weights_are_refused(inputs, loss, weight):
+    """A negative weight trains away from the teacher (``--dkd-beta -1`` trained to 47% where CE
+    scored 99%); a negative decay or epsilon makes the rank weights grow or divide by zero
+    (``irw_eps=-1`` gave an infinite loss). Zero switches a term off and is allowed."""
+    with pytest.raises(ValueError, match=rf"^{weight} must be a finite number >= 0, got -1.0"):
+        loss_with_option(inputs, loss)(**{weight: -1.0})
+    assert torch.isfinite(loss_with_option(inputs, loss)(**{weight: 0.0}))
 
 
 def test_auto_backend_and_environment_override(monkeypatch):
