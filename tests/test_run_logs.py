@@ -12,6 +12,7 @@ import yaml
 from fastkd.data import create_loaders
 from fastkd.engine import checkpoint
 from fastkd.engine.config import parse_args
+from fastkd.engine.evaluate import verdict
 from fastkd.engine.trainer import main
 
 TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
@@ -102,3 +103,14 @@ def test_best_pth_is_the_epoch_the_closing_table_calls_best(run):
     best = max(rows, key=lambda row: float(row["eval_top1"]))
     assert any(f"best epoch ({best['epoch']})" in line for line in lines)
     assert torch.load(folder / "best.pth", weights_only=True)["epoch"] == int(best["epoch"]) + 1
+
+
+@pytest.mark.parametrize("gains,words", [
+    ((0.5, 0.2), "beats the CE baseline"),
+    ((0.28, 0.0), "beats the CE baseline at the last epoch, not at the best"),
+    ((-0.28, 0.28), "beats the CE baseline at the best epoch, not at the last"),
+    ((0.0, -1.0), "does not beat the CE baseline")])
+def test_the_closing_verdict_follows_both_gains(gains, words):
+    """The new-user trial read "+0.28 last, +0.00 best: ... does not beat" and "-0.28 last,
+    +0.28 best: ... does not beat" as contradicting their own numbers."""
+    assert verdict(*gains) == words
