@@ -37,6 +37,15 @@ def copy_floor(elements, dtype):
     return gpu_milliseconds(lambda: destination.copy_(source))
 
 
+def settings(default, others, launch):
+    """``(setting, is_default, launch with it)`` for the launcher's ``default`` (block, warps)
+    and each of ``others`` (the default once, first)."""
+    for setting in dict.fromkeys([default, *others]):
+        block, warps = setting
+        yield setting, setting == default, functools.partial(launch, block_size=block,
+                                                             num_warps=warps)
+
+
 def ldrld_cases(batch, classes, dtype):
     """The default options (``fastkd.options.LDRLD``), as ``ldrld_loss`` launches them."""
     student, teacher, target = random_inputs(batch, classes, dtype)
@@ -44,10 +53,8 @@ def ldrld_cases(batch, classes, dtype):
                                                      LDRLD.erd_decay)
     options = dict(LDRLD.loss_options(), top_set_weight=top_set_weight, num_groups=num_groups)
     block, _, warps = ldrld_launch_config(classes)
-    for setting in dict.fromkeys([(block, warps), (1024, 8), (512, 4), (2048, 8), (4096, 16)]):
-        yield setting, setting == (block, warps), functools.partial(
-            ldrld_forward, student, teacher, target, block_size=setting[0], num_warps=setting[1],
-            **options)
+    return settings((block, warps), [(1024, 8), (512, 4), (2048, 8), (4096, 16)],
+                    functools.partial(ldrld_forward, student, teacher, target, **options))
 
 
 def hcd_cases(batch, classes, dtype):
@@ -55,20 +62,17 @@ def hcd_cases(batch, classes, dtype):
     shared, student, teacher, target = hcd_inputs(batch, classes, dtype)
     options = dict(HCD.loss_options(), label_smoothing=LABEL_SMOOTHING)
     block, _, warps = hcd_launch_config(classes)
-    for setting in dict.fromkeys([(block, warps), (1024, 16), (512, 8), (128, 4)]):
-        yield setting, setting == (block, warps), functools.partial(
-            hcd_forward, shared, teacher, student, target, block_size=setting[0],
-            num_warps=setting[1], **options)
+    return settings((block, warps), [(1024, 16), (512, 8), (128, 4)],
+                    functools.partial(hcd_forward, shared, teacher, student, target, **options))
 
 
 def kd_cases(batch, classes, dtype):
     """KD at its default temperature (DKD's kernel shares the launch configuration)."""
     student, teacher, _ = random_inputs(batch, classes, dtype)
     block, _, warps = launch_config(classes)
-    for setting in dict.fromkeys([(block, warps), (4096, 8), (2048, 8), (1024, 4), (8192, 16)]):
-        yield setting, setting == (block, warps), functools.partial(
-            kd_forward, student, teacher, None, temperature=KD.temperature,
-            block_size=setting[0], num_warps=setting[1])
+    return settings((block, warps), [(4096, 8), (2048, 8), (1024, 4), (8192, 16)],
+                    functools.partial(kd_forward, student, teacher, None,
+                                      temperature=KD.temperature))
 
 
 # kernel -> (cases, elements read + written per row element: LDRLD and KD read two [B, C]
