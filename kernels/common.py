@@ -99,6 +99,17 @@ def store_block(row_ptr, cols, values, mask):
 
 
 @triton.jit
+def store_three_part_loss(loss_ptr, parts_ptr, row, part_a, part_b, part_c, weight_a, weight_b,
+                          weight_c):
+    """A row's loss, ``weight_a part_a + weight_b part_b + weight_c part_c``, and its three parts
+    (unweighted, in that order: the op's ``parts`` columns)."""
+    tl.store(loss_ptr + row, weight_a * part_a + weight_b * part_b + weight_c * part_c)
+    tl.store(parts_ptr + row * 3 + 0, part_a)
+    tl.store(parts_ptr + row * 3 + 1, part_b)
+    tl.store(parts_ptr + row * 3 + 2, part_c)
+
+
+@triton.jit
 def log_sigmoid(x):
     """log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), finite for any finite x."""
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))

@@ -39,6 +39,7 @@ from .common import (
     row_major,
     row_outputs,
     row_prologue,
+    store_three_part_loss,
 )
 
 MAX_NUM_SUB = 16
@@ -250,15 +251,6 @@ def _fused_target(shared_row, teacher_row, subs, is_sub, target, valid_target, n
 
 
 @triton.jit
-def _store_loss(loss_ptr, parts_ptr, row, sce, sdd, ol, w_gt, w_sdd, w_ol):
-    """L = w_gt L_sce + w_sdd L_sdd + w_ol L_ol, and its parts (L_sce, L_sdd, L_ol)."""
-    tl.store(loss_ptr + row, w_gt * sce + w_sdd * sdd + w_ol * ol)
-    tl.store(parts_ptr + row * 3 + 0, sce)
-    tl.store(parts_ptr + row * 3 + 1, sdd)
-    tl.store(parts_ptr + row * 3 + 2, ol)
-
-
-@triton.jit
 def _stream_tile_grads(grad_shared_row, grad_student_row, shared_row, teacher_row, student_row,
                        subs, is_sub, cols, target, q_lse, pf_lse, s_lse, kl, pull,
                        inv_temperature, temperature, ce_scale, label_smoothing, num_classes,
@@ -318,7 +310,8 @@ def _hcd_kernel(
         valid_target, inv_temperature, temperature, label_smoothing, num_classes, num_sub)
     is_diagonal, inv_norm, cosines, excess, num_pairs, ol = _orthogonality(
         gram, subs, is_sub, num_sub, theta)
-    _store_loss(loss_ptr, parts_ptr, row, sce, sdd, ol, w_gt, w_sdd, w_ol)
+    # L = w_gt L_sce + w_sdd L_sdd + w_ol L_ol, and its parts (L_sce, L_sdd, L_ol)
+    store_three_part_loss(loss_ptr, parts_ptr, row, sce, sdd, ol, w_gt, w_sdd, w_ol)
 
     # 3. Gradients, tile by tile.
     if COMPUTE_GRAD:

@@ -43,6 +43,7 @@ from .common import (
     row_prologue,
     sigmoid,
     store_block,
+    store_three_part_loss,
 )
 
 MAX_TOP_D = 32
@@ -305,15 +306,6 @@ def _cross_entropy(student_row, target, num_classes, ce_lse, ACC: tl.constexpr):
 
 
 @triton.jit
-def _store_loss(loss_ptr, parts_ptr, row, ce, local, rntk, ce_weight, alpha, beta):
-    """L = ce_weight CE + alpha L_local + beta L_rntk, and its parts (CE, L_local, L_rntk)."""
-    tl.store(loss_ptr + row, ce_weight * ce + alpha * local + beta * rntk)
-    tl.store(parts_ptr + row * 3 + 0, ce)
-    tl.store(parts_ptr + row * 3 + 1, local)
-    tl.store(parts_ptr + row * 3 + 2, rntk)
-
-
-@triton.jit
 def _stream_remainder_grad(grad_row, student_row, teacher_row, cols, num_classes, last_value,
                            last_col, target, inv_temperature, s_lse, t_lse, rntk_scale, ce_lse,
                            ce_weight, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -384,7 +376,8 @@ def _ldrld_kernel(
         top_logits, top_values, top_cols, top_teacher, slots, is_slot, inv_temperature,
         temperature, inv_num_groups, top_set_weight, irw_eps, erd_scale, erd_decay, ACC)
     ce = _cross_entropy(student_row, target, num_classes, ce_lse, ACC)
-    _store_loss(loss_ptr, parts_ptr, row, ce, local, rntk, ce_weight, alpha, beta)
+    # L = ce_weight CE + alpha L_local + beta L_rntk, and its parts (CE, L_local, L_rntk)
+    store_three_part_loss(loss_ptr, parts_ptr, row, ce, local, rntk, ce_weight, alpha, beta)
 
     # 3. Gradient: remainder classes block by block (the row's second read when streamed), then
     #    the d top-set slots.
