@@ -129,7 +129,8 @@ def train_demo_baseline(args, world, loaders, data_config, resumed_state):
     elif resumed_state:
         recorded = resumed_state["args"].get("demo_baseline")
         last = os.path.join(recorded, LAST) if recorded else None
-        if not (last and os.path.isfile(last)):
+        # Decided on rank 0 for every rank, as checkpoint_to_resume is.
+        if not world.broadcast(bool(last and os.path.isfile(last)) if world.main else None):
             world.log(f"no CE baseline to compare with: {args.resume} records "
                       f"{last or 'none'}")
             return None
