@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastkd.data import create_loaders, dali_available
+from fastkd.data.loaders import create_loaders, dali_available
 
 NUM_IMAGES, NUM_CLASSES = 512, 8
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

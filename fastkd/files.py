@@ -34,3 +34,9 @@ def _fsync_directory(path):
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def user_cache_dir():
+    """``$XDG_CACHE_HOME/fastkd``, by default ``~/.cache/fastkd``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastkd")

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd import data
-from fastkd.data import create_loaders
-from fastkd.data.augment import CropFlip
+from fastkd.data import loaders
 from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD
+from fastkd.data.crop_flip import CropFlip
+from fastkd.data.folders import scan_split_folders
+from fastkd.data.loaders import create_loaders
 from fastkd.data.nvjpeg import NvJpegLoader
 
-needs_dali = pytest.mark.skipif(not data.dali_available(), reason="nvidia-dali is not installed")
+needs_dali = pytest.mark.skipif(not loaders.dali_available(), reason="nvidia-dali is not installed")
 LOADERS = [pytest.param("dali", marks=needs_dali), "torch"]
 IMAGE_AREA = 32 * 32
 
@@ -208,7 +209,7 @@ def test_crop_flip_settings_reach_every_loader(same_split_tree, kind):
         options = dict(batch_size=4, image_size=32, crop_ratio=1.0, workers=0,
                        crop_flip=crop_flip)
         if kind == "nvjpeg":  # decoding on the CPU stands in for the GPU here
-            folders = data.scan_split_folders(f"{same_split_tree}/train",
+            folders = scan_split_folders(f"{same_split_tree}/train",
                                               f"{same_split_tree}/val")
             loaders = [NvJpegLoader(folder.samples, 2, training=training, mean=IMAGENET_MEAN,
                                     std=IMAGENET_STD, **options)

@@ -19,8 +19,9 @@ from PIL import Image
 from test_data import LOADERS, needs_dali, smooth_image, write_tree
 from torchvision import transforms
 
-from fastkd.data import create_loaders, verify
+from fastkd.data import verify
 from fastkd.data.bad_images import BadImageError
+from fastkd.data.loaders import create_loaders
 from fastkd.data.torch_loader import FileDataset
 from fastkd.data.verify import CACHE_NAME, main, verify_images
 

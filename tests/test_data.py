@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fastkd import data
-from fastkd.data import create_loaders
-from fastkd.data.common import IMAGENET_MEAN, IMAGENET_STD, Loader
+from fastkd.data import loaders
+from fastkd.data.common import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, Loader
 from fastkd.data.demo import build_demo_dataset
+from fastkd.data.loaders import create_loaders
 from fastkd.data.nvjpeg import NvJpegLoader
 from fastkd.data.order import train_indices
 from fastkd.engine.config import parse_args
 
-needs_dali = pytest.mark.skipif(not data.dali_available(), reason="nvidia-dali is not installed")
+needs_dali = pytest.mark.skipif(not loaders.dali_available(), reason="nvidia-dali is not installed")
 LOADERS = [pytest.param("dali", marks=needs_dali), "torch"]
 
 
@@ -133,7 +133,7 @@ def test_cifar100_reader(tmp_path):
         expected = pickle.load(handle)
     assert labels.tolist() == [int(label) for label in expected["fine_labels"][:4]]
     first = expected["data"][0].reshape(3, 32, 32).astype(np.float32) / 255
-    mean, std = data.common.CIFAR100_MEAN, data.common.CIFAR100_STD
+    mean, std = CIFAR100_MEAN, CIFAR100_STD
     normalised = (first - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
     torch.testing.assert_close(images[0], torch.from_numpy(normalised).float(), rtol=0, atol=1e-5)
     _, val = create_loaders("cifar100", str(tmp_path), batch_size=4, workers=0,
@@ -194,10 +194,10 @@ def test_the_demo_never_writes_into_a_folder_of_other_files(tmp_path, capsys):
 
 
 def test_auto_falls_back_to_torchvision_with_one_log_line(tree, monkeypatch, caplog):
-    monkeypatch.setattr(data, "dali_available", lambda: False)
+    monkeypatch.setattr(loaders, "dali_available", lambda: False)
     with caplog.at_level("WARNING", logger="fastkd.data"):
         train, _ = create_loaders("folder", str(tree), batch_size=4, image_size=32, workers=0)
-    assert isinstance(train, data.TorchLoader)
+    assert isinstance(train, loaders.TorchLoader)
     assert [record.message for record in caplog.records] == [
         "DALI is not installed (pip install 'fastkd[dali]'): using the torchvision loader"]
     with pytest.raises(ValueError, match=r"loader='dali' needs nvidia-dali"):

@@ -13,10 +13,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd import ops, validation
-from fastkd.data import create_loaders
+from fastkd.data.loaders import create_loaders
 from fastkd.engine import checkpoint
+from fastkd.engine.cli import main
 from fastkd.engine.run import Run
-from fastkd.engine.trainer import main
 
 # The aten ops that hand a value to the host (item/float/int/bool/if go through the first; below
 # autograd, inside a fastkd op, item is dispatched whole), and those whose output shape depends

@@ -13,9 +13,9 @@ import yaml
 from trainer_helpers import ENV, FAST, run_main
 
 import fastkd
-from fastkd.distillers import _METHODS as REGISTERED
 from fastkd.distillers import CE, Distiller, build_distiller, methods
 from fastkd.engine.config import build_parser
+from fastkd.methods import _METHODS as REGISTERED
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -13,7 +13,7 @@ from test_data import needs_dali
 from trainer_helpers import children, command, start, wait_until
 
 from fastkd.engine import checkpoint
-from fastkd.engine.trainer import main
+from fastkd.engine.cli import main
 
 # Two epochs of the 240-image demo tree; 8 images a step and process.
 SETTINGS = ["--distiller", "ce", "--model", "resnet20", "--epochs", "2", "--batch-size", "8",

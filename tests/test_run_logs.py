@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from fastkd.data import create_loaders
+from fastkd.data.loaders import create_loaders
 from fastkd.engine import checkpoint
+from fastkd.engine.cli import main
 from fastkd.engine.config import parse_args
 from fastkd.engine.evaluate import verdict
-from fastkd.engine.trainer import main
 
 TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 

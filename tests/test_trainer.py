@@ -62,7 +62,7 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path, monkeypatch):
     from fastkd.engine.trainer import Run
 
     resumed_args = parse_args(args + ["--resume", str(last)])
-    from fastkd.data import create_loaders
+    from fastkd.data.loaders import create_loaders
     from fastkd.models import data_config
 
     config = data_config("resnet20")

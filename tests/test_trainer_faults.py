@@ -30,7 +30,7 @@ from fastkd.files import atomic_write
 # still has: what is alive when the interpreter shuts down.
 EXIT_PROBE = """
 import multiprocessing, os, sys
-from fastkd.engine.trainer import main
+from fastkd.engine.cli import main
 try:
     main()
 except SystemExit as stop:

@@ -11,8 +11,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from .augment import CropFlip, compose_transform
+from .augment import compose_transform
 from .common import CIFAR100_MEAN, CIFAR100_STD
+from .crop_flip import CropFlip
 
 ARCHIVE = "cifar-100-python"
 

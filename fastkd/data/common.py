@@ -3,7 +3,6 @@ normalisation constants and their check, eval resize rule, the batch hand-off to
 device and where fastkd keeps its per-user files."""
 
 import math
-import os
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
@@ -65,9 +64,3 @@ def to_device(images, labels, device, channels_last):
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True).long().view(-1)
-
-
-def user_cache_dir():
-    """``$XDG_CACHE_HOME/fastkd``, by default ``~/.cache/fastkd``."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "fastkd")

@@ -36,9 +36,10 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image
 
 from ..signals import blocked_for_children
-from .augment import CropFlip, crop_params, erase_samples, flip_drawn
+from .augment import crop_params, erase_samples, flip_drawn
 from .bad_images import record_bad
 from .common import eval_resize, to_device
+from .crop_flip import CropFlip
 from .order import (
     erase_seed,
     eval_indices,

@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from .common import user_cache_dir
+from ..files import user_cache_dir
 from .verify import CACHE_NAME
 
 IMAGE_SIZE = 32

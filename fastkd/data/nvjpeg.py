@@ -46,7 +46,7 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from .augment import CropFlip, crop_params, erase_samples, flip_drawn
+from .augment import crop_params, erase_samples, flip_drawn
 from .bad_images import (
     DECODE_ERRORS,
     BadImageError,
@@ -56,6 +56,7 @@ from .bad_images import (
     wrap_from,
 )
 from .common import eval_resize, to_device
+from .crop_flip import CropFlip
 from .order import erase_seed, sample_seed
 from .torch_loader import FileDataset, SeededItems, TorchLoader
 

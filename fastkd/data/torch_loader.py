@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms
 
 from ..signals import blocked_for_children, obey_parent_only
-from .augment import CropFlip, compose_transform
+from .augment import compose_transform
 from .bad_images import (
     DECODE_ERRORS,
     BadImageError,
@@ -25,6 +25,7 @@ from .bad_images import (
     wrap_from,
 )
 from .common import eval_resize, to_device
+from .crop_flip import CropFlip
 from .order import eval_indices, sample_seed, seeded_globals, steps_per_epoch, train_indices
 
 

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from ..files import atomic_write
+from ..files import atomic_write, user_cache_dir
 from .bad_images import decode_failure
-from .common import user_cache_dir
 from .folders import scan_image_folder
 
 CACHE_NAME = ".fastkd-verified.json"

@@ -1,26 +1,26 @@
 """The trainer's command line (timm train.py's names where they overlap) and YAML configs.
 
 ``parse_args(argv)``: ``--config FILE.yaml`` supplies defaults whose keys are the long option
-names (dashes or underscores); the command line wins over the file.
+names (dashes or underscores); the command line wins over the file. Every check that the flags
+alone decide runs before torch is imported (this module does not import it), so that a refused
+command line answers at once; then ``check_registries`` imports timm to look up the model,
+optimiser and compiler names.
 """
 
 import argparse
+import ast
 import dataclasses
 import math
 import os
 import tempfile
 
-import timm
-import torch
 import yaml
-from timm.optim import list_optimizers
-from timm.utils import ParseKwargs
 
 from .. import __version__
 from ..data import DATASETS, LOADERS
-from ..data.augment import CropFlip
+from ..data.crop_flip import CropFlip
 from ..data.demo import foreign_demo_entries
-from ..distillers import method_options_classes, methods
+from ..methods import method_options_classes, methods
 
 # Dataset-specific defaults used when the corresponding option is not given.
 # The demo's learning rate is low for its 8 epochs because LDRLD's loss weights (alpha 10.5,
@@ -41,14 +41,21 @@ DEFAULTS = dict(epochs=100, batch_size=128, lr=0.1, warmup_epochs=0, warmup_lr=1
 SCHEDULES = ("step", "multistep", "cosine")
 
 
-class KeyValues(ParseKwargs):
-    """timm's ``key=value`` parsing, with a usage error rather than a traceback for a bare key."""
+class KeyValues(argparse.Action):
+    """``KEY=VALUE ...`` as timm's ``ParseKwargs`` reads them (a Python literal, else the string),
+    with a usage error rather than a traceback for a bare key."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        for value in values:
-            if value and "=" not in value:
+        settings = {}
+        for value in filter(None, values):
+            if "=" not in value:
                 parser.error(f"{option_string} takes KEY=VALUE pairs, got {value!r}")
-        super().__call__(parser, namespace, values, option_string)
+            key, value = value.split("=", 1)
+            try:
+                settings[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                settings[key] = value
+        setattr(namespace, self.dest, settings)
 
 
 def add_method_options(parser):
@@ -248,7 +255,7 @@ def _config_defaults(parser, path):
 def _config_value(action, value, where):
     """``value`` from a config file, checked and converted as the command line would be: its
     type, its number of values and its choices."""
-    if isinstance(action, ParseKwargs):  # args.yaml records --model-kwargs as a mapping
+    if isinstance(action, KeyValues):  # args.yaml records --model-kwargs as a mapping
         if not isinstance(value, dict):
             raise SystemExit(f"error: {where} takes a mapping of KEY: VALUE, got {value!r}")
         return value
@@ -302,6 +309,7 @@ def parse_args(argv=None):
     fill_defaults(args)
     check_args(parser, args, given)
     check_unused(parser, args, changed)
+    check_registries(parser, args)
     return args
 
 
@@ -355,15 +363,12 @@ def check_args(parser, args, given=()):
 
 
 def check_models(parser, args, given):
-    """The student and (when the method distils) the teacher are timm models."""
+    """A student, and a teacher when the method distils (``check_registries`` checks that timm
+    has them)."""
     if args.model is None:
         parser.error("--model is required for this dataset")
     if distils(args) and not args.teacher:
         parser.error(f"--distiller {args.distiller} needs --teacher")
-    for option in ("model", "teacher") if distils(args) else ("model",):
-        if not timm.is_model(getattr(args, option)):
-            parser.error(f"--{option} {getattr(args, option)} is not a timm model (nor a "
-                         "fastkd CIFAR net); timm.list_models() lists them")
 
 
 def check_data(parser, args, given):
@@ -470,15 +475,28 @@ def check_numbers(parser, args, given):
 
 
 def check_optimisation(parser, args, given):
-    """The optimiser, the schedule and the compiler exist and fit the run."""
-    if args.opt.lower() not in list_optimizers():
-        parser.error(f"--opt {args.opt} is not a timm optimizer; see timm.optim.list_optimizers()")
+    """The schedule fits the run."""
     # A default warm-up may fill a short smoke run; one the user asked for must end in it.
     if "warmup_epochs" in given and args.warmup_epochs >= args.epochs > 0:
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs "
                      f"{args.epochs} (the run would end still warming up)")
     if args.sched == "multistep" and not args.decay_milestones:
         parser.error("--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
+
+
+def check_registries(parser, args):
+    """The names that only timm and torch know: the models, the optimiser and the compiler
+    backend (the first import of torch and timm, once every other check has passed)."""
+    import timm  # also registers fastkd's CIFAR nets (see fastkd/__init__.py)
+    import torch
+    from timm.optim import list_optimizers
+
+    for option in ("model", "teacher") if distils(args) else ("model",):
+        if not timm.is_model(getattr(args, option)):
+            parser.error(f"--{option} {getattr(args, option)} is not a timm model (nor a "
+                         "fastkd CIFAR net); timm.list_models() lists them")
+    if args.opt.lower() not in list_optimizers():
+        parser.error(f"--opt {args.opt} is not a timm optimizer; see timm.optim.list_optimizers()")
     if args.torchcompile is not None and args.torchcompile not in (
             torch.compiler.list_backends(exclude_tags=())):
         parser.error(f"--torchcompile {args.torchcompile} is not a torch.compile backend; "
@@ -575,7 +593,7 @@ def check_method_options(args):
     if options_class is None:
         return
     try:  # making the options checks the distiller-only ones, the method the rest
-        methods()[args.distiller].check_options(method_options(args), args.num_classes)
+        methods()[args.distiller].load().check_options(method_options(args), args.num_classes)
     except (TypeError, ValueError) as error:
         message = str(error)
         names = sorted((item.name for item in dataclasses.fields(options_class)

@@ -21,12 +21,12 @@ import numpy as np
 import timm
 import torch
 
-from ..data import create_loaders, resolve_loader
 from ..data.bad_images import BadImageError
 from ..data.bad_images import logger as data_logger
+from ..data.loaders import create_loaders, resolve_loader
 from ..models import data_config as model_data_config
 from . import checkpoint, demo_teacher
-from .config import check_method_options, crop_flip, distils, parse_args
+from .config import check_method_options, crop_flip, distils
 from .distributed import World
 from .evaluate import evaluate, last_and_best, report
 from .optim import autocast_settings, resolve_amp
@@ -253,8 +253,9 @@ def evaluate_checkpoint(args, world, val_loader):
                   f"loss {loss:.4f}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_job_and_exit(args):
+    """Run the job of ``args`` (``config.parse_args``'s, already checked) in this process's
+    place in the process group, then exit with its status."""
     world = World()
     world.stop.install()
     try:

@@ -1,0 +1,109 @@
+"""The command line is checked before torch is imported (a refused one answers at once); ``import
+fastkd`` is light and still registers the CIFAR nets in timm, whichever of the two comes first."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastkd.distillers import CE, KD
+from fastkd.methods import Method, methods
+
+MAIN = Path(__file__).resolve().parents[1] / "train" / "main.py"
+
+
+def python(code):
+    """``code`` run in a fresh interpreter (this one has torch imported); its stdout."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def refusal_without_torch(argv):
+    """``train/main.py argv`` in a fresh interpreter: (exit status, its error message, the heavy
+    modules it imported)."""
+    code = (f"import runpy, sys; sys.argv = [{str(MAIN)!r}, *{argv!r}]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as stop:  # argparse's usage errors exit 2, the others 1\n"
+            "    status = 2 if stop.code == 2 else 1\n"
+            "    print(stop.code, file=sys.stderr)\n"
+            "print(status, sorted({'torch', 'timm', 'triton', 'torchvision'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    status, _, imported = done.stdout.strip().rpartition("\n")[2].partition(" ")
+    return int(status), done.stderr, imported
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--epochs", "-1"], "--epochs must be a positive number, got -1"),
+    (["--distiller", "nope"], "argument --distiller: invalid choice: 'nope'"),
+    (["--ldrld-top-d", "x"], "argument --ldrld-top-d: invalid int value: 'x'"),
+    (["--distiller", "kd", "--ldrld-alpha", "2"], "--ldrld-alpha would change nothing"),
+    (["--hcd-cfm", "conv", "--distiller", "hcd"], "invalid choice: 'conv'"),
+    (["--config", "missing.yaml"], "--config missing.yaml does not exist"),
+    (["--dataset", "imagenet", "--model", "resnet50", "--distiller", "ce"],
+     "--dataset imagenet needs --data-dir"),
+    (["--scale", "0.5", "2"], "--scale must be two area fractions"),
+    (["--model-kwargs", "img_size"], "--model-kwargs takes KEY=VALUE pairs, got 'img_size'"),
+    (["--teacher-checkpoint", "x.pth", "--teacher-pretrained"], "exclude each other"),
+])
+def test_a_refused_command_line_imports_no_torch(argv, error):
+    status, message, imported = refusal_without_torch(argv)
+    assert status in (1, 2) and error in message and imported == "[]", (status, message, imported)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--model", "resnet_nope"], "--model resnet_nope is not a timm model"),
+    # The loss checks its own options (one source of their rules), on a batch of the data's
+    # classes.
+    (["--hcd-w-ol", "-1", "--distiller", "hcd"], "--hcd-w-ol: w_ol must be a finite number >= 0"),
+])
+def test_what_only_timm_or_the_loss_knows_is_checked_after_the_flags(argv, error):
+    status, message, imported = refusal_without_torch(argv)
+    assert status in (1, 2) and error in message and "torch" in imported
+    # The flags are checked first: a bad number is refused without timm, beside a bad name.
+    assert refusal_without_torch(["--model", "resnet_nope", "--lr", "0"])[2] == "[]"
+
+
+@pytest.mark.parametrize("order", ["fastkd, timm", "timm, fastkd"])
+def test_importing_fastkd_registers_the_nets_in_either_order(order):
+    assert python(f"import {order}; print(timm.is_model('resnet8x4'), "
+                  "timm.create_model('wrn_16_2', num_classes=3).__module__)") == (
+        "True fastkd.models.cifar")
+
+
+def test_importing_fastkd_imports_no_torch_until_its_losses_are_used():
+    assert python("import sys, fastkd; print('torch' in sys.modules)") == "False"
+    assert python("import sys, fastkd; loss = fastkd.LDRLDLoss(); "
+                  "print('torch' in sys.modules, type(loss).__module__, 'ldrld_loss' in "
+                  "dir(fastkd))") == "True fastkd.losses True"
+    assert python("from fastkd import kd_loss; print(kd_loss.__module__)") == "fastkd.functional"
+
+
+def test_the_registry_describes_each_built_in_method_as_its_class_declares():
+    """The command line reads each method's record before its class is imported; loading the
+    class checks that the two agree."""
+    for name, method in methods().items():
+        distiller_class = method.load()
+        assert (method.options_class, method.needs_teacher, method.needs_hard_labels) == (
+            distiller_class.options_class, distiller_class.needs_teacher,
+            distiller_class.needs_hard_labels), name
+    wrong = Method("kd", "fastkd.distillers.kd:KD", needs_teacher=False)
+    with pytest.raises(TypeError, match="method 'kd': fastkd.distillers.kd:KD declares"):
+        wrong.load()
+    assert Method("ce", CE, needs_teacher=False).load() is CE and KD.needs_teacher
+
+
+def test_model_kwargs_parse_as_timm_parses_them():
+    """``--model-kwargs`` is read without timm, as timm's own ``ParseKwargs`` reads it."""
+    import argparse
+
+    from timm.utils import ParseKwargs
+
+    from fastkd.engine.config import build_parser
+
+    values = ["drop_rate=0.1", "act_layer=gelu", "dims=(1, 2)", "name=a=b", "flag=True", ""]
+    timm_parser = argparse.ArgumentParser()
+    timm_parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    expected = timm_parser.parse_args(["--model-kwargs", *values]).model_kwargs
+    assert build_parser().parse_args(["--model-kwargs", *values]).model_kwargs == expected
+    assert expected["dims"] == (1, 2) and expected["name"] == "a=b"
