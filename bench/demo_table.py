@@ -16,8 +16,11 @@ import subprocess
 import sys
 import time
 
+from fastkd.methods import methods
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("kd", "dkd", "ldrld", "hcd")
+# Every registered method that distils (installed plug-ins' included).
+METHODS = tuple(name for name, method in methods().items() if method.needs_teacher)
 
 
 def top1(folder):
