@@ -82,15 +82,10 @@ def test_registration_errors():
     assert "vgg13_cifar" in timm.list_models("vgg13*")
 
 
-def test_importing_fastkd_registers_the_nets_and_the_trainer_tells_its_version():
-    """A user's script that imports only ``fastkd`` can build a CIFAR net with timm; the
-    trainer's ``--version`` is the installed package's."""
+def test_the_trainer_tells_its_version():
+    """``--version`` is the installed package's (``test_cli_imports`` covers ``import fastkd``
+    registering the nets)."""
     repo = Path(__file__).resolve().parents[1]
-    built = subprocess.run(
-        [sys.executable, "-c", "import fastkd, timm; "
-         "print(type(timm.create_model('wrn_40_2', num_classes=10)).__name__)"],
-        capture_output=True, text=True, check=True)
-    assert built.stdout.strip() == "CifarNet"
     told = subprocess.run([sys.executable, str(repo / "train" / "main.py"), "--version"],
                           capture_output=True, text=True, check=True)
     assert told.stdout.strip() == f"fastkd-train {version('fastkd')}"

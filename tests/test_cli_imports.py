@@ -55,7 +55,9 @@ def test_a_refused_command_line_imports_no_torch(argv, error):
     (["--model", "resnet_nope"], "--model resnet_nope is not a timm model"),
     # The loss checks its own options (one source of their rules), on a batch of the data's
     # classes.
-    (["--hcd-w-ol", "-1", "--distiller", "hcd"], "--hcd-w-ol: w_ol must be a finite number >= 0"),
+    (["--hcd-w-ol", "-1", "--distiller", "hcd", "--dataset", "synthetic", "--model", "resnet20",
+      "--teacher", "resnet20", "--allow-untrained-teacher"],
+     "--hcd-w-ol: w_ol must be a finite number >= 0"),
 ])
 def test_what_only_timm_or_the_loss_knows_is_checked_after_the_flags(argv, error):
     status, message, imported = refusal_without_torch(argv)
