@@ -122,9 +122,24 @@ def sigmoid(x):
 
 
 @triton.jit
+def kl_term(log_p, log_q):
+    """p (log p - log q), elementwise, and 0 where p = 0: a class at -inf in the target (a masked
+    class) adds 0 log 0 = 0 (xlogy's convention), where exp(-inf) (-inf - log q) would be NaN.
+    A NaN p stays NaN."""
+    p = tl.exp(log_p)
+    return tl.where(p == 0, 0.0, p * (log_p - log_q))
+
+
+@triton.jit
 def binary_kl(teacher_gap, student_gap):
     """KL(Bernoulli(sigmoid(teacher_gap)) || Bernoulli(sigmoid(student_gap))), elementwise: the
-    KL of a two-class softmax depends only on the logit gap."""
+    KL of a two-class softmax depends only on the logit gap.
+
+    An infinite teacher gap (one class of the pair masked, at -inf) is a certain outcome: it is
+    taken at +-1e30 (NaN kept), where the impossible outcome's probability is exactly 0 and its
+    term 0 * finite = 0, instead of 0 * -inf = NaN. Finite gaps are unchanged."""
+    teacher_gap = tl.where(teacher_gap < NEG_FILL, NEG_FILL, teacher_gap)  # comparisons keep NaN
+    teacher_gap = tl.where(teacher_gap > -NEG_FILL, -NEG_FILL, teacher_gap)
     log_pt = log_sigmoid(teacher_gap)
     log_pt_other = log_sigmoid(-teacher_gap)
     log_ps = log_sigmoid(student_gap)
@@ -166,7 +181,9 @@ def online_kl_stats(t_max, t_sum, t_dot, s_max, s_sum, teacher, student, mask):
     rescale = tl.exp(t_max - new_max)
     exps = tl.where(mask, tl.exp(masked_teacher - new_max), 0.0)
     t_sum = t_sum * rescale + tl.sum(exps, axis=0)
-    t_dot = t_dot * rescale + tl.sum(tl.where(mask, exps * (teacher - student), 0.0), axis=0)
+    # exps is 0 outside the mask, and at a teacher logit of -inf (a masked class), where
+    # teacher - student is -inf or NaN: such lanes add 0 (0 log 0 = 0).
+    t_dot = t_dot * rescale + tl.sum(tl.where(exps == 0, 0.0, exps * (teacher - student)), axis=0)
     s_max, s_sum = online_logsumexp(s_max, s_sum, student, mask)
     return new_max, t_sum, t_dot, s_max, s_sum
 
@@ -175,7 +192,7 @@ def online_kl_stats(t_max, t_sum, t_dot, s_max, s_sum, teacher, student, mask):
 def kl_from_stats(t_max, t_sum, t_dot, s_max, s_sum):
     """KL(pt || ps) = E_pt[t - s] - lse(t) + lse(s); 0 for an empty class set. Returns the
     divergence and both log-sum-exps (for the gradient pass)."""
-    nonempty = t_sum > 0
+    nonempty = t_sum != 0  # not "> 0": a NaN sum (a NaN or +inf teacher logit) stays NaN
     t_lse = t_max + tl.log(tl.where(nonempty, t_sum, 1.0))
     s_lse = s_max + tl.log(tl.where(nonempty, s_sum, 1.0))
     kl = tl.where(nonempty, t_dot / tl.where(nonempty, t_sum, 1.0) - t_lse + s_lse, 0.0)
@@ -232,7 +249,9 @@ def lane_kl_stats(t_max, t_sum, t_dot, s_max, s_sum, teacher, student, mask):
     grows = teacher > t_max
     gap = teacher - student
     new_sum = tl.where(grows, t_sum * weight + 1.0, t_sum + weight)
-    new_dot = tl.where(grows, t_dot * weight + gap, t_dot + weight * gap)
+    # A teacher logit of -inf (a masked class) has weight 0 and adds 0, not 0 * -inf.
+    new_dot = tl.where(grows, t_dot * weight + gap,
+                       t_dot + tl.where(weight == 0, 0.0, weight * gap))
     s_max, s_sum = lane_logsumexp(s_max, s_sum, student, mask)
     return (tl.where(mask, tl.maximum(t_max, teacher), t_max), tl.where(mask, new_sum, t_sum),
             tl.where(mask, new_dot, t_dot), s_max, s_sum)

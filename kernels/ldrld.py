@@ -30,6 +30,7 @@ from .common import (
     empty_kl_stats,
     empty_lane_kl_stats,
     kl_from_stats,
+    kl_term,
     lane_kl_stats,
     launch_config,
     load_blocks,
@@ -204,7 +205,7 @@ def _local_term(top_logits, top_values, top_cols, top_teacher, slots, is_slot, i
     log_ps_top = masked_log_softmax(top_student, is_slot)
     log_pt_top = masked_log_softmax(top_teacher, is_slot)
     pt_top = tl.exp(log_pt_top)
-    top_set_kl = tl.sum(tl.where(is_slot, pt_top * (log_pt_top - log_ps_top), 0.0), axis=0)
+    top_set_kl = tl.sum(tl.where(is_slot, kl_term(log_pt_top, log_ps_top), 0.0), axis=0)
     local = temperature * temperature * inv_num_groups * (pair_sum + top_set_weight * top_set_kl)
     return local, pair_grad, log_ps_top, pt_top
 

@@ -6,12 +6,20 @@ import torch.nn.functional as F
 from ..precision import compute_dtype
 
 
+def without_massless_classes(terms, target_probs):
+    """KL terms with 0 where the target probability is 0 (0 log 0 = 0, xlogy's convention):
+    ``F.kl_div`` gives NaN there when the input is -inf too, or with a log target at any -inf
+    (a masked class). Where the target has mass its terms are kept as they are."""
+    return terms.masked_fill(target_probs == 0, 0.0)
+
+
 def kd_loss_reference(student_logits, teacher_logits, *, temperature):
     """Per-sample ``T^2 * KL(softmax(zt/T) || softmax(zs/T))``, shape [B]."""
     dtype = compute_dtype(student_logits, teacher_logits)
     log_ps = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
     log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
-    return temperature**2 * F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(1)
+    terms = F.kl_div(log_ps, log_pt, reduction="none", log_target=True)
+    return temperature**2 * without_massless_classes(terms, log_pt.exp()).sum(1)
 
 
 def dkd_loss_reference(student_logits, teacher_logits, target, *, alpha, beta, temperature):
@@ -32,10 +40,12 @@ def dkd_loss_reference(student_logits, teacher_logits, target, *, alpha, beta, t
 
     binary_ps = binary_split(F.softmax(zs, dim=1))
     binary_pt = binary_split(F.softmax(zt, dim=1))
-    tckd = temperature**2 * F.kl_div(binary_ps.log(), binary_pt, reduction="none").sum(1)
+    tckd_terms = F.kl_div(binary_ps.log(), binary_pt, reduction="none")
+    tckd = temperature**2 * without_massless_classes(tckd_terms, binary_pt).sum(1)
 
     log_qs = F.log_softmax(zs - 1000.0 * gt_mask, dim=1)
     qt = F.softmax(zt - 1000.0 * gt_mask, dim=1)
-    nckd = temperature**2 * F.kl_div(log_qs, qt, reduction="none").sum(1)
+    nckd_terms = F.kl_div(log_qs, qt, reduction="none")
+    nckd = temperature**2 * without_massless_classes(nckd_terms, qt).sum(1)
 
     return alpha * tckd + beta * nckd, {"tckd": tckd, "nckd": nckd}

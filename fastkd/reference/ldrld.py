@@ -17,13 +17,15 @@ from ..precision import compute_dtype
 def masked_kl(student_logits, teacher_logits, group_mask, temperature):
     """T^2 * KL(pt_S || ps_S) per row, with S the classes where ``group_mask`` is True.
 
-    Both softmaxes run over the full width with the classes outside S pushed to -inf.
+    Both softmaxes run over the full width with the classes outside S pushed to -inf. A class of
+    S to which the teacher gives no probability (a -inf logit: a masked class) adds 0 log 0 = 0.
     """
     outside = ~group_mask
     log_ps = F.log_softmax((student_logits / temperature).masked_fill(outside, -math.inf), dim=1)
     log_pt = F.log_softmax((teacher_logits / temperature).masked_fill(outside, -math.inf), dim=1)
-    terms = log_pt.exp() * (log_pt - log_ps)
-    return temperature**2 * terms.masked_fill(outside, 0.0).sum(dim=1)
+    pt = log_pt.exp()
+    terms = pt * (log_pt - log_ps)
+    return temperature**2 * terms.masked_fill(outside | (pt == 0), 0.0).sum(dim=1)
 
 
 def ldrld_loss_reference(student_logits, teacher_logits, target, *, temperature, top_d, alpha,

@@ -5,7 +5,7 @@ import math
 import torch
 
 from ..precision import compute_dtype
-from .common import binary_kl_of_gaps
+from .common import binary_kl_of_gaps, kl_terms
 
 
 def dkd_forward(student_logits, teacher_logits, target, *, alpha, beta, temperature,
@@ -39,8 +39,8 @@ def dkd_forward(student_logits, teacher_logits, target, *, alpha, beta, temperat
     qt = log_qt.exp()
     squared = temperature**2
     tckd = squared * binary_kl_of_gaps(teacher_gap, student_gap)
-    # qt (log qt - log qs) is 0 * (-inf + inf) at y: masked to 0.
-    nckd = squared * torch.where(is_target, 0.0, qt * (log_qt - log_qs)).sum(1)
+    # qt (log qt - log qs) would be 0 * (-inf + inf) at y (and at masked classes): 0 there.
+    nckd = squared * kl_terms(qt, log_qt, log_qs).sum(1)
     loss = alpha * tckd + beta * nckd
     parts = torch.stack([tckd, nckd], dim=1)
     if not needs_grad[0]:

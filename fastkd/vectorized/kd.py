@@ -3,6 +3,7 @@
 import torch.nn.functional as F
 
 from ..precision import compute_dtype
+from .common import kl_terms
 
 
 def kd_forward(student_logits, teacher_logits, target, *, temperature, needs_grad=(True,)):
@@ -13,7 +14,7 @@ def kd_forward(student_logits, teacher_logits, target, *, temperature, needs_gra
     log_ps = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
     log_pt = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
     pt = log_pt.exp()
-    loss = temperature**2 * (pt * (log_pt - log_ps)).sum(1)
+    loss = temperature**2 * kl_terms(pt, log_pt, log_ps).sum(1)
     parts = loss.new_empty(loss.shape[0], 0)
     if not needs_grad[0]:
         return loss, parts, (None,)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import compute_dtype
-from .common import binary_kl_of_gaps
+from .common import binary_kl_of_gaps, kl_terms
 
 
 def pair_weights(top_d, irw_eps, erd_scale, erd_decay, device, dtype):
@@ -45,13 +45,16 @@ def ldrld_forward(student_logits, teacher_logits, target, *, temperature, top_d,
 
     gaps_s = top_s.unsqueeze(2) - top_s.unsqueeze(1)  # [B, d, d]: s_pi(i) - s_pi(j)
     gaps_t = top_t.unsqueeze(2) - top_t.unsqueeze(1)
+    # The diagonal (weight 0) is -inf - -inf = NaN at a masked teacher class, and NaN * 0 is NaN:
+    # 0 there, as it is for any finite logit.
+    gaps_t.diagonal(dim1=1, dim2=2).zero_()
     weights = pair_weights(top_d, irw_eps, erd_scale, erd_decay, zs.device, dtype)
     # Each unordered pair appears twice in the symmetric weights.
     pair_sum = 0.5 * (binary_kl_of_gaps(gaps_t, gaps_s) * weights).sum(dim=(1, 2))
     log_ps_top = F.log_softmax(top_s, dim=1)
     log_pt_top = F.log_softmax(top_t, dim=1)
     pt_top = log_pt_top.exp()
-    top_set_kl = (pt_top * (log_pt_top - log_ps_top)).sum(dim=1)
+    top_set_kl = kl_terms(pt_top, log_pt_top, log_ps_top).sum(dim=1)
     local = temperature**2 * (pair_sum + top_set_weight * top_set_kl) / num_groups
 
     has_rest = top_d < num_classes
@@ -60,9 +63,9 @@ def ldrld_forward(student_logits, teacher_logits, target, *, temperature, top_d,
         log_ps_rest = F.log_softmax((zs / temperature).masked_fill(in_top, -math.inf), dim=1)
         log_pt_rest = F.log_softmax((zt / temperature).masked_fill(in_top, -math.inf), dim=1)
         pt_rest = log_pt_rest.exp()
-        # pt (log pt - log ps) is 0 * (-inf + inf) on the top set: masked to 0.
-        rntk = temperature**2 * torch.where(in_top, 0.0, pt_rest * (log_pt_rest - log_ps_rest)
-                                            ).sum(dim=1)
+        # pt (log pt - log ps) would be 0 * (-inf + inf) on the top set (and at masked
+        # classes): 0 there.
+        rntk = temperature**2 * kl_terms(pt_rest, log_pt_rest, log_ps_rest).sum(dim=1)
     else:
         rntk = torch.zeros_like(local)
 
