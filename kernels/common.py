@@ -131,15 +131,19 @@ def kl_term(log_p, log_q):
 
 
 @triton.jit
+def above_neg_fill(values):
+    """``values`` with -inf (a masked class) raised to NEG_FILL, NaN kept (a comparison with NaN
+    is false): the exp of the result is still exactly 0, and a difference of two is finite,
+    where -inf - -inf or 0 * -inf would be NaN."""
+    return tl.where(values < NEG_FILL, NEG_FILL, values)
+
+
+@triton.jit
 def binary_kl(teacher_gap, student_gap):
     """KL(Bernoulli(sigmoid(teacher_gap)) || Bernoulli(sigmoid(student_gap))), elementwise: the
-    KL of a two-class softmax depends only on the logit gap.
-
-    An infinite teacher gap (one class of the pair masked, at -inf) is a certain outcome: it is
-    taken at +-1e30 (NaN kept), where the impossible outcome's probability is exactly 0 and its
-    term 0 * finite = 0, instead of 0 * -inf = NaN. Finite gaps are unchanged."""
-    teacher_gap = tl.where(teacher_gap < NEG_FILL, NEG_FILL, teacher_gap)  # comparisons keep NaN
-    teacher_gap = tl.where(teacher_gap > -NEG_FILL, -NEG_FILL, teacher_gap)
+    KL of a two-class softmax depends only on the logit gap. A finite teacher gap (callers raise
+    a masked class's -inf with ``above_neg_fill``) makes an impossible outcome's term
+    0 * finite = 0, where an infinite one would give 0 * -inf = NaN."""
     log_pt = log_sigmoid(teacher_gap)
     log_pt_other = log_sigmoid(-teacher_gap)
     log_ps = log_sigmoid(student_gap)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    above_neg_fill,
     accumulator_dtype,
     binary_kl,
     compute_dtype,
@@ -128,7 +129,8 @@ def _dkd_kernel(
     s_target = load_block(student_row, target, valid_target, ACC) * inv_temperature
     t_target = load_block(teacher_row, target, valid_target, ACC) * inv_temperature
     s_gap = s_target - s_rest_lse
-    t_gap = t_target - t_rest_lse
+    # A masked target or rest (-inf) makes the teacher's gap infinite: kept finite, both ways.
+    t_gap = -above_neg_fill(-above_neg_fill(t_target - t_rest_lse))
     tckd = binary_kl(t_gap, s_gap)
     squared = temperature * temperature
     # An out-of-range label makes the loss NaN instead of reading out of bounds.

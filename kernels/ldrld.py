@@ -24,6 +24,7 @@ import triton.language as tl
 from .common import (
     MAX_BLOCK,
     NEG_FILL,
+    above_neg_fill,
     accumulator_dtype,
     binary_kl,
     compute_dtype,
@@ -183,7 +184,8 @@ def _local_term(top_logits, top_values, top_cols, top_teacher, slots, is_slot, i
     the d slots in registers; with what its gradient reuses (each slot's summed pair gradient,
     and the top set's student log-softmax and teacher softmax)."""
     top_student = top_logits * inv_temperature
-    top_teacher = top_teacher * inv_temperature
+    # A masked teacher class (-inf) at NEG_FILL: its pairs' teacher gaps stay finite.
+    top_teacher = above_neg_fill(top_teacher) * inv_temperature
     # 1-based rank of each slot = 1 + number of set members ahead of it.
     value_p = top_values[:, None]
     value_q = top_values[None, :]
