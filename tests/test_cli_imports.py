@@ -45,6 +45,8 @@ def refusal_without_torch(argv):
     (["--scale", "0.5", "2"], "--scale must be two area fractions"),
     (["--model-kwargs", "img_size"], "--model-kwargs takes KEY=VALUE pairs, got 'img_size'"),
     (["--teacher-checkpoint", "x.pth", "--teacher-pretrained"], "exclude each other"),
+    (["--eval-only", "missing.pth"], "--eval-only missing.pth does not exist"),
+    (["--eval-only", str(MAIN), "--lr", "0.5"], "--lr would change nothing with --eval-only"),
 ])
 def test_a_refused_command_line_imports_no_torch(argv, error):
     status, message, imported = refusal_without_torch(argv)

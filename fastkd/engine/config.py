@@ -304,6 +304,7 @@ def parse_args(argv=None):
         parser.set_defaults(**_config_defaults(parser, known.config))
     args = parser.parse_args(argv)
     if args.eval_only:
+        check_eval_only_flags(parser, args, changed)  # before the checkpoint (and torch) loads
         take_checkpoint_settings(parser, args)
     given = {key for key, value in vars(args).items() if value is not None}
     fill_defaults(args)
@@ -337,11 +338,21 @@ CHECKPOINT_SETTINGS = ("model", "model_kwargs", "num_classes", "img_size", "inpu
                        "distiller", "teacher")
 
 
+def check_eval_only_flags(parser, args, changed):
+    """--eval-only's file exists, and no training option is given beside it."""
+    if not os.path.isfile(args.eval_only):
+        problem = "is a folder, not a checkpoint file" if os.path.isdir(args.eval_only) else (
+            "does not exist")
+        parser.error(f"--eval-only {args.eval_only} {problem}")
+    unused = sorted(changed - EVAL_ONLY_OPTIONS)
+    if unused:
+        parser.error(f"{_flags(unused)} would change nothing with --eval-only (it evaluates "
+                     "the checkpoint's student with the model settings saved in it)")
+
+
 def take_checkpoint_settings(parser, args):
     from .checkpoint import load  # only --eval-only reads a checkpoint while parsing
 
-    if not os.path.isfile(args.eval_only):
-        parser.error(f"--eval-only {args.eval_only} is not a checkpoint file")
     saved = load(args.eval_only, "--eval-only")
     if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
         parser.error(f"--eval-only {args.eval_only} is not a fastkd checkpoint (no 'args' "
@@ -525,12 +536,8 @@ EVAL_ONLY_OPTIONS = {"eval_only", "dataset", "data_dir", "loader", "workers", "b
 
 def check_unused(parser, args, changed):
     """Refuse options given on the command line (``changed``) that would change nothing: another
-    method's options, an option whose setting is off, training options with --eval-only."""
+    method's options, an option whose setting is off (--eval-only: ``check_eval_only_flags``)."""
     if args.eval_only:
-        unused = sorted(changed - EVAL_ONLY_OPTIONS)
-        if unused:
-            parser.error(f"{_flags(unused)} would change nothing with --eval-only (it evaluates "
-                         "the checkpoint's student with the model settings saved in it)")
         return
     methods = method_option_names()
     other_methods = [name for name in sorted(changed)
