@@ -19,5 +19,5 @@ Bad image files (``bad_images="skip"`` or ``"error"``, see ``bad_images.py``): e
 """
 
 # What the command line checks before torch is imported: this package's __init__ stays light.
-DATASETS = ("demo", "imagenet", "folder", "cifar100", "synthetic")
+DATASETS = ("demo", "glyphs", "imagenet", "folder", "cifar100", "synthetic")
 LOADERS = ("auto", "dali", "nvjpeg", "torch")

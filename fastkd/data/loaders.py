@@ -23,6 +23,7 @@ from .common import (
 from .crop_flip import CropFlip
 from .demo import build_demo_dataset, default_demo_root
 from .folders import scan_split_folders
+from .glyphs import build_glyph_dataset, default_glyph_root
 from .nvjpeg import NvJpegLoader
 from .synthetic import synthetic_loaders
 from .torch_loader import FileDataset, TorchLoader, image_transform
@@ -70,15 +71,17 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
 
     - ``dataset``: ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and
       ``data_dir/val/<class>/*``; ``"demo"``: the bundled digits, written as JPEGs under
-      ``data_dir`` (default: the user cache) on first use; ``"cifar100"``: the python archive
+      ``data_dir`` (default: the user cache) on first use; ``"glyphs"``: characters in
+      matplotlib's fonts, 100 classes, held-out fonts in val (``glyphs.py``), made the same way;
+      ``"cifar100"``: the python archive
       under ``data_dir`` (torchvision loader); ``"synthetic"``: random images and labels of
       ``num_classes`` classes made once on ``device``, ``synthetic_samples`` per training epoch
       (no files, no loader, no augmentation: see ``synthetic.py``).
     - ``batch_size`` / ``eval_batch_size`` (default ``batch_size``): per rank, per batch.
     - ``image_size``: the square side of every batch; defaults to 224 for folders and 32 for
-      demo and CIFAR-100. Training crops at random (random-resized-crop + flip; CIFAR-100: padded
-      random crop + flip); evaluation resizes the shorter side to ``image_size / crop_ratio`` and
-      centre-crops (CIFAR-100: resize only).
+      demo, glyphs and CIFAR-100. Training crops at random (random-resized-crop + flip;
+      CIFAR-100: padded random crop + flip); evaluation resizes the shorter side to
+      ``image_size / crop_ratio`` and centre-crops (CIFAR-100: resize only).
     - ``loader``: ``"dali"``, ``"nvjpeg"`` (torchvision's JPEG decoding on the CUDA device;
       workers read the files' bytes, see ``nvjpeg.py``), ``"torch"`` (torchvision on CPU
       workers) or ``"auto"`` (DALI when installed, else nvjpeg on CUDA, else torch).
@@ -124,7 +127,7 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                                  eval_batch_size=eval_batch_size, image_size=image_size or 224,
                                  rank=rank, world_size=world_size, device=device,
                                  channels_last=channels_last, seed=seed)
-    if dataset != "demo" and not data_dir:
+    if dataset not in ("demo", "glyphs") and not data_dir:
         raise ValueError(f"dataset {dataset!r} needs data_dir (the dataset's root directory)")
     kind = resolve_loader(loader, dataset, device)
     image_size = image_size or (224 if dataset in ("imagenet", "folder") else 32)
@@ -163,6 +166,8 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
 
     if dataset == "demo":
         data_dir = build_demo_dataset(data_dir or default_demo_root())
+    elif dataset == "glyphs":
+        data_dir = build_glyph_dataset(data_dir or default_glyph_root())
     folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/val")
     # DALI cannot skip a file inside its pipeline, and nvJPEG decodes corrupt JPEGs without an
     # error (to wrong pixels): both need every file decoded once by PIL first.
