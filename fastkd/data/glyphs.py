@@ -53,7 +53,9 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 PER_CLASS = {"train": 60, "val": 15, "test": 15}  # images of each class in each split
 
-# Confusable families first, then the rest of the alphanumerics and ASCII punctuation.
+# The classes: the 62 alphanumerics, the 32 ASCII punctuation marks and 6 bigrams, 100 in all.
+# They are listed family by family (the single letters closing FAMILIES are the bigrams'
+# look-alikes); the order fixes each class's random draws, the labels follow the folder names.
 FAMILIES = ("O0oQD", "l1I|i!", "S5s$", "Z2z", "B8&", "G6b", "g9q", "A4", "Uu", "Vv", "Ww", "Cc",
             "Xx", "Kk", "Pp", "Yy", "T7", "E3", "(){}[]<>", ",.;:'`\"", "-_~^=+", "/\\", "*#%@?",
             "n", "h", "r", "m", "d", "w")
