@@ -44,12 +44,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ..files import atomic_write, user_cache_dir
-from .verify import CACHE_NAME
+from .written import MANIFEST, complete_manifest, foreign_entries
 
 VERSION = 1  # of the rendering recipe: a manifest of another version is rebuilt
 IMAGE_SIZE = 32
 SUPERSAMPLE = 2  # glyphs are drawn at IMAGE_SIZE * SUPERSAMPLE, then box-filtered down
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 PER_CLASS = {"train": 60, "val": 15, "test": 15}  # images of each class in each split
 
@@ -225,38 +224,16 @@ def _plan(per_class):
 
 
 def _complete(root, seed, per_class):
-    try:
-        with open(os.path.join(root, MANIFEST)) as handle:
-            manifest = json.load(handle)
-        expected = manifest["files"]
-        if (manifest["version"], manifest["seed"], manifest["per_class"]) != (VERSION, seed,
-                                                                               per_class):
-            return False
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return all(os.path.isfile(os.path.join(root, name)) for name in expected)
+    """Whether ``root`` holds a complete tree made with these settings."""
+    manifest = complete_manifest(root)
+    return manifest is not None and (manifest.get("version"), manifest.get("seed"),
+                                     manifest.get("per_class")) == (VERSION, seed, per_class)
 
 
 def foreign_glyph_entries(root):
-    """None if ``root`` may hold the glyph tree: missing, empty, or holding only the tree's own
-    files (complete or half-written); else what else is there, in words."""
-    if not os.path.isdir(root):
-        return None
-    foreign = [name for name in os.listdir(root) if name not in SPLITS
-               and not name.startswith((MANIFEST, CACHE_NAME))]
-    for split in SPLITS:
-        folder = os.path.join(root, split)
-        if os.path.isdir(folder):
-            foreign += [f"{split}/{name}" for name in os.listdir(folder)
-                        if name not in CLASS_FOLDERS]
-        elif os.path.exists(folder):
-            foreign.append(split)
-    if not foreign:
-        return None
-    shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
-    return (f"holds files that are not the glyph dataset's ({shown}): --dataset glyphs writes "
-            "its images there; give a new or empty folder, or --dataset folder to train on your "
-            "own images")
+    """None if ``root`` may hold the glyph tree, else what else is there, in words
+    (``written.foreign_entries``)."""
+    return foreign_entries(root, SPLITS, CLASS_FOLDERS, "glyph dataset", "glyphs", "its images")
 
 
 def build_glyph_dataset(root, seed=0, per_class=None):

@@ -29,6 +29,9 @@ from .synthetic import synthetic_loaders
 from .torch_loader import FileDataset, TorchLoader, image_transform
 
 logger = logging.getLogger(__name__)
+# The datasets fastkd writes itself on first use: (builder, default folder).
+WRITTEN = {"demo": (build_demo_dataset, default_demo_root),
+           "glyphs": (build_glyph_dataset, default_glyph_root)}
 
 
 def dali_available():
@@ -127,7 +130,7 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                                  eval_batch_size=eval_batch_size, image_size=image_size or 224,
                                  rank=rank, world_size=world_size, device=device,
                                  channels_last=channels_last, seed=seed)
-    if dataset not in ("demo", "glyphs") and not data_dir:
+    if dataset not in WRITTEN and not data_dir:
         raise ValueError(f"dataset {dataset!r} needs data_dir (the dataset's root directory)")
     kind = resolve_loader(loader, dataset, device)
     image_size = image_size or (224 if dataset in ("imagenet", "folder") else 32)
@@ -164,10 +167,9 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                         100, training=training, batch_size=size, **common)
             for split, training, augment, size in splits)
 
-    if dataset == "demo":
-        data_dir = build_demo_dataset(data_dir or default_demo_root())
-    elif dataset == "glyphs":
-        data_dir = build_glyph_dataset(data_dir or default_glyph_root())
+    if dataset in WRITTEN:
+        build, default_root = WRITTEN[dataset]
+        data_dir = build(data_dir or default_root())
     folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/val")
     # DALI cannot skip a file inside its pipeline, and nvJPEG decodes corrupt JPEGs without an
     # error (to wrong pixels): both need every file decoded once by PIL first.

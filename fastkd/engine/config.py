@@ -43,6 +43,8 @@ DEFAULTS = dict(epochs=100, batch_size=128, lr=0.1, warmup_epochs=0, warmup_lr=1
                 sched="step", decay_epochs=30, decay_milestones=(30, 60, 90),
                 **{field.name: field.default for field in dataclasses.fields(CropFlip)})
 SCHEDULES = ("step", "multistep", "cosine")
+# The datasets fastkd writes itself, under --data-dir or the user cache: what else a folder holds.
+FOREIGN_ENTRIES = {"demo": foreign_demo_entries, "glyphs": foreign_glyph_entries}
 
 
 class KeyValues(argparse.Action):
@@ -392,7 +394,7 @@ def check_data(parser, args, given):
         crop_flip(args)
     except ValueError as error:  # its message starts with the field's name
         parser.error(f"--{error}")
-    if args.dataset not in ("demo", "glyphs", "synthetic") and not args.data_dir:
+    if args.dataset not in (*FOREIGN_ENTRIES, "synthetic") and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir")
     if args.dataset == "synthetic":
         # No files and no loader: options that would change nothing are mistakes.
@@ -414,9 +416,8 @@ def check_data(parser, args, given):
     if args.data_dir and not os.path.isdir(args.data_dir):
         problem = "is a file, not a folder" if os.path.exists(args.data_dir) else "does not exist"
         parser.error(f"--data-dir {args.data_dir} {problem}")
-    if args.dataset in ("demo", "glyphs") and args.data_dir:
-        foreign_entries = {"demo": foreign_demo_entries, "glyphs": foreign_glyph_entries}
-        problem = foreign_entries[args.dataset](args.data_dir)
+    if args.dataset in FOREIGN_ENTRIES and args.data_dir:
+        problem = FOREIGN_ENTRIES[args.dataset](args.data_dir)
         if problem:
             parser.error(f"--data-dir {args.data_dir} {problem}")
     if args.dataset == "cifar100" and {"scale", "ratio"} & crop_flip_changes(args):
