@@ -29,11 +29,11 @@ def command(args, processes=1, script=MAIN):
     return torchrun("--standalone", f"--nproc-per-node={processes}", script, *args)
 
 
-def run_main(args, processes=1, timeout=300, script=MAIN, env=ENV, isolated=False):
+def run_main(args, processes=1, timeout=300, script=MAIN, env=ENV):
     """``train/main.py args`` to its end: ``(returncode, stdout, stderr)`` as a
-    ``CompletedProcess``. Under torchrun (``processes`` > 1), with another script or environment,
-    or ``isolated``, in processes of its own; else in this interpreter (``in_process``)."""
-    if processes == 1 and script == MAIN and env is ENV and not isolated:
+    ``CompletedProcess``. Under torchrun (``processes`` > 1), or with another script or
+    environment, in processes of its own; else in this interpreter (``in_process``)."""
+    if processes == 1 and script == MAIN and env is ENV:
         return in_process(args)
     return subprocess.run(command(args, processes, script), capture_output=True, text=True,
                           timeout=timeout, env=env)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..ldrld_weights import adaptive_decay_weight
 from ..precision import compute_dtype
+from .kd import without_massless_classes
 
 
 def masked_kl(student_logits, teacher_logits, group_mask, temperature):
@@ -23,9 +24,8 @@ def masked_kl(student_logits, teacher_logits, group_mask, temperature):
     outside = ~group_mask
     log_ps = F.log_softmax((student_logits / temperature).masked_fill(outside, -math.inf), dim=1)
     log_pt = F.log_softmax((teacher_logits / temperature).masked_fill(outside, -math.inf), dim=1)
-    pt = log_pt.exp()
-    terms = pt * (log_pt - log_ps)
-    return temperature**2 * terms.masked_fill(outside | (pt == 0), 0.0).sum(dim=1)
+    pt = log_pt.exp()  # 0 outside S, where the terms are 0 * (-inf + inf)
+    return temperature**2 * without_massless_classes(pt * (log_pt - log_ps), pt).sum(dim=1)
 
 
 def ldrld_loss_reference(student_logits, teacher_logits, target, *, temperature, top_d, alpha,
