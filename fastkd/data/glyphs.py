@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import string
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -58,11 +59,11 @@ PER_CLASS = {"train": 60, "val": 15, "test": 15}  # images of each class in each
 FAMILIES = ("O0oQD", "l1I|i!", "S5s$", "Z2z", "B8&", "G6b", "g9q", "A4", "Uu", "Vv", "Ww", "Cc",
             "Xx", "Kk", "Pp", "Yy", "T7", "E3", "(){}[]<>", ",.;:'`\"", "-_~^=+", "/\\", "*#%@?",
             "n", "h", "r", "m", "d", "w")
+ALPHANUMERICS = string.ascii_lowercase + string.ascii_uppercase + string.digits
 BIGRAMS = ("rn", "cl", "vv", "VV", "nn", "ll")  # look like m, d, w, W, m, ll/11/II
 TEXT = tuple(dict.fromkeys(
     [c for family in FAMILIES for c in family]
-    + list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-    + list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~") + list(BIGRAMS)))
+    + list(ALPHANUMERICS) + list(string.punctuation) + list(BIGRAMS)))
 
 # Glyphs the character map names right but draws as another character: cmti10's "$" is TeX's
 # italic pound sign (seen in the rendered images).
@@ -147,11 +148,10 @@ def _draw_mask(text, font, rng):
 
 def _draw_neighbours(draw, face, rng, left, right, baseline, size, stroke):
     """Partly visible characters beside the glyph, as in a crop of a line of text."""
-    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     for side in (-1, 1):
         if rng.random() >= 0.5:
             continue
-        char = letters[int(rng.integers(len(letters)))]
+        char = ALPHANUMERICS[int(rng.integers(len(ALPHANUMERICS)))]
         gap = size * rng.uniform(0.35, 0.6)
         if side < 0:
             x = left - gap - face.getlength(char)
