@@ -12,7 +12,7 @@ from timm.scheduler import create_scheduler_v2
 
 from fastkd.distillers import method_options_classes
 from fastkd.engine import demo_teacher
-from fastkd.engine.config import method_options, parse_args
+from fastkd.engine.config import DEMO_TEACHERS, method_options, parse_args
 from fastkd.engine.optim import create_optimizer, create_scheduler
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "train", "configs")
@@ -189,17 +189,20 @@ def test_amp_on_the_cpu_is_recorded_as_it_trains(monkeypatch, has_bf16, amp, dty
     assert (gpu.amp, gpu.amp_dtype) == (True, "float16")  # CUDA: as asked
 
 
+@pytest.mark.parametrize("dataset, classes", [("demo", 10), ("glyphs", 100)])
 @pytest.mark.parametrize("argv", [[], ["--img-size", "24", "--scale", "0.3", "0.9", "--hflip",
                                        "0.25", "--seed", "3", "-b", "16", "--amp"]])
-def test_the_demo_teacher_options_are_its_command_lines(tmp_path, argv):
+def test_the_demo_teacher_options_are_its_command_lines(tmp_path, argv, dataset, classes):
     """Built in code (``default_args``), the demo teacher's options equal what the command line
-    that names its settings parses to."""
-    args = parse_args(["--dataset", "demo", "--output", str(tmp_path), *argv])
-    args.num_classes = 10  # the trainer sets it from the data before the teacher
+    that names its settings (its dataset's recipe with ``DEMO_TEACHERS``' changes) parses to."""
+    args = parse_args(["--dataset", dataset, "--output", str(tmp_path), *argv])
+    args.num_classes = classes  # the trainer sets it from the data before the teacher
     built = demo_teacher.teacher_args(args)
     low, high = args.scale
-    parsed = parse_args(["--dataset", "demo", "--distiller", "ce", "--model", args.teacher,
-                         "--epochs", str(built.epochs), "--img-size", str(args.img_size),
+    recipe = [text for key, value in DEMO_TEACHERS[dataset].items()
+              for text in (f"--{key.replace('_', '-')}", str(value))]
+    parsed = parse_args(["--dataset", dataset, "--distiller", "ce", "--model", args.teacher,
+                         *recipe, "--img-size", str(args.img_size),
                          "--num-classes", str(args.num_classes), "--output", args.output,
                          "--experiment", built.experiment, "--resume", "auto",
                          "--seed", str(args.seed), "--workers", str(args.workers),

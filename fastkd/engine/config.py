@@ -33,11 +33,17 @@ from ..methods import method_options_classes, methods
 DEMO_DEFAULTS = dict(model="resnet20", teacher="wrn_16_2", epochs=8, batch_size=64, lr=0.02,
                      warmup_epochs=1, warmup_lr=0.01, sched="multistep", decay_milestones=(6, 8),
                      img_size=32, scale=(0.5, 1.0), hflip=0.0)
-# The glyphs (100 classes, val in held-out fonts): the demo's recipe; no flips (b and d, p and q
-# are mirror images of each other).
-GLYPHS_DEFAULTS = dict(DEMO_DEFAULTS, teacher="wrn_40_2")
+# The glyphs (100 classes, val and test in held-out fonts), the main job's data: a student short
+# of its teacher (7 epochs, where the wrn_16_2 teacher trains 12: DEMO_TEACHERS), so that what
+# the teacher knows shows. The digits' crops; no flips (b and d, p and q mirror each other).
+# Chosen on val (seed 42): 6 epochs of cosine from 0.05 gave CE 53.2%, from 0.1 56.3%, without
+# the warm-up epoch 10% at epoch 4; 7 epochs bring CE into the issue's 55-85% range.
+GLYPHS_DEFAULTS = dict(DEMO_DEFAULTS, teacher="wrn_16_2", epochs=7, lr=0.05, sched="cosine")
 DATASET_DEFAULTS = {"demo": DEMO_DEFAULTS, "glyphs": GLYPHS_DEFAULTS,
                     "synthetic": dict(num_classes=1000, synthetic_samples=12800)}
+# The datasets whose main job trains its own teacher (cached: the demo teacher), and where that
+# teacher's recipe differs from its dataset's defaults.
+DEMO_TEACHERS = {"demo": {}, "glyphs": dict(epochs=12)}
 # Everything else: SGD 0.1 for 100 epochs, x0.1 every 30 (timm's step schedule).
 DEFAULTS = dict(epochs=100, batch_size=128, lr=0.1, warmup_epochs=0, warmup_lr=1e-5,
                 sched="step", decay_epochs=30, decay_milestones=(30, 60, 90),
@@ -153,7 +159,7 @@ def build_parser():
 
     group = parser.add_argument_group("data and augmentation")
     group.add_argument("--data-dir", help="dataset root (not needed for the demo data)")
-    group.add_argument("--dataset", default="demo", choices=DATASETS)
+    group.add_argument("--dataset", default="glyphs", choices=DATASETS)
     group.add_argument("--loader", default="auto", choices=LOADERS,
                        help="auto: DALI when installed, else on CUDA torchvision's nvJPEG "
                        "decoding (nvjpeg), else torchvision on the CPU (torch)")
@@ -437,7 +443,7 @@ def check_teacher_weights(parser, args, given):
     if args.teacher_checkpoint and args.teacher_pretrained:
         parser.error("--teacher-checkpoint and --teacher-pretrained exclude each other (both "
                      "give the teacher's weights)")
-    if (distils(args) and args.dataset != "demo" and not args.teacher_checkpoint
+    if (distils(args) and args.dataset not in DEMO_TEACHERS and not args.teacher_checkpoint
             and not args.teacher_pretrained and not args.allow_untrained_teacher
             and not args.eval_only):
         parser.error(f"--distiller {args.distiller} needs the teacher's weights: "

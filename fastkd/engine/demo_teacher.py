@@ -1,5 +1,6 @@
-"""The demo's teacher: trained once with CE on the demo data and kept in
-``OUTPUT/demo-teacher-<model>-<classes>cls-<size>px-<epochs>ep/``.
+"""The main job's teacher on the data fastkd writes itself (``DEMO_TEACHERS``: the glyphs, the
+digits): trained once with CE and kept in
+``OUTPUT/<dataset>-teacher-<model>-<classes>cls-<size>px-<epochs>ep-<crop and flip>/``.
 
 That folder's ``complete.json`` is written only after the teacher's last epoch and records the
 settings it was trained with; without it (an interrupted teacher) the teacher run resumes from
@@ -10,22 +11,23 @@ import json
 import os
 
 from ..files import atomic_write
-from .config import DEMO_DEFAULTS, default_args
+from .config import DATASET_DEFAULTS, DEMO_TEACHERS, default_args
 from .run_folder import BEST
 
 COMPLETE = "complete.json"
 
 
 def teacher_args(args):
-    """The teacher run's options: the demo recipe for ``args.teacher`` at the student's image
-    size, classes and crop and flip, in a folder named by those settings, resumed there if
-    interrupted; the student's loaders (hence batch size) and logging."""
-    epochs = DEMO_DEFAULTS["epochs"]
+    """The teacher run's options: its dataset's recipe (with ``DEMO_TEACHERS``' changes) for
+    ``args.teacher`` at the student's image size, classes and crop and flip, in a folder named
+    by those settings, resumed there if interrupted; the student's loaders (hence batch size)
+    and logging."""
+    recipe = {"epochs": DATASET_DEFAULTS[args.dataset]["epochs"], **DEMO_TEACHERS[args.dataset]}
     low, high = args.scale
-    name = (f"demo-teacher-{args.teacher}-{args.num_classes}cls-{args.img_size}px-{epochs}ep-"
-            f"scale{low:g}-{high:g}-flip{args.hflip:g}")
+    name = (f"{args.dataset}-teacher-{args.teacher}-{args.num_classes}cls-{args.img_size}px-"
+            f"{recipe['epochs']}ep-scale{low:g}-{high:g}-flip{args.hflip:g}")
     return default_args(
-        dataset="demo", distiller="ce", model=args.teacher, epochs=epochs, img_size=args.img_size,
+        dataset=args.dataset, distiller="ce", model=args.teacher, **recipe, img_size=args.img_size,
         num_classes=args.num_classes, output=args.output, experiment=name, resume="auto",
         seed=args.seed, workers=args.workers, loader=args.loader,
         batch_size=args.batch_size,  # it reads the student's loaders
@@ -35,7 +37,7 @@ def teacher_args(args):
 
 
 def _record(settings):
-    return {"model": settings.model, "epochs": settings.epochs,
+    return {"dataset": settings.dataset, "model": settings.model, "epochs": settings.epochs,
             "img_size": settings.img_size, "num_classes": settings.num_classes,
             "scale": list(settings.scale), "ratio": list(settings.ratio),
             "hflip": settings.hflip}

@@ -26,7 +26,7 @@ from ..data.bad_images import logger as data_logger
 from ..data.loaders import create_loaders, resolve_loader
 from ..models import data_config as model_data_config
 from . import checkpoint, demo_teacher
-from .config import check_method_options, crop_flip, distils
+from .config import DEMO_TEACHERS, check_method_options, crop_flip, distils
 from .distributed import World
 from .evaluate import evaluate, last_and_best, report
 from .optim import autocast_settings, resolve_amp
@@ -227,7 +227,7 @@ def train_or_evaluate(args, world, loaders, data_config):
         return
     # The demo: distillation from the demo teacher, beside a CE baseline (a resumed run's
     # baseline is its first run's).
-    demo = (distils(args) and args.dataset == "demo" and not args.teacher_checkpoint
+    demo = (distils(args) and args.dataset in DEMO_TEACHERS and not args.teacher_checkpoint
             and not args.teacher_pretrained)
     if demo:
         build_task(args, data_config)  # settings the models refuse cost no demo teacher
