@@ -177,3 +177,22 @@ def test_the_torch_loader_reads_the_tree(full_tree):
     seen = torch.cat([labels for _, labels in val])
     # Evaluation reads every validation image once: each class PER_CLASS["val"] times.
     assert torch.bincount(seen, minlength=100).tolist() == [glyphs.PER_CLASS["val"]] * 100
+
+
+def test_evaluation_reads_the_split_asked_for(full_tree):
+    """``val_split="test"``: the evaluation loader reads the test fonts' files, and only those."""
+    from fastkd.data.loaders import create_loaders
+
+    files = manifest(full_tree)["files"]
+    read = {}
+    for split in ("val", "test"):
+        _, evaluation = create_loaders("glyphs", full_tree, batch_size=50, loader="torch",
+                                       workers=0, val_split=split)
+        read[split] = sorted(os.path.relpath(path, full_tree)
+                             for path, _ in evaluation.dataset.samples)
+        assert read[split] == sorted(name for name in files if name.startswith(f"{split}/"))
+        assert {files[name] for name in read[split]} <= set(glyphs.FONT_SPLITS[split])
+    assert evaluation.dataset_size == 100 * glyphs.PER_CLASS["test"]
+    with pytest.raises(ValueError, match="val_split 'train' is the training split"):
+        create_loaders("glyphs", full_tree, batch_size=50, loader="torch", val_split="train")
+

@@ -213,3 +213,48 @@ def test_the_demo_teacher_options_are_its_command_lines(tmp_path, argv, dataset,
                          "--hflip", str(args.hflip), *(["--amp"] if args.amp else []),
                          "--amp-dtype", args.amp_dtype])
     assert vars(built) == vars(parsed)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "demo", "--val-split", "test"], "--val-split test is not a split of demo (it "
+     "has val)"),
+    (["--dataset", "glyphs", "--distiller", "ce", "--val-split", "train"],
+     "--val-split train is the training split"),
+    (["--dataset", "glyphs", "--distiller", "ce", "--val-split", "extra"],
+     "--val-split extra is not a split of glyphs (it has val, test)"),
+    (["--dataset", "synthetic", "--model", "resnet20", "--distiller", "ce", "--val-split",
+      "test"], "--val-split test is not a split of synthetic (it has val)"),
+    (["--dataset", "cifar100", "--data-dir", ".", "--model", "resnet20", "--distiller", "ce",
+      "--val-split", "test"], "--val-split test is not a split of cifar100 (it has val)"),
+    (["--dataset", "glyphs", "--distiller", "ce", "--val-split", "../val"],
+     "--val-split ../val must be a folder name"),
+])
+def test_a_split_the_dataset_lacks_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    error = capsys.readouterr().err
+    assert message in error, error
+
+
+def test_a_folder_datasets_split_must_be_a_folder_under_its_data_dir(tmp_path, capsys):
+    for split in ("train", "val", "holdout"):
+        (tmp_path / split / "a").mkdir(parents=True)
+    (tmp_path / "notes").write_text("")
+    folder = ["--dataset", "folder", "--data-dir", str(tmp_path), "--model", "resnet20",
+              "--distiller", "ce"]
+    assert parse_args([*folder, "--val-split", "holdout"]).val_split == "holdout"
+    for split, problem in (("test", "does not exist"), ("notes", "is a file, not a folder")):
+        with pytest.raises(SystemExit):
+            parse_args([*folder, "--val-split", split])
+        error = capsys.readouterr().err
+        assert f"--val-split {split}: {tmp_path / split} {problem}" in error, error
+
+
+def test_the_glyphs_test_split_is_allowed_and_recorded_like_every_option(tmp_path):
+    from fastkd.engine.run_folder import write_args
+
+    args = parse_args(["--dataset", "glyphs", "--distiller", "ce", "--val-split", "test"])
+    assert args.val_split == "test"
+    assert parse_args(["--dataset", "glyphs", "--distiller", "ce"]).val_split == "val"
+    write_args(str(tmp_path), args)
+    assert parse_args(["--config", str(tmp_path / "args.yaml")]).val_split == "test"

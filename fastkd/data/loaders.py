@@ -25,6 +25,7 @@ from .demo import build_demo_dataset, default_demo_root
 from .folders import scan_split_folders
 from .glyphs import build_glyph_dataset, default_glyph_root
 from .nvjpeg import NvJpegLoader
+from .splits import eval_split_problem
 from .synthetic import synthetic_loaders
 from .torch_loader import FileDataset, TorchLoader, image_transform
 
@@ -69,7 +70,7 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                    channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO,
                    bad_images="skip", mean=None, std=None, auto_augment=None, re_prob=0.0,
                    re_mode="pixel", re_count=1, crop_flip=CropFlip(), num_classes=None,
-                   synthetic_samples=None) -> tuple[Loader, Loader]:
+                   synthetic_samples=None, val_split="val") -> tuple[Loader, Loader]:
     """``(train_loader, val_loader)`` for ``dataset``, each a ``common.Loader``.
 
     - ``dataset``: ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and
@@ -80,6 +81,9 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
       under ``data_dir`` (torchvision loader); ``"synthetic"``: random images and labels of
       ``num_classes`` classes made once on ``device``, ``synthetic_samples`` per training epoch
       (no files, no loader, no augmentation: see ``synthetic.py``).
+    - ``val_split``: the split the evaluation loader reads (a folder under ``data_dir``; the
+      glyphs have ``"val"`` and ``"test"``, the other built-in datasets ``"val"`` only); never
+      ``"train"``.
     - ``batch_size`` / ``eval_batch_size`` (default ``batch_size``): per rank, per batch.
     - ``image_size``: the square side of every batch; defaults to 224 for folders and 32 for
       demo, glyphs and CIFAR-100. Training crops at random (random-resized-crop + flip;
@@ -122,6 +126,9 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     check_mode(bad_images)
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    problem = eval_split_problem(dataset, val_split)
+    if problem:
+        raise ValueError(f"val_split {val_split!r} {problem}")
     if dataset == "synthetic":
         if loader != "auto":
             raise ValueError(f"synthetic data is made on the device, without a loader: got "
@@ -170,7 +177,7 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     if dataset in WRITTEN:
         build, default_root = WRITTEN[dataset]
         data_dir = build(data_dir or default_root())
-    folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/val")
+    folders = scan_split_folders(f"{data_dir}/train", f"{data_dir}/{val_split}")
     # DALI cannot skip a file inside its pipeline, and nvJPEG decodes corrupt JPEGs without an
     # error (to wrong pixels): both need every file decoded once by PIL first.
     if kind in ("dali", "nvjpeg") or bad_images == "error":

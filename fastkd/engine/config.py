@@ -21,6 +21,7 @@ from ..data import DATASETS, LOADERS
 from ..data.crop_flip import CropFlip
 from ..data.demo import foreign_demo_entries
 from ..data.glyphs import foreign_glyph_entries
+from ..data.splits import eval_split_problem
 from ..methods import method_options_classes, methods
 
 # Dataset-specific defaults used when the corresponding option is not given.
@@ -160,6 +161,9 @@ def build_parser():
     group = parser.add_argument_group("data and augmentation")
     group.add_argument("--data-dir", help="dataset root (not needed for the demo data)")
     group.add_argument("--dataset", default="glyphs", choices=DATASETS)
+    group.add_argument("--val-split", default="val", metavar="NAME",
+                       help="the split that evaluation reads, in training and with --eval-only: "
+                       "the folder under --data-dir (glyphs: val or test; default: val)")
     group.add_argument("--loader", default="auto", choices=LOADERS,
                        help="auto: DALI when installed, else on CUDA torchvision's nvJPEG "
                        "decoding (nvjpeg), else torchvision on the CPU (torch)")
@@ -426,6 +430,17 @@ def check_data(parser, args, given):
         problem = FOREIGN_ENTRIES[args.dataset](args.data_dir)
         if problem:
             parser.error(f"--data-dir {args.data_dir} {problem}")
+    problem = eval_split_problem(args.dataset, args.val_split)
+    if problem:
+        parser.error(f"--val-split {args.val_split} {problem}")
+    # A folder dataset's other split folders (train, the default val) are checked where the
+    # loaders scan them, naming --data-dir; one the user names is checked here.
+    split_folder = os.path.join(args.data_dir or "", args.val_split)
+    if (args.dataset in ("imagenet", "folder") and args.val_split != parser.get_default("val_split")
+            and not os.path.isdir(split_folder)):
+        problem = "is a file, not a folder" if os.path.exists(split_folder) else "does not exist"
+        parser.error(f"--val-split {args.val_split}: {split_folder} {problem} (evaluation reads "
+                     "that folder under --data-dir)")
     if args.dataset == "cifar100" and {"scale", "ratio"} & crop_flip_changes(args):
         parser.error("--scale and --ratio set a random-resized crop; CIFAR-100 trains with a "
                      "padded random crop (only --hflip applies)")
@@ -542,8 +557,8 @@ DEPENDENT_OPTIONS = (
       for name in ("mixup_prob", "mixup_switch_prob", "mixup_mode", "mixup_off_epoch")),
 )
 # What --eval-only reads from the command line; the rest comes from the checkpoint or is training.
-EVAL_ONLY_OPTIONS = {"eval_only", "dataset", "data_dir", "loader", "workers", "batch_size",
-                     "bad_images", "amp", "amp_dtype", "channels_last", "seed"}
+EVAL_ONLY_OPTIONS = {"eval_only", "dataset", "data_dir", "val_split", "loader", "workers",
+                     "batch_size", "bad_images", "amp", "amp_dtype", "channels_last", "seed"}
 
 
 def check_unused(parser, args, changed):

@@ -33,7 +33,8 @@ def teacher_args(args):
         batch_size=args.batch_size,  # it reads the student's loaders
         log_interval=args.log_interval, recovery_interval=args.recovery_interval,
         scale=[low, high], ratio=list(args.ratio), hflip=args.hflip, amp=args.amp,
-        amp_dtype=args.amp_dtype)
+        amp_dtype=args.amp_dtype,
+        val_split=args.val_split)  # it is evaluated on the student's loaders
 
 
 def _record(settings):

@@ -176,7 +176,7 @@ def run_job(args, world):
             loader=args.loader, rank=world.rank, world_size=world.world_size,
             device=world.device, workers=args.workers, channels_last=args.channels_last,
             seed=args.seed, bad_images=args.bad_images, num_classes=args.num_classes,
-            synthetic_samples=args.synthetic_samples)
+            synthetic_samples=args.synthetic_samples, val_split=args.val_split)
     except BadImageError:
         raise
     except ValueError as error:  # a setting the loaders refuse (--aa, ...), before any file
