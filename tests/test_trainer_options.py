@@ -191,7 +191,9 @@ def test_amp_on_the_cpu_is_recorded_as_it_trains(monkeypatch, has_bf16, amp, dty
 
 @pytest.mark.parametrize("dataset, classes", [("demo", 10), ("glyphs", 100)])
 @pytest.mark.parametrize("argv", [[], ["--img-size", "24", "--scale", "0.3", "0.9", "--hflip",
-                                       "0.25", "--seed", "3", "-b", "16", "--amp"]])
+                                       "0.25", "--seed", "3", "-b", "16", "--amp"],
+                                  ["--distiller", "hcd", "--teacher", "vit_tiny_patch16_224",
+                                   "--teacher-kwargs", "patch_size=4", "img_size=32"]])
 def test_the_demo_teacher_options_are_its_command_lines(tmp_path, argv, dataset, classes):
     """Built in code (``default_args``), the demo teacher's options equal what the command line
     that names its settings (its dataset's recipe with ``DEMO_TEACHERS``' changes) parses to."""
@@ -202,6 +204,8 @@ def test_the_demo_teacher_options_are_its_command_lines(tmp_path, argv, dataset,
     recipe = [text for key, value in DEMO_TEACHERS[dataset].items()
               for text in (f"--{key.replace('_', '-')}", str(value))]
     parsed = parse_args(["--dataset", dataset, "--distiller", "ce", "--model", args.teacher,
+                         "--model-kwargs", *(f"{key}={value}"
+                                             for key, value in args.teacher_kwargs.items()),
                          *recipe, "--img-size", str(args.img_size),
                          "--num-classes", str(args.num_classes), "--output", args.output,
                          "--experiment", built.experiment, "--resume", "auto",

@@ -24,10 +24,13 @@ def teacher_args(args):
     and logging."""
     recipe = {"epochs": DATASET_DEFAULTS[args.dataset]["epochs"], **DEMO_TEACHERS[args.dataset]}
     low, high = args.scale
-    name = (f"{args.dataset}-teacher-{args.teacher}-{args.num_classes}cls-{args.img_size}px-"
-            f"{recipe['epochs']}ep-scale{low:g}-{high:g}-flip{args.hflip:g}")
+    # --teacher-kwargs make another model (a ViT's patch size): another teacher, another folder.
+    kwargs = "".join(f"-{key}{value}" for key, value in sorted(args.teacher_kwargs.items()))
+    name = (f"{args.dataset}-teacher-{args.teacher}{kwargs}-{args.num_classes}cls-"
+            f"{args.img_size}px-{recipe['epochs']}ep-scale{low:g}-{high:g}-flip{args.hflip:g}")
     return default_args(
-        dataset=args.dataset, distiller="ce", model=args.teacher, **recipe, img_size=args.img_size,
+        dataset=args.dataset, distiller="ce", model=args.teacher,
+        model_kwargs=args.teacher_kwargs, **recipe, img_size=args.img_size,
         num_classes=args.num_classes, output=args.output, experiment=name, resume="auto",
         seed=args.seed, workers=args.workers, loader=args.loader,
         batch_size=args.batch_size,  # it reads the student's loaders
