@@ -196,3 +196,31 @@ def test_evaluation_reads_the_split_asked_for(full_tree):
     with pytest.raises(ValueError, match="val_split 'train' is the training split"):
         create_loaders("glyphs", full_tree, batch_size=50, loader="torch", val_split="train")
 
+
+def test_eval_only_scores_the_split_asked_for(full_tree, tmp_path):
+    """``--eval-only --val-split test``: the trainer's score is the model's on the test loader."""
+    import timm
+
+    from fastkd.data.loaders import create_loaders
+    from fastkd.engine.checkpoint import save_atomic
+    from fastkd.engine.config import parse_args
+    from fastkd.engine.distributed import World
+    from fastkd.engine.evaluate import evaluate
+    from fastkd.engine.optim import Autocast
+    from fastkd.engine.trainer import run_job
+    from fastkd.models import data_config
+
+    model = timm.create_model("resnet20", num_classes=100)
+    path = str(tmp_path / "last.pth")
+    save_atomic({"state_dict": model.state_dict(),
+                 "args": {"model": "resnet20", "model_kwargs": {}, "num_classes": 100,
+                          "img_size": 32, "input_size": None, "distiller": "ce"}}, path)
+    world = World()
+    scores = run_job(parse_args(["--eval-only", path, "--dataset", "glyphs", "--data-dir",
+                                 full_tree, "--val-split", "test", "--workers", "0",
+                                 "--loader", "torch"]), world)
+    config = data_config("resnet20")
+    _, test = create_loaders("glyphs", full_tree, batch_size=128, loader="torch", workers=0,
+                             mean=config["mean"], std=config["std"], val_split="test")
+    expected = evaluate(model, test, world, Autocast(False))
+    assert scores["student"] == pytest.approx(expected)

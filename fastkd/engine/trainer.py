@@ -191,7 +191,7 @@ def run_job(args, world):
     for loader in loaders:  # their worker processes, before any collective (TorchLoader.start)
         loader.start()
     try:
-        train_or_evaluate(args, world, loaders, data_config)
+        return train_or_evaluate(args, world, loaders, data_config)
     finally:
         for loader in loaders:  # their workers stop now, not at interpreter shutdown
             loader.close()
@@ -208,8 +208,7 @@ def train_or_evaluate(args, world, loaders, data_config):
     args.num_classes = data_classes
     check_method_options(args)
     if args.eval_only:
-        evaluate_checkpoint(args, world, loaders[1])
-        return
+        return evaluate_checkpoint(args, world, loaders[1])
     if not len(loaders[0]):
         processes = f"{world.world_size} process{'es' if world.world_size > 1 else ''}"
         raise SystemExit(
@@ -241,9 +240,11 @@ def train_or_evaluate(args, world, loaders, data_config):
 
 
 def evaluate_checkpoint(args, world, val_loader):
-    """--eval-only: the checkpoint's student, and its EMA student when it has one."""
+    """--eval-only: the checkpoint's student, and its EMA student when it has one; returns
+    ``{"student": (top1, top5, loss), "EMA student": ...}`` (as logged) for callers in code."""
     autocast = autocast_settings(args)
     has_ema = "state_dict_ema" in checkpoint.load(args.eval_only, "--eval-only")
+    results = {}
     for label, use_ema in (("student", False), ("EMA student", True))[:1 + has_ema]:
         model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
         checkpoint.load_weights(model, args.eval_only, flag="--eval-only", use_ema=use_ema,
@@ -251,6 +252,8 @@ def evaluate_checkpoint(args, world, val_loader):
         top1, top5, loss = evaluate(model.to(world.device), val_loader, world, autocast)
         world.log(f"{label} {args.model} ({args.eval_only}): top-1 {top1:.2f} top-5 {top5:.2f} "
                   f"loss {loss:.4f}")
+        results[label] = (top1, top5, loss)
+    return results
 
 
 def run_job_and_exit(args):
