@@ -1,78 +1,320 @@
-"""The demo's baseline-versus-distilled table over seeds (``--output DIR``).
+"""The evidence table: what each distillation method adds to a CE-only student, over seeds, on
+held-out images that no run selected on.
 
-For each method and seed, README's main job (``torchrun --standalone --nproc-per-node 2
-train/main.py --distiller METHOD --amp --seed SEED``) on the built-in digits: the cached demo
-teacher, a CE-only baseline student and the distilled student, same model, seed and epochs.
-Reads each run's summary.csv and prints top-1 (last epoch and best epoch) as mean ± std over
-the seeds, with the distilled-minus-baseline difference; writes demo_table.json and .md.
+``python bench/demo_table.py --methods kd ldrld --seeds 11 12 13 --output DIR`` trains, per
+seed, one CE baseline and one distilled student per method with the trainer's main job (README's
+``torchrun --standalone --nproc-per-node N train/main.py --distiller METHOD --amp --seed SEED``),
+then scores each run's LAST checkpoint on the dataset's test split (its validation split where
+it has no test split, as the digits) with the trainer's ``--eval-only --val-split``. Work is
+shared: per seed the first method runs as the main job (its CE baseline is the seed's baseline;
+the teacher is trained once per teacher model and cached in DIR), the other methods of the seed
+distil from that cached teacher (``--teacher-checkpoint``, as the main job's args.yaml records
+it), and only a method whose teacher model no run has trained yet runs as a main job again.
+
+Writes, in DIR beside the runs: ``table.csv`` (method, seed, baseline_top1, distilled_top1),
+``runs.json`` (per method and seed: seconds, folders, teacher), ``table.md`` (per method the
+baseline's and the distilled student's mean ± sample std, and the paired difference's mean ±
+standard error) and ``table.png`` (the paired differences with their standard errors). Rerun with
+the same ``--output`` to finish an interrupted table: finished rows are kept, an interrupted run
+continues from its last checkpoint (``--resume auto``).
 """
 
 import argparse
 import csv
+import functools
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 
+from fastkd.data.splits import FIXED_SPLITS
+from fastkd.engine.config import FOREIGN_ENTRIES, build_parser, unwritable_folder
+from fastkd.files import atomic_write
 from fastkd.methods import methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every registered method that distils (installed plug-ins' included).
-METHODS = tuple(name for name, method in methods().items() if method.needs_teacher)
+COLUMNS = ("method", "seed", "baseline_top1", "distilled_top1")
+# HCD on a heterogeneous pair: a small ViT teacher, patches of 4 px at the datasets' 32 px, into
+# the CNN student.
+VIT_TEACHER = ("--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "patch_size=4",
+               "img_size=32")
 
 
-def top1(folder):
-    """(last epoch's top-1, best top-1) of a run folder's summary.csv."""
-    with open(os.path.join(folder, "summary.csv"), newline="") as handle:
-        values = [float(row["eval_top1"]) for row in csv.DictReader(handle)]
-    return values[-1], max(values)
+def table_methods():
+    """``{table method: (distiller, teacher flags)}``: every registered method that distils
+    (installed plug-ins' included) with the dataset's default teacher, and ``hcd-vit``. Methods
+    with the same teacher flags share one trained teacher."""
+    table = {name: (name, ()) for name, method in methods().items() if method.needs_teacher}
+    table["hcd-vit"] = ("hcd", VIT_TEACHER)
+    return table
 
 
-def spread(values):
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+def held_out_split(dataset):
+    """The split scored: test where the dataset has one, else val (the digits have no test; the
+    students are scored at their last epoch, never selected on it)."""
+    return "test" if "test" in FIXED_SPLITS[dataset] else "val"
+
+
+def parse_args(argv=None):
+    """The table's options, refused before any run with an error naming the flag."""
+    trainer = build_parser()
+    choices = tuple(table_methods())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="the runs, cached teachers and table files go here")
+    parser.add_argument("--methods", nargs="+", default=choices, choices=choices)
+    parser.add_argument("--seeds", nargs="+", type=int, default=(0, 1, 2))
+    parser.add_argument("--dataset", default=trainer.get_default("dataset"),
+                        choices=tuple(FOREIGN_ENTRIES),
+                        help="a dataset fastkd writes itself (default: the main job's)")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="training processes (torchrun's option)")
+    group = parser.add_argument_group("passed to every training run (default: the recipe's)")
+    group.add_argument("--epochs", type=int, help="the students' epochs (not the teacher's)")
+    group.add_argument("--data-dir", help="where the dataset is written (default: user cache)")
+    group.add_argument("-j", "--workers", type=int)
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 2:
+        parser.error(f"--seeds needs 2 or more seeds (a sample std and a standard error need "
+                     f"two), got {len(args.seeds)}")
+    if min(args.seeds) < 0:
+        parser.error(f"--seeds must be 0 or more (the trainer's --seed), got {args.seeds}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must differ from each other, got {args.seeds}")
+    if len(set(args.methods)) != len(args.methods):
+        parser.error(f"--methods must differ from each other, got {args.methods}")
+    problem = unwritable_folder(args.output)
+    if problem:
+        parser.error(f"--output {args.output} {problem}")
+    for name in ("epochs", "nproc_per_node"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir {args.data_dir} is not a folder")
+    # The trainer runs in the repository's folder: paths are passed absolute.
+    args.output = os.path.abspath(args.output)
+    args.data_dir = args.data_dir and os.path.abspath(args.data_dir)
+    return args
+
+
+def passed_flags(args):
+    """The options every run gets from the table's command line (training and scoring)."""
+    flags = ["--dataset", args.dataset]
+    for name in ("data_dir", "workers"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
+
+
+def training_command(args, method, seed, teacher_checkpoint=None):
+    """The trainer's command line for ``method`` at ``seed``: the main job, or with
+    ``teacher_checkpoint`` a distillation from that (cached) teacher alone."""
+    distiller, teacher_flags = table_methods()[method]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(args.nproc_per_node),
+               os.path.join(REPO, "train", "main.py"), "--distiller", distiller, *teacher_flags,
+               "--amp", "--seed", str(seed), *passed_flags(args), "--output", args.output,
+               "--experiment", f"{method}-seed{seed}", "--resume", "auto"]
+    if args.epochs is not None:
+        command += ["--epochs", str(args.epochs)]
+    if teacher_checkpoint:
+        command += ["--teacher-checkpoint", teacher_checkpoint]
+    return command
+
+
+@functools.cache
+def _world():
+    from fastkd.engine.distributed import World
+
+    return World()
+
+
+def held_out_top1(args, checkpoint):
+    """Top-1 (%) of ``checkpoint``'s student on the held-out split, scored in this process by
+    the trainer's ``--eval-only`` (its return value, not its log)."""
+    from fastkd.engine.config import parse_args as trainer_args
+    from fastkd.engine.trainer import run_job
+
+    scores = run_job(trainer_args(["--eval-only", checkpoint, "--val-split",
+                                   held_out_split(args.dataset), *passed_flags(args)]), _world())
+    return scores["student"][0]
+
+
+# ---- the table's files: read back on a rerun, rewritten whole after each run ----
+
+def read_rows(path):
+    """table.csv's rows (seeds as int, top-1 as float); none if there is no file yet."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise SystemExit(f"error: {path} has columns {reader.fieldnames}, not {COLUMNS}: "
+                             "give another --output")
+        return [{"method": row["method"], "seed": int(row["seed"]),
+                 "baseline_top1": float(row["baseline_top1"]),
+                 "distilled_top1": float(row["distilled_top1"])} for row in reader]
+
+
+def write_rows(path, rows):
+    with atomic_write(path) as handle:
+        writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def write_json(path, value):
+    with atomic_write(path) as handle:
+        json.dump(value, handle, indent=1)
+
+
+# ---- statistics ----
+
+def mean_and_std(values):
+    """Mean and sample standard deviation (n - 1)."""
+    return statistics.mean(values), statistics.stdev(values)
+
+
+def mean_and_standard_error(values):
+    """Mean and its standard error: sample std / sqrt(n)."""
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarise(rows):
+    """Per method (in order of first appearance): seeds, baseline and distilled mean ± std, the
+    paired difference (distilled - baseline of the same seed) mean ± standard error. A method
+    with fewer than 2 rows has no spread and is left out."""
+    by_method = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    summary = {}
+    for method, runs in by_method.items():
+        if len(runs) < 2:
+            continue
+        summary[method] = {
+            "seeds": [run["seed"] for run in runs],
+            "baseline": mean_and_std([run["baseline_top1"] for run in runs]),
+            "distilled": mean_and_std([run["distilled_top1"] for run in runs]),
+            "difference": mean_and_standard_error([run["distilled_top1"] - run["baseline_top1"]
+                                                   for run in runs])}
+    return summary
+
+
+def markdown(summary, dataset, split):
+    lines = ["| method | seeds | baseline (CE) top-1 | distilled top-1 | "
+             "distilled - baseline (paired) |", "|---|---|---|---|---|"]
+    for method, stats in summary.items():
+        lines.append(f"| {method} | {len(stats['seeds'])} | {_spread(stats['baseline'])} | "
+                     f"{_spread(stats['distilled'])} | {_spread(stats['difference'], '+.2f')} |")
+    return "\n".join(lines) + (
+        f"\n\nTop-1 % of each run's last checkpoint on the {split} split of --dataset {dataset}. "
+        "Baseline and "
+        "distilled: mean ± sample std over the seeds; the difference: per seed, distilled minus "
+        "that seed's baseline, mean ± standard error (std / sqrt(n)).\n")
+
+
+def _spread(mean_and_spread, form=".2f"):
+    mean, spread = mean_and_spread
+    return f"{mean:{form}} ± {spread:.2f}"
+
+
+def plot(summary, path, split):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    means = [summary[name]["difference"][0] for name in names]
+    errors = [summary[name]["difference"][1] for name in names]
+    figure, axes = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    axes.bar(names, means, yerr=errors, capsize=4, color="tab:blue")
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_ylabel(f"distilled - baseline top-1 ({split}), pts")
+    axes.set_title("paired difference per method, mean ± standard error")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_tables(output, rows, dataset):
+    summary = summarise(rows)
+    split = held_out_split(dataset)
+    text = markdown(summary, dataset, split)
+    with atomic_write(os.path.join(output, "table.md")) as handle:
+        handle.write(text)
+    if summary:
+        plot(summary, os.path.join(output, "table.png"), split)
+    return text
+
+
+# ---- the runs ----
+
+def teacher_checkpoint_of(run_folder):
+    """The teacher a run distilled from, as its args.yaml records it (the main job's cached
+    teacher included)."""
+    import yaml
+
+    with open(os.path.join(run_folder, "args.yaml")) as handle:
+        return yaml.safe_load(handle)["teacher_checkpoint"]
+
+
+def train(args, method, seed, runs):
+    """Train ``method`` at ``seed`` (see the module's docstring for which runs are main jobs);
+    returns its record for runs.json."""
+    teacher = " ".join(table_methods()[method][1])  # "": the dataset's default teacher
+    teachers = {run["teacher"]: run["teacher_checkpoint"] for run in runs.values()}
+    baselines = {run["seed"]: run["baseline"] for run in runs.values()}
+    main_job = seed not in baselines or teacher not in teachers
+    command = training_command(args, method, seed,
+                               None if main_job else teachers[teacher])
+    name = f"{method}-seed{seed}"
+    print(" ".join(command), flush=True)
+    started = time.perf_counter()
+    os.makedirs(os.path.join(args.output, "logs"), exist_ok=True)
+    with open(os.path.join(args.output, "logs", f"{name}.log"), "a") as log:
+        subprocess.run(command, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    folder = os.path.join(args.output, name)
+    return {"method": method, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
+            "main_job": main_job, "run": folder,
+            # A main job's own baseline is the seed's unless the seed had one already.
+            "baseline": baselines.get(seed, f"{folder}-ce-baseline"),
+            "teacher": teacher, "teacher_checkpoint": teacher_checkpoint_of(folder)}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=(0, 1, 2))
-    args = parser.parse_args(argv)
-    results = {}
-    for method in args.methods:
-        for seed in args.seeds:
-            name = f"{method}-seed{seed}"
-            started = time.time()
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc-per-node", "2", os.path.join(REPO, "train", "main.py"),
-                            "--distiller", method, "--amp", "--seed", str(seed), "--output",
-                            args.output, "--experiment", name], check=True, cwd=REPO,
-                           stdout=subprocess.DEVNULL)
-            results[name] = {
-                "method": method, "seed": seed, "seconds": round(time.time() - started),
-                "student": top1(os.path.join(args.output, name)),
-                "baseline": top1(os.path.join(args.output, f"{name}-ce-baseline"))}
-            print(name, results[name], flush=True)
-    lines = ["| method | baseline (CE) top-1 last / best | distilled top-1 last / best | "
-             "distilled - baseline, last / best |", "|---|---|---|---|"]
-    for method in args.methods:
-        runs = [result for result in results.values() if result["method"] == method]
-        cells = []
-        for role in ("baseline", "student"):
-            cells.append(" / ".join(spread([run[role][which] for run in runs])
-                                    for which in (0, 1)))
-        cells.append(" / ".join(spread([run["student"][which] - run["baseline"][which]
-                                        for run in runs]) for which in (0, 1)))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + (f"\n\nSeeds {list(args.seeds)}; mean ± sample std over seeds; "
-                               "top-1 % on the digits' 355 validation images.\n")
-    with open(os.path.join(args.output, "demo_table.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
-    with open(os.path.join(args.output, "demo_table.md"), "w") as handle:
-        handle.write(text)
-    print(text)
+    args = parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+    table, record = (os.path.join(args.output, name) for name in ("table.csv", "runs.json"))
+    rows, runs = read_rows(table), read_json(record)
+    done = {(row["method"], row["seed"]) for row in rows}
+    for seed in args.seeds:
+        for method in args.methods:
+            if (method, seed) in done:
+                continue
+            run = train(args, method, seed, runs)
+            rows.append({"method": method, "seed": seed,
+                         "baseline_top1": round(held_out_top1(
+                             args, os.path.join(run["baseline"], "last.pth")), 4),
+                         "distilled_top1": round(held_out_top1(
+                             args, os.path.join(run["run"], "last.pth")), 4)})
+            runs[f"{method}-seed{seed}"] = run
+            write_json(record, runs)
+            write_rows(table, rows)
+    print(write_tables(args.output, rows, args.dataset))
 
 
 if __name__ == "__main__":
