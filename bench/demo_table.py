@@ -285,9 +285,14 @@ def train(args, method, seed, runs):
     print(" ".join(command), flush=True)
     started = time.perf_counter()
     os.makedirs(os.path.join(args.output, "logs"), exist_ok=True)
-    with open(os.path.join(args.output, "logs", f"{name}.log"), "a") as log:
-        subprocess.run(command, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    log_path = os.path.join(args.output, "logs", f"{name}.log")
+    with open(log_path, "a") as log:
+        status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if status.returncode:
+        raise SystemExit(f"error: {name} stopped with status {status.returncode} (its log: "
+                         f"{log_path}); the same command resumes the table there")
     folder = os.path.join(args.output, name)
+    # The seconds of this command (a run resumed after an interruption: of its last part).
     return {"method": method, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
             "main_job": main_job, "run": folder,
             # A main job's own baseline is the seed's unless the seed had one already.

@@ -116,6 +116,7 @@ def test_runs_share_baselines_and_teachers_and_a_rerun_skips_finished_rows(table
         teacher = command[command.index("--teacher-checkpoint") + 1] if (
             "--teacher-checkpoint" in command) else f"{output}/teacher-{model}.pth"
         (folder / "args.yaml").write_text(f"teacher_checkpoint: {teacher}\n")
+        return table.subprocess.CompletedProcess(command, 0)
 
     scores = {}
 
@@ -161,3 +162,11 @@ def test_runs_share_baselines_and_teachers_and_a_rerun_skips_finished_rows(table
         ("kd-seed13", None), ("hcd-vit-seed13", "teacher-vit_tiny_patch16_224.pth"),
         ("ldrld-seed13", "teacher-default.pth")]
     assert len(table.read_rows(output / "table.csv")) == 9
+
+
+def test_a_failed_run_stops_the_table_naming_its_log(table, tmp_path, monkeypatch):
+    monkeypatch.setattr(table.subprocess, "run",
+                        lambda command, **options: table.subprocess.CompletedProcess(command, 1))
+    with pytest.raises(SystemExit, match="kd-seed1 stopped with status 1 .*logs/kd-seed1.log"):
+        table.main(["--methods", "kd", "--seeds", "1", "2", "--output", str(tmp_path)])
+    assert not (tmp_path / "table.csv").exists()
