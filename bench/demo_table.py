@@ -240,11 +240,11 @@ def plot(summary, path, split):
     names = list(summary)
     means = [summary[name]["difference"][0] for name in names]
     errors = [summary[name]["difference"][1] for name in names]
-    figure, axes = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    figure, axes = plt.subplots(figsize=(max(4.5, 1.2 * len(names) + 2), 3.5))
     axes.bar(names, means, yerr=errors, capsize=4, color="tab:blue")
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_ylabel(f"distilled - baseline top-1 ({split}), pts")
-    axes.set_title("paired difference per method, mean ± standard error")
+    axes.set_title("per seed, distilled - its baseline: mean ± standard error", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
