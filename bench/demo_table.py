@@ -70,8 +70,9 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default=trainer.get_default("dataset"),
                         choices=tuple(FOREIGN_ENTRIES),
                         help="a dataset fastkd writes itself (default: the main job's)")
-    parser.add_argument("--nproc-per-node", type=int, default=1,
-                        help="training processes (torchrun's option)")
+    parser.add_argument("--nproc-per-node", type=int, default=2,
+                        help="training processes (torchrun's option; default: README's main "
+                        "job's 2, whose global batch the recipe was chosen with)")
     group = parser.add_argument_group("passed to every training run (default: the recipe's)")
     group.add_argument("--epochs", type=int, help="the students' epochs (not the teacher's)")
     group.add_argument("--data-dir", help="where the dataset is written (default: user cache)")

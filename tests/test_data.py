@@ -184,13 +184,14 @@ def test_the_demo_never_writes_into_a_folder_of_other_files(tmp_path, capsys):
         build_demo_dataset(str(mine))
     assert str(error.value) == expected
     with pytest.raises(SystemExit):
-        parse_args(["--data-dir", str(mine)])
+        parse_args(["--dataset", "demo", "--data-dir", str(mine)])
     assert f"error: --data-dir {expected}" in capsys.readouterr().err
     assert sorted(os.listdir(mine)) == ["notes.txt", "train"]
     assert os.listdir(mine / "train") == ["cats"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert parse_args(["--data-dir", str(empty)]).data_dir == str(empty)  # the demo's to fill
+    filled = parse_args(["--dataset", "demo", "--data-dir", str(empty)])
+    assert filled.data_dir == str(empty)  # the demo's to fill
 
 
 def test_auto_falls_back_to_torchvision_with_one_log_line(tree, monkeypatch, caplog):
