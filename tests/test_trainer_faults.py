@@ -104,8 +104,8 @@ def test_interrupted_demo_teacher_is_resumed_not_reused(demo_dir, tmp_path):
     assert (f"resumed {teacher}/last.pth at epoch {stopped['epoch']}" +
             f", step {stopped['step']}/15") in result.stdout
     with open(teacher / "complete.json") as handle:
-        assert json.load(handle) == {"model": "resnet20", "epochs": 8, "img_size": 32,
-                                     "num_classes": 10, "scale": [0.5, 1.0],
+        assert json.load(handle) == {"dataset": "demo", "model": "resnet20", "epochs": 8,
+                                     "img_size": 32, "num_classes": 10, "scale": [0.5, 1.0],
                                      "ratio": [0.75, 4 / 3], "hflip": 0.0}
     assert summary_epochs(teacher) == [str(epoch) for epoch in range(8)]
     # The demo's CE baseline: the student's model, seed and epochs, no teacher; the closing
