@@ -1,4 +1,7 @@
-"""Inputs and comparisons shared by the loss tests."""
+"""Inputs and comparisons shared by the loss tests, and the bench scripts as modules."""
+
+import importlib.util
+import os
 
 import torch
 
@@ -50,3 +53,12 @@ def assert_close_scaled(actual, expected, rtol, what="", atol_floor=0.0):
     scale = expected.abs().max().item() or 1.0
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=rtol * scale + atol_floor,
                                msg=lambda m: f"{what}: {m}")
+
+
+def load_bench_script(name):
+    """``bench/<name>.py`` as a module (bench/ is scripts, not a package)."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

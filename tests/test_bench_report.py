@@ -1,19 +1,12 @@
 """bench/report.py on a small JSON recorded from a real CPU benchmark run."""
 
-import importlib.util
 import json
 import os
 
+from helpers import load_bench_script
+
 HERE = os.path.dirname(__file__)
 SAMPLE = os.path.join(HERE, "data", "bench_cpu_sample.json")
-
-
-def load_report_module():
-    spec = importlib.util.spec_from_file_location(
-        "bench_report", os.path.join(HERE, os.pardir, "bench", "report.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_report_tables_and_ratios(tmp_path):
@@ -22,7 +15,7 @@ def test_report_tables_and_ratios(tmp_path):
     medians = {(b["group"], b["params"]["provider"]): b["stats"]["median"]
                for b in recorded["benchmarks"]}
     output = tmp_path / "report.md"
-    load_report_module().main([SAMPLE, "--output", str(output)])
+    load_bench_script("report").main([SAMPLE, "--output", str(output)])
     lines = output.read_text().splitlines()
     assert lines[0] == "### CPU: Intel(R) Xeon(R) Processor @ 2.50GHz"
     for group in {group for group, _ in medians}:
@@ -45,7 +38,7 @@ def test_report_gpu_columns(tmp_path):
     runs = {(tuple(b["params"]["shape"]), b["params"]["provider"]): b
             for b in recorded["benchmarks"]}
     output = tmp_path / "report.md"
-    load_report_module().main([GPU_SAMPLE, "--output", str(output)])
+    load_bench_script("report").main([GPU_SAMPLE, "--output", str(output)])
     lines = output.read_text().splitlines()
     assert lines[0].startswith("### CPU: ") and "GPU: NVIDIA H200" in lines[0]
     start = lines.index("**ldrld fwd+bwd fp32 cuda**")

@@ -3,12 +3,12 @@ command line's refusals, which runs it starts, and that a rerun skips finished r
 here (the trainer's main job has its own tests)."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
 
 import pytest
+from helpers import load_bench_script
 
 HERE = os.path.dirname(__file__)
 
@@ -24,11 +24,7 @@ ROWS = [  # two methods, three seeds; kd's differences are 1, 2, 6
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location(
-        "demo_table", os.path.join(HERE, os.pardir, "bench", "demo_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("demo_table")
 
 
 def test_statistics_by_hand(table):
