@@ -2,20 +2,21 @@
 entry point (``fastkd.methods``) for ``train/main.py``; the registry's refusals."""
 
 import importlib.util
-import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from trainer_helpers import ENV, FAST, run_main
+from trainer_helpers import FAST, in_process
 
 import fastkd
 from fastkd.distillers import CE, Distiller, build_distiller, methods
 from fastkd.engine.config import build_parser
 from fastkd.methods import _METHODS as REGISTERED
+from fastkd.methods import _load_entry_points as load_entry_points
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -76,9 +77,11 @@ def test_the_registry_refuses_what_it_cannot_train(reverse_kl):
     assert set(methods()) == {"ce", "kd", "dkd", "ldrld", "hcd"}
 
 
-def test_an_installed_entry_point_trains_with_the_trainer(tmp_path, demo_dir, teacher_checkpoint):
+def test_an_installed_entry_point_trains_with_the_trainer(tmp_path, demo_dir, teacher_checkpoint,
+                                                        monkeypatch):
     """A package that declares the method in the entry-point group ``fastkd.methods`` (here its
-    metadata and module on PYTHONPATH, as an installed distribution lays them out)."""
+    metadata and module on sys.path, as an installed distribution lays them out), found by the
+    trainer's command line (in this interpreter: the registry reads the entry points afresh)."""
     site = tmp_path / "site"
     (site / "fastkd_rkd-0.1.dist-info").mkdir(parents=True)
     (site / "reverse_kl.py").write_text(readme_block("# reverse_kl.py"))
@@ -88,20 +91,25 @@ def test_an_installed_entry_point_trains_with_the_trainer(tmp_path, demo_dir, te
     (site / "fastkd_rkd-0.1.dist-info" / "entry_points.txt").write_text(
         entry_points.replace('[project.entry-points."fastkd.methods"]', "[fastkd.methods]")
         .replace('"', ""))
-    environment = {**ENV, "PYTHONPATH": os.pathsep.join(
-        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    help_text = run_main(["--help"], env=environment)
-    assert "--rkd-weight" in help_text.stdout, help_text.stderr[-2000:]
-    refused = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "rkd",
-                        "--rkd-temperature", "0", "--teacher", "resnet20", "--output",
-                        str(tmp_path / "refused"), *FAST], env=environment)
-    assert refused.returncode == 1 and (
-        "error: --rkd-temperature: temperature must be positive, got 0.0" in refused.stderr)
-    assert not (tmp_path / "refused").exists()  # refused before any work
-    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "rkd",
-                       "--rkd-weight", "2", "--teacher", "resnet20", "--teacher-checkpoint",
-                       teacher_checkpoint, "--output", str(tmp_path), "--experiment", "rkd",
-                       *FAST], env=environment)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "reverse_kl", raising=False)
+    load_entry_points.cache_clear()
+    try:
+        help_text = in_process(["--help"])
+        assert "--rkd-weight" in help_text.stdout, help_text.stderr[-2000:]
+        refused = in_process(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "rkd",
+                              "--rkd-temperature", "0", "--teacher", "resnet20", "--output",
+                              str(tmp_path / "refused"), *FAST])
+        assert refused.returncode == 1 and (
+            "error: --rkd-temperature: temperature must be positive, got 0.0" in refused.stderr)
+        assert not (tmp_path / "refused").exists()  # refused before any work
+        result = in_process(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "rkd",
+                             "--rkd-weight", "2", "--teacher", "resnet20",
+                             "--teacher-checkpoint", teacher_checkpoint, "--output",
+                             str(tmp_path), "--experiment", "rkd", *FAST])
+    finally:  # the other tests see the built-in methods only
+        REGISTERED.pop("rkd", None)
+        load_entry_points.cache_clear()
     assert result.returncode == 0, result.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "rkd" / "args.yaml").read_text())
     assert (saved["distiller"], saved["rkd_weight"], saved["rkd_temperature"]) == ("rkd", 2.0, 4.0)

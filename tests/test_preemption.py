@@ -71,17 +71,12 @@ def assert_resumes_identical(argv, folder, expected, log):
     assert checkpoint.differences(checkpoint.load(str(folder / "last.pth")), expected) == []
 
 
-@pytest.mark.parametrize("job, target, number", [
-    ("torch", "every process", signal.SIGTERM),  # SLURM: the job's cgroup, loader workers too
-    pytest.param("dali", "launcher", signal.SIGTERM, marks=needs_dali),  # torchrun forwards it
-    ("plain", "process group", signal.SIGINT),  # Ctrl-C on a plain run with loader workers
-])
-def test_a_signalled_job_saves_where_it_is_and_resumes_bit_identical(
-        demo_dir, tmp_path, reference, job, target, number):
-    argv = job_command(demo_dir, tmp_path, job, "run")
-    log = tmp_path / "stopped.txt"
+def signal_and_check_saved(argv, folder, log, target, number):
+    """Start ``argv``; once a few of epoch 0's 15 steps are done (before any checkpoint), send
+    signal ``number`` to ``target``: "every process" of the job, the "launcher" or its "process
+    group". The job must save where it is and end without a loader worker dying of the
+    signal."""
     process = start(argv, log=log)
-    # 15 steps an epoch: the signal lands in the middle of epoch 0, before any checkpoint.
     wait_until(log_has(log, "epoch 0 [5/"), process, "a few steps of epoch 0", 300)
     if target == "every process":
         for pid in the_job(process):
@@ -92,25 +87,42 @@ def test_a_signalled_job_saves_where_it_is_and_resumes_bit_identical(
         os.killpg(os.getpgid(process.pid), number)
     status = process.wait(timeout=120)
     output = log.read_text()
-    assert status == (1 if JOBS[job][0] > 1 else 128 + number), output[-3000:]  # torchrun: 1
-    assert "is killed by signal" not in output  # no loader worker died of it
-    assert f"{signal.Signals(number).name}: saved {tmp_path}/run/last.pth (resumes at epoch 0 " \
+    torchrun = "torch.distributed.run" in argv
+    assert status == (1 if torchrun else 128 + number), output[-3000:]  # torchrun: 1
+    assert "is killed by signal" not in output
+    assert f"{signal.Signals(number).name}: saved {folder}/last.pth (resumes at epoch 0 " \
            "step " in output
-    stopped = checkpoint.load(str(tmp_path / "run" / "last.pth"))
+    stopped = checkpoint.load(str(folder / "last.pth"))
     assert stopped["epoch"] == 0 and 5 <= stopped["step"] < 15
+
+
+@pytest.mark.parametrize("job, target, number", [
+    pytest.param("dali", "launcher", signal.SIGTERM, marks=needs_dali),  # torchrun forwards it
+    ("plain", "process group", signal.SIGINT),  # Ctrl-C on a plain run with loader workers
+])
+def test_a_signalled_job_saves_where_it_is_and_resumes_bit_identical(
+        demo_dir, tmp_path, reference, job, target, number):
+    argv = job_command(demo_dir, tmp_path, job, "run")
+    signal_and_check_saved(argv, tmp_path / "run", tmp_path / "stopped.txt", target, number)
     assert_resumes_identical(argv, tmp_path / "run", reference(job), tmp_path / "resumed.txt")
 
 
-def test_kill_9_of_torchrun_or_of_the_whole_job_loses_at_most_the_recovery_interval(
+def test_sigterm_to_every_process_then_kill_9_of_torchrun_then_of_the_whole_job(
         demo_dir, tmp_path, reference):
-    """torchrun killed alone: its workers notice (the kernel sends them SIGTERM), save and end,
-    freeing the run folder for the requeued job. The whole job killed: the last recovery
-    checkpoint (--recovery-interval 3, which changes nothing else) is at most 3 steps back.
-    Both resume bit-identical."""
+    """One job preempted three ways, each time requeued with the same command, ending
+    bit-identical to the uninterrupted run:
+    - SIGTERM to every process (SLURM: the job's cgroup, loader workers too): saved where it is;
+    - torchrun killed alone: its workers notice (the kernel sends them SIGTERM), save and end,
+      freeing the run folder for the requeued job;
+    - the whole job killed: the last recovery checkpoint (--recovery-interval 3, which changes
+      nothing else) is at most 3 steps back."""
     argv = job_command(demo_dir, tmp_path, "torch", "run", "--recovery-interval", "3")
+
+    signal_and_check_saved(argv, tmp_path / "run", tmp_path / "stopped.txt", "every process",
+                           signal.SIGTERM)
     log = tmp_path / "first.txt"
     process = start(argv, log=log)
-    wait_until(log_has(log, "epoch 0 [4/"), process, "a few steps of epoch 0", 300)
+    wait_until(log_has(log, "epoch 1 [2/"), process, "a few steps of epoch 1", 300)
     workers = children(process.pid)
     process.kill()
     process.wait()
@@ -119,7 +131,9 @@ def test_kill_9_of_torchrun_or_of_the_whole_job_loses_at_most_the_recovery_inter
               != "Z" for pid in workers):
         assert time.time() < deadline, "torchrun's workers outlived it"
         time.sleep(0.2)
-    assert f"SIGTERM: saved {tmp_path}/run/last.pth (resumes at epoch 0 step" in log.read_text()
+    output = log.read_text()
+    assert f"resumed {tmp_path}/run/last.pth at epoch 0" in output
+    assert f"SIGTERM: saved {tmp_path}/run/last.pth (resumes at epoch 1 step" in output
 
     log = tmp_path / "second.txt"
     process = start(argv, log=log)

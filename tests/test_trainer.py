@@ -11,7 +11,15 @@ import pytest
 import timm
 import torch
 import yaml
-from trainer_helpers import FAST, MAIN, run_main, start, wait_for
+from trainer_helpers import (
+    FAST,
+    MAIN,
+    assert_nothing_outlives_the_run,
+    exit_probe,
+    run_main,
+    start,
+    wait_for,
+)
 
 from fastkd.engine import checkpoint
 from fastkd.engine.config import parse_args
@@ -20,11 +28,14 @@ from fastkd.engine.run_folder import check_not_behind
 
 @pytest.mark.parametrize("distiller", ["kd", "dkd", "ldrld", "hcd"])
 def test_two_process_run_of_each_distiller(demo_dir, teacher_checkpoint, tmp_path, distiller):
+    """Each distiller under torchrun, with a loader worker a process, to a clean end: its files,
+    its parts in summary.csv, and nothing alive after main() in either process."""
     result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", distiller,
                        "--teacher", "resnet20", "--teacher-checkpoint", teacher_checkpoint,
-                       "--output", str(tmp_path), "--experiment", "run", *FAST],
-                      processes=2)
+                       "--output", str(tmp_path), "--experiment", "run", *FAST,
+                       "--workers", "1"], processes=2, script=exit_probe(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_nothing_outlives_the_run(result, processes=2)
     folder = tmp_path / "run"
     assert {"args.yaml", "summary.csv", "last.pth", "best.pth", "curves.png"} <= set(
         os.listdir(folder))

@@ -98,3 +98,49 @@ def environment_of(pid):
     with open(f"/proc/{pid}/environ", "rb") as handle:
         entries = handle.read().split(b"\0")
     return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
+
+
+# Runs fastkd's trainer, then names the gloo threads and counts the child processes this process
+# still has: what is alive when the interpreter shuts down.
+EXIT_PROBE = """
+import multiprocessing, os, sys
+from fastkd.engine.cli import main
+try:
+    main()
+except SystemExit as stop:
+    status = stop.code
+names = []
+for task in os.listdir("/proc/self/task"):
+    try:
+        with open(f"/proc/self/task/{task}/comm") as handle:
+            names.append(handle.read().strip())
+    except FileNotFoundError:  # a thread that ended after the listing (a queue's feeder)
+        pass
+print("threads left:", sorted(name for name in names if "gloo" in name), flush=True)
+print("processes left:", len(multiprocessing.active_children()), flush=True)
+sys.exit(status)
+"""
+
+
+
+def exit_probe(folder):
+    """A script, written in ``folder``, that runs ``train/main.py``'s job and then prints what
+    is still alive in its process: for ``run_main(..., script=exit_probe(folder))``."""
+    path = os.path.join(folder, "exit_probe.py")
+    with open(path, "w") as handle:
+        handle.write(EXIT_PROBE)
+    return path
+
+
+def assert_nothing_outlives_the_run(result, processes):
+    """What is still alive at interpreter shutdown misbehaves there: after main() no gloo thread
+    and no loader worker may be, in any of the ``processes``.
+    - The abort at exit (`terminate called without an active exception`, SIGABRT, in about one
+      run in five): a gloo worker thread released a collective's tensor while the interpreter
+      was shutting down, because the process group could never be freed.
+    - A late exit (22 s with 2 loader workers, 31 s with 4): persistent DataLoader workers,
+      stopped only when a reference cycle was collected at shutdown, each joined after a 5 s
+      time-out."""
+    assert "terminate called" not in result.stderr
+    assert result.stdout.count("threads left: []") == processes, result.stdout[-2000:]
+    assert result.stdout.count("processes left: 0") == processes, result.stdout[-2000:]
