@@ -1,4 +1,4 @@
-"""HCD per-stage logit loss speed and memory at its default options (``fastkd.options.HCD``:
+"""HCD per-stage logit loss speed and memory at its default options (``fastkd.methods.hcd.HCD``:
 num_sub = 4) with label smoothing 0.1, providers side by side: ``pytest bench/bench_hcd.py``.
 
 ``reference`` is the spec written term by term, one sub-logit at a time (autograd).
@@ -9,7 +9,7 @@ import torch
 from harness import DEVICE, LossSuite, check_provider, random_inputs, time_loss
 
 from fastkd import hcd_logit_loss
-from fastkd.options import HCD
+from fastkd.methods.hcd import HCD
 
 NUM_SUB = HCD.num_sub
 LABEL_SMOOTHING = 0.1

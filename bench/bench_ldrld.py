@@ -1,4 +1,4 @@
-"""LDRLD speed and memory at its default options (``fastkd.options.LDRLD``: top_d = 7, the
+"""LDRLD speed and memory at its default options (``fastkd.methods.ldrld.LDRLD``: top_d = 7, the
 authors' CIFAR-100 settings), providers side by side: ``pytest bench/bench_ldrld.py``.
 
 ``reference`` is the authors' formulation (one masked full-width softmax per group: 21 pairs and

@@ -11,6 +11,8 @@ import json
 import os
 import xml.etree.ElementTree as ElementTree
 
+from fastkd.methods import fused_ops
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The HCD kernel's launch timings before its redesign (B = 1024, C = 21843, H200).
 HCD_BEFORE = os.path.join(HERE, "results", "h200-2026-11-26", "followup", "tune_kernels.json")
@@ -70,7 +72,7 @@ def test_outcome(outdir, name):
 
 def target_rows(cases, outdir):
     rows = []
-    for loss in ("ldrld", "hcd", "kd", "dkd"):
+    for loss in fused_ops():
         for dtype in ("fp32", "bf16"):
             key = (loss, "fwd+bwd", dtype, HEADLINE)
             rows.append(ratio_row("1. host time vs F.cross_entropy (fwd+bwd)",
@@ -100,7 +102,7 @@ def target_rows(cases, outdir):
     rows.append(["5. compiled ResNet-18 step with LDRLD, fullgraph", "CUDA",
                  outcome or "unmeasured", "passed (0 graph breaks)",
                  "-" if outcome is None else "met" if outcome == "passed" else "**not met**"])
-    for loss in ("ldrld", "hcd", "kd", "dkd"):
+    for loss in fused_ops():
         for dtype in ("fp32", "bf16"):
             for shape in (HEADLINE, WIDE):
                 key = (loss, "fwd+bwd", dtype, shape)

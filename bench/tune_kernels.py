@@ -23,7 +23,9 @@ from fastkd.kernels.ldrld import ldrld_forward, ldrld_launch_config
 from harness import DTYPES, random_inputs
 
 from fastkd.ldrld_weights import ldrld_group_weights
-from fastkd.options import HCD, KD, LDRLD
+from fastkd.methods.hcd import HCD
+from fastkd.methods.kd import KD
+from fastkd.methods.ldrld import LDRLD
 
 
 def gpu_milliseconds(function):
@@ -47,7 +49,7 @@ def settings(default, others, launch):
 
 
 def ldrld_cases(batch, classes, dtype):
-    """The default options (``fastkd.options.LDRLD``), as ``ldrld_loss`` launches them."""
+    """The default options (``fastkd.methods.ldrld.LDRLD``), as ``ldrld_loss`` launches them."""
     student, teacher, target = random_inputs(batch, classes, dtype)
     top_set_weight, num_groups = ldrld_group_weights(LDRLD.top_d, LDRLD.irw_eps, LDRLD.erd_scale,
                                                      LDRLD.erd_decay)
@@ -58,7 +60,7 @@ def ldrld_cases(batch, classes, dtype):
 
 
 def hcd_cases(batch, classes, dtype):
-    """The default options (``fastkd.options.HCD``) with bench_hcd.py's label smoothing."""
+    """The default options (``fastkd.methods.hcd.HCD``) with bench_hcd.py's label smoothing."""
     shared, student, teacher, target = hcd_inputs(batch, classes, dtype)
     options = dict(HCD.loss_options(), label_smoothing=LABEL_SMOOTHING)
     block, _, warps = hcd_launch_config(classes)

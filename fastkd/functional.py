@@ -14,8 +14,8 @@ teacher run under autocast next to an fp32 student). Losses are computed in fp64
 are fp64, else in fp32 (``precision.compute_dtype``); each gradient comes back in its own input's
 dtype. The teacher never gets a gradient.
 
-Each method's keyword defaults are those of its options dataclass (``fastkd.options``), the one
-source of the method's defaults.
+Each method's keyword defaults are those of its options dataclass (``fastkd.methods.<method>``),
+the one source of the method's defaults.
 """
 
 import os
@@ -24,7 +24,10 @@ import torch
 from torch import Tensor
 
 from . import ops, reference, validation
-from .options import DKD, HCD, KD, LDRLD
+from .methods.dkd import DKD
+from .methods.hcd import HCD
+from .methods.kd import KD
+from .methods.ldrld import LDRLD
 from .reference.hcd import hcd_logit_loss_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")

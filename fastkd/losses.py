@@ -1,7 +1,8 @@
 """nn.Module wrappers of the public losses, for dropping into any training loop.
 
 Each module holds one options object (``self.options``, the method's dataclass from
-``fastkd.options``) and the call's other settings (``self.settings``: reduction, backend, ...).
+``fastkd.methods.<method>``) and the call's other settings (``self.settings``: reduction,
+backend, ...).
 Build it from keywords, ``LDRLDLoss(top_d=5)``, or from options,
 ``LDRLDLoss(LDRLDOptions(top_d=5))`` (keywords then change the given options). The module applies
 the options' loss fields (``options.loss_options()``); the distiller-only fields (a term's
@@ -11,7 +12,10 @@ weight, a warm-up, the stages to tap) belong to the distillers, so as keywords t
 from torch import nn
 
 from . import functional
-from .options import DKD, HCD, KD, LDRLD
+from .methods.dkd import DKD
+from .methods.hcd import HCD
+from .methods.kd import KD
+from .methods.ldrld import LDRLD
 
 
 class _MethodLoss(nn.Module):

@@ -22,22 +22,17 @@ autograd.Function), and host time is what the fused losses spend at classificati
 Arguments are assumed validated (``fastkd.functional`` validates before calling).
 """
 
-import dataclasses
 import functools
-import importlib
 import os
-from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .ldrld_weights import ldrld_group_weights
+from .methods import fused_ops
+from .methods.base import load
 from .optional import importable
 from .precision import compute_dtype
-from .vectorized import dkd as vectorized_dkd
-from .vectorized import hcd as vectorized_hcd
-from .vectorized import kd as vectorized_kd
-from .vectorized import ldrld as vectorized_ldrld
 
 OP_BACKENDS = ("auto", "torch", "triton")
 # ``auto`` runs HCD's kernel only on rows that fit one tile: wider rows are streamed, and there the
@@ -64,10 +59,15 @@ def runs_triton(backend, logits, triton_is_faster=True):
     return False
 
 
+# Each op's description (``fastkd.methods.<method>``): its arguments, parts and implementations.
+OPS = fused_ops()
+
+
 @functools.cache
-def _kernel_forward(module, name):
-    """A Triton launcher, imported on first use: TRITON_INTERPRET is read at import."""
-    return getattr(importlib.import_module(f"fastkd.kernels.{module}"), name)
+def _forward(name, runs_kernel):
+    """Op ``name``'s Triton forward (``runs_kernel``) or its vectorised torch forward, imported on
+    first use: TRITON_INTERPRET is read when a kernel module is imported."""
+    return load(OPS[name].kernel if runs_kernel else OPS[name].vectorized)
 
 
 def _gradient_or_empty(gradient, like):
@@ -76,14 +76,12 @@ def _gradient_or_empty(gradient, like):
 
 
 # --- Implementations: one for every device, dispatching on the tensors' device. Keyword-only:
-# the op's spec (below) binds the dispatcher's positional arguments to these names. ---
+# each op's arguments (its ``FusedOp``) bind the dispatcher's positional arguments to these
+# names. ---
 
 def ldrld(*, student_logits, teacher_logits, target, temperature, top_d, alpha, beta, ce_weight,
           irw_eps, erd_scale, erd_decay, compute_grad, backend):
-    if runs_triton(backend, student_logits):
-        forward = _kernel_forward("ldrld", "ldrld_forward")
-    else:
-        forward = vectorized_ldrld.ldrld_forward
+    forward = _forward("ldrld", runs_triton(backend, student_logits))
     top_set_weight, num_groups = ldrld_group_weights(top_d, irw_eps, erd_scale, erd_decay)
     loss, parts, (grad,) = forward(
         student_logits, teacher_logits, target, temperature=temperature, top_d=top_d,
@@ -94,10 +92,7 @@ def ldrld(*, student_logits, teacher_logits, target, temperature, top_d, alpha, 
 
 
 def kd(*, student_logits, teacher_logits, temperature, compute_grad, backend):
-    if runs_triton(backend, student_logits):
-        forward = _kernel_forward("kd", "kd_forward")
-    else:
-        forward = vectorized_kd.kd_forward
+    forward = _forward("kd", runs_triton(backend, student_logits))
     loss, parts, (grad,) = forward(student_logits, teacher_logits, None, temperature=temperature,
                                    needs_grad=(compute_grad,))
     return loss, parts, _gradient_or_empty(grad, student_logits)
@@ -105,10 +100,7 @@ def kd(*, student_logits, teacher_logits, temperature, compute_grad, backend):
 
 def dkd(*, student_logits, teacher_logits, target, alpha, beta, temperature, compute_grad,
         backend):
-    if runs_triton(backend, student_logits):
-        forward = _kernel_forward("kd", "dkd_forward")
-    else:
-        forward = vectorized_dkd.dkd_forward
+    forward = _forward("dkd", runs_triton(backend, student_logits))
     loss, parts, (grad,) = forward(student_logits, teacher_logits, target, alpha=alpha, beta=beta,
                                    temperature=temperature, needs_grad=(compute_grad,))
     return loss, parts, _gradient_or_empty(grad, student_logits)
@@ -118,10 +110,7 @@ def hcd(*, shared_logits, teacher_logits, student_logits, target, num_sub, tempe
         label_smoothing, theta, w_gt, w_sdd, w_ol, lam_s, lam_t, detach_target, compute_grad,
         backend):
     fits_one_tile = student_logits.shape[1] <= HCD_TRITON_AUTO_MAX_CLASSES
-    if runs_triton(backend, student_logits, fits_one_tile):
-        forward = _kernel_forward("hcd", "hcd_forward")
-    else:
-        forward = vectorized_hcd.hcd_forward
+    forward = _forward("hcd", runs_triton(backend, student_logits, fits_one_tile))
     loss, parts, (grad_shared, _, grad_student) = forward(
         shared_logits, teacher_logits, student_logits, target, num_sub=num_sub,
         temperature=temperature, label_smoothing=label_smoothing, theta=theta, w_gt=w_gt,
@@ -131,52 +120,11 @@ def hcd(*, shared_logits, teacher_logits, student_logits, target, num_sub, tempe
             _gradient_or_empty(grad_student, student_logits))
 
 
-# --- The ops, each described once. ---
-
-@dataclasses.dataclass(frozen=True)
-class OpSpec:
-    """One fused op: its schema, fake, keyword calls and part names are all made from this.
-
-    ``arguments`` is the schema's argument list up to the options every op ends with
-    (``bool compute_grad, str backend='auto'``); ``logits`` are the inputs whose dtypes set the
-    compute dtype; ``gradients`` the differentiable inputs, in the order the op returns their
-    gradients; ``parts`` the names of the loss-part columns, each its own term."""
-
-    name: str
-    arguments: str
-    logits: tuple[str, ...]
-    gradients: tuple[str, ...]
-    parts: tuple[str, ...]
-    implementation: Callable
-
-    @property
-    def schema(self):
-        outputs = ", ".join(["Tensor"] * (2 + len(self.gradients)))
-        return (f"{self.name}({self.arguments}, bool compute_grad, str backend='auto') "
-                f"-> ({outputs})")
-
-
-OP_SPECS = {spec.name: spec for spec in (
-    OpSpec("ldrld", "Tensor student_logits, Tensor teacher_logits, Tensor? target, "
-                    "float temperature, int top_d, float alpha, float beta, float ce_weight, "
-                    "float irw_eps, float erd_scale, float erd_decay",
-           logits=("student_logits", "teacher_logits"), gradients=("student_logits",),
-           parts=("ce", "local", "rntk"), implementation=ldrld),
-    OpSpec("kd", "Tensor student_logits, Tensor teacher_logits, float temperature",
-           logits=("student_logits", "teacher_logits"), gradients=("student_logits",),
-           parts=(), implementation=kd),
-    OpSpec("dkd", "Tensor student_logits, Tensor teacher_logits, Tensor target, float alpha, "
-                  "float beta, float temperature",
-           logits=("student_logits", "teacher_logits"), gradients=("student_logits",),
-           parts=("tckd", "nckd"), implementation=dkd),
-    OpSpec("hcd", "Tensor shared_logits, Tensor teacher_logits, Tensor student_logits, "
-                  "Tensor target, int num_sub, float temperature, float label_smoothing, "
-                  "float theta, float w_gt, float w_sdd, float w_ol, float lam_s, float lam_t, "
-                  "bool detach_target",
-           logits=("shared_logits", "teacher_logits", "student_logits"),
-           gradients=("shared_logits", "student_logits"), parts=("sce", "sdd", "ol"),
-           implementation=hcd),
-)}
+# The device dispatch of each op in ``OPS``, by name.
+IMPLEMENTATIONS = {"ldrld": ldrld, "kd": kd, "dkd": dkd, "hcd": hcd}
+if IMPLEMENTATIONS.keys() != OPS.keys():
+    raise ImportError(f"fastkd.ops: the fused ops {sorted(OPS)} need a device dispatch each, "
+                      f"found {sorted(IMPLEMENTATIONS)}")
 
 
 def _bound(schema, args, kwargs):
@@ -188,16 +136,16 @@ def _bound(schema, args, kwargs):
     return values
 
 
-def _fake_outputs(spec, schema, args, kwargs):
-    """What ``spec``'s op returns, shapes and dtypes only (torch.compile traces with this): loss
-    and parts rows in the compute dtype of its logits, and a contiguous gradient shaped like each
-    differentiable input (empty without ``compute_grad``)."""
+def _fake_outputs(fused, schema, args, kwargs):
+    """What the op that ``fused`` describes returns, shapes and dtypes only (torch.compile
+    traces with this): loss and parts rows in the compute dtype of its logits, and a contiguous
+    gradient shaped like each differentiable input (empty without ``compute_grad``)."""
     values = _bound(schema, args, kwargs)
-    like = values[spec.logits[0]]
-    loss = like.new_empty(like.shape[0], dtype=compute_dtype(*(values[n] for n in spec.logits)))
-    parts = like.new_empty(like.shape[0], len(spec.parts), dtype=loss.dtype)
+    like = values[fused.logits[0]]
+    loss = like.new_empty(like.shape[0], dtype=compute_dtype(*(values[n] for n in fused.logits)))
+    parts = like.new_empty(like.shape[0], len(fused.parts), dtype=loss.dtype)
     gradients = tuple(values[n].new_empty(values[n].shape if values["compute_grad"] else 0)
-                      for n in spec.gradients)
+                      for n in fused.gradients)
     return (loss, parts, *gradients)
 
 
@@ -265,37 +213,39 @@ _LIBRARY = torch.library.Library("fastkd", "DEF")
 # name -> (the op, its implementation, positions of its differentiable inputs, its schema's
 # (argument, default) pairs and their names: read once, since reading the schema costs host time
 # and torch.compile cannot trace it)
-_OPS = {}
+_REGISTERED = {}
 
 
-def _register(spec):
-    """Define ``fastkd::<name>`` from its spec: one implementation for every device, its fake and
-    its autograd kernel."""
-    _LIBRARY.define(spec.schema)
-    op = getattr(torch.ops.fastkd, spec.name).default
+def _register(fused):
+    """Define ``fastkd::<name>`` as ``fused`` (a ``FusedOp``) describes it: one implementation
+    for every device (its device dispatch), its fake and its autograd kernel."""
+    _LIBRARY.define(fused.schema)
+    op = getattr(torch.ops.fastkd, fused.name).default
     arguments = _schema_arguments(op)
     names = tuple(argument for argument, _ in arguments)
-    gradient_inputs = tuple(names.index(name) for name in spec.gradients)
+    gradient_inputs = tuple(names.index(name) for name in fused.gradients)
+
+    dispatch = IMPLEMENTATIONS[fused.name]
 
     def implementation(*args, **kwargs):
-        return spec.implementation(**_bound(arguments, args, kwargs))
+        return dispatch(**_bound(arguments, args, kwargs))
 
     def fake(*args, **kwargs):
-        return _fake_outputs(spec, arguments, args, kwargs)
+        return _fake_outputs(fused, arguments, args, kwargs)
 
     def autograd_kernel(*args):
         return FusedRows.apply(op, gradient_inputs, *args)
 
-    _LIBRARY.impl(spec.name, implementation, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"fastkd::{spec.name}", fake, lib=_LIBRARY)
-    _LIBRARY.impl(spec.name, autograd_kernel, "Autograd")
-    _OPS[spec.name] = (op, implementation, gradient_inputs, arguments, frozenset(names))
+    _LIBRARY.impl(fused.name, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fastkd::{fused.name}", fake, lib=_LIBRARY)
+    _LIBRARY.impl(fused.name, autograd_kernel, "Autograd")
+    _REGISTERED[fused.name] = (op, implementation, gradient_inputs, arguments, frozenset(names))
 
 
 def implementation(op):
     """The Python implementation behind a ``torch.ops.fastkd`` op (``op.default`` or its
     packet)."""
-    return _OPS[op.__name__.split(".")[0]][1]
+    return _REGISTERED[op.__name__.split(".")[0]][1]
 
 
 def _dispatcher_needed(args):
@@ -337,17 +287,17 @@ def call(name, **arguments):
     which is where the dispatcher would arrive: the same work, without the op call's schema
     parsing and call back into Python, about 40-65 us per forward + backward on the
     development VM (tiny CPU tensors: KD 445 -> 406 us, HCD 1034 -> 968 us)."""
-    op, function, gradient_inputs, schema, names = _OPS[name]
+    op, function, gradient_inputs, schema, names = _REGISTERED[name]
     args = positional(name, schema, names, arguments)
     if _dispatcher_needed(args):
         return op(*args)
     return FusedRows.apply(function, gradient_inputs, *args)
 
 
-for _spec in OP_SPECS.values():
-    _register(_spec)
+for _fused in OPS.values():
+    _register(_fused)
 
 
 def named_parts(name, part_columns):
     """Op ``name``'s ``parts`` output ``[B, K]`` as ``{part name: [B]}``."""
-    return dict(zip(OP_SPECS[name].parts, part_columns.unbind(dim=1)))
+    return dict(zip(OPS[name].parts, part_columns.unbind(dim=1)))

@@ -12,8 +12,8 @@ from torch import nn
 from fastkd import dkd_loss, hcd_logit_loss, kd_loss, ldrld_loss
 from fastkd.distillers import HCD, build_distiller, methods
 from fastkd.distillers.hcd import complementary_feature_mapper
+from fastkd.methods.ldrld import LDRLD, LDRLDOptions
 from fastkd.models.taps import stage_taps
-from fastkd.options import LDRLD, LDRLDOptions
 
 timm = pytest.importorskip("timm")
 

@@ -17,6 +17,7 @@ from fastkd.data.loaders import create_loaders
 from fastkd.engine import checkpoint
 from fastkd.engine.cli import main
 from fastkd.engine.run import Run
+from fastkd.methods import methods
 
 # The aten ops that hand a value to the host (item/float/int/bool/if go through the first; below
 # autograd, inside a fastkd op, item is dispatched whole), and those whose output shape depends
@@ -135,7 +136,7 @@ def synthetic_run(tmp_path, monkeypatch, distiller, samples, log_interval, extra
     return counts
 
 
-@pytest.mark.parametrize("distiller", ["ce", "kd", "dkd", "ldrld", "hcd"])
+@pytest.mark.parametrize("distiller", list(methods()))
 def test_reads_do_not_grow_with_the_steps_between_log_points(tmp_path, monkeypatch, distiller):
     # 4 steps per log point, then 8: the same reads per epoch (one log point each).
     four = synthetic_run(tmp_path / "a", monkeypatch, distiller, samples=32, log_interval=4)

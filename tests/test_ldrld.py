@@ -17,7 +17,7 @@ from helpers import (
 
 from fastkd import LDRLDLoss, ldrld_loss
 from fastkd.ldrld_weights import ldrld_group_weights
-from fastkd.options import LDRLD
+from fastkd.methods.ldrld import LDRLD
 from fastkd.reference import adaptive_decay_weight, ldrld_loss_reference
 from fastkd.reference.ldrld import masked_kl
 

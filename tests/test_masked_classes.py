@@ -25,7 +25,7 @@ from helpers import BACKENDS, assert_close_scaled, distinct_logits
 
 from fastkd import dkd_loss, kd_loss, ldrld_loss
 from fastkd.ldrld_weights import ldrld_group_weights
-from fastkd.options import LDRLD
+from fastkd.methods.ldrld import LDRLD
 
 # Every backend, plus the Triton kernels' streamed path (rows read in blocks of 4 columns).
 RUNS = (*BACKENDS, "triton-streamed")

@@ -7,7 +7,12 @@ from helpers import DEVICE, random_logits
 
 import fastkd
 from fastkd import dkd_loss, hcd_logit_loss, kd_loss, ldrld_loss, ops
-from fastkd.options import DKD, HCD, KD, LDRLD
+from fastkd.methods import fused_ops, methods
+from fastkd.methods.base import load
+from fastkd.methods.dkd import DKD
+from fastkd.methods.hcd import HCD
+from fastkd.methods.kd import KD
+from fastkd.methods.ldrld import LDRLD
 
 
 def op_calls(compute_grad, backend, dtype=torch.float32):
@@ -172,3 +177,23 @@ def test_the_ops_are_called_by_argument_name():
                  compute_grad=False)
     with pytest.raises(TypeError, match="needs the argument temperature"):
         ops.call("kd", student_logits=student, teacher_logits=teacher, compute_grad=False)
+
+
+def test_each_method_record_names_the_code_that_runs():
+    """A built-in method's record (``fastkd.methods.<method>``) is what the ops are registered
+    from: its public loss is fastkd's, its op's torch, Triton and reference implementations
+    import, and the registered op's schema, differentiable inputs and part names are the
+    record's."""
+    described = {name: method for name, method in methods().items() if method.op is not None}
+    assert set(described) == set(fused_ops()) == {"kd", "dkd", "ldrld", "hcd"}
+    for name, method in described.items():
+        fused = method.op
+        assert load(method.loss) is getattr(fastkd, method.loss.split(":")[1])
+        assert all(callable(load(path)) for path in (fused.vectorized, fused.kernel,
+                                                     fused.reference))
+        schema = str(getattr(torch.ops.fastkd, fused.name).default._schema)
+        assert schema == f"fastkd::{fused.schema}".replace("'", '"'), name
+        returned = schema.split("-> (")[1]
+        assert returned.count("Tensor") == 2 + len(fused.gradients)
+        columns = torch.zeros(2, len(fused.parts))
+        assert list(ops.named_parts(fused.name, columns)) == list(fused.parts)

@@ -1,4 +1,4 @@
-"""One source of each method's defaults (fastkd.options) for the functions and the loss modules;
+"""One source of each method's defaults (fastkd.methods.<method>) for the functions and the loss modules;
 LDRLD without class indices (soft targets, no target); teacher and student logits of different
 dtypes."""
 
@@ -19,7 +19,10 @@ from fastkd import (
     kd_loss,
     ldrld_loss,
 )
-from fastkd.options import DKD, HCD, KD, LDRLD, DKDOptions, KDOptions, LDRLDOptions
+from fastkd.methods.dkd import DKD, DKDOptions
+from fastkd.methods.hcd import HCD
+from fastkd.methods.kd import KD, KDOptions
+from fastkd.methods.ldrld import LDRLD, LDRLDOptions
 from fastkd.reference import dkd_loss_reference, kd_loss_reference, ldrld_loss_reference
 from fastkd.reference.hcd import hcd_logit_loss_reference
 

@@ -24,9 +24,11 @@ from trainer_helpers import (
 from fastkd.engine import checkpoint
 from fastkd.engine.config import parse_args
 from fastkd.engine.run_folder import check_not_behind
+from fastkd.methods import methods
 
 
-@pytest.mark.parametrize("distiller", ["kd", "dkd", "ldrld", "hcd"])
+@pytest.mark.parametrize("distiller", [name for name, method in methods().items()
+                                       if method.needs_teacher])
 def test_two_process_run_of_each_distiller(demo_dir, teacher_checkpoint, tmp_path, distiller):
     """Each distiller under torchrun, with a loader worker a process, to a clean end: its files,
     its parts in summary.csv, and nothing alive after main() in either process."""

@@ -20,8 +20,9 @@ from .ldrld import LDRLD
 def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None = None,
                     options: MethodOptions | None = None, **settings) -> Distiller:
     """The distiller registered as ``name`` around ``student`` (and ``teacher``): ``options`` is
-    the method's options dataclass (``fastkd.options``), keyword ``settings`` are its fields or
-    the shared ones (``label_smoothing``, ``student_mean``, ``student_std``, ``backend``)."""
+    the method's options dataclass (``fastkd.methods.<method>``), keyword ``settings`` are its
+    fields or the shared ones (``label_smoothing``, ``student_mean``, ``student_std``,
+    ``backend``)."""
     registered = methods()
     if name not in registered:
         raise ValueError(f"distiller must be one of {tuple(registered)}, got {name!r}")

@@ -41,7 +41,7 @@ class Distiller(TrainingTask):
     - ``num_classes``, if given, is checked against the student's and the teacher's.
     """
 
-    options_class = None  # the method's options dataclass (fastkd.options); None: no options
+    options_class = None  # the method's options dataclass (fastkd.methods.<method>), or None
     needs_teacher = True  # False: trains the student alone (CE, the baseline)
     needs_hard_labels = False  # True: a loss term indexes the true class (no mixup/cutmix)
     fixed_loss_options = {}  # loss arguments the method sets whatever its options say

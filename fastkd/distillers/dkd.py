@@ -1,7 +1,7 @@
 """Decoupled KD: CE + warm-up factor * (alpha TCKD + beta NCKD)."""
 
 from ..functional import dkd_loss
-from ..options import DKDOptions
+from ..methods.dkd import DKDOptions
 from .base import Distiller, dummy_batch
 
 

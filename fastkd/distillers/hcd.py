@@ -14,8 +14,8 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from ..functional import hcd_logit_loss, kd_loss
+from ..methods.hcd import HCDOptions
 from ..models.taps import embedding_width, stage_taps, student_outputs, teacher_outputs
-from ..options import HCDOptions
 from .base import Distiller, dummy_batch
 
 
@@ -118,7 +118,7 @@ class HCDStudent(nn.Module):
 
 class HCD(Distiller):
     """``HCD(student, teacher)`` for any pair of timm models (``num_classes``, if given, is
-    checked against theirs); options as ``fastkd.options.HCDOptions``.
+    checked against theirs); options as ``fastkd.methods.hcd.HCDOptions``.
 
     The task's loss is CE_eps(zs, y) + kd_weight T^2 KL(zt || zs) + sum over stages of
     (w_gt L_sce + w_sdd L_sdd + w_ol L_ol); its parts "ce", "kd", "sce", "sdd", "ol" are the

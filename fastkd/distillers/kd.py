@@ -1,7 +1,7 @@
 """Hinton KD: CE + weight * T^2 KL(softmax(zt/T) || softmax(zs/T))."""
 
 from ..functional import kd_loss
-from ..options import KDOptions
+from ..methods.kd import KDOptions
 from .base import Distiller, dummy_batch
 
 

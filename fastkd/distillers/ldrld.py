@@ -1,7 +1,7 @@
 """LDRLD: ce_weight * CE + alpha L_local + beta L_rntk (shared/spec/ldrld.md)."""
 
 from ..functional import ldrld_loss
-from ..options import LDRLDOptions
+from ..methods.ldrld import LDRLDOptions
 from .base import Distiller, dummy_batch
 
 

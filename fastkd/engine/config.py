@@ -76,8 +76,8 @@ class KeyValues(argparse.Action):
 
 def add_method_options(parser):
     """``--<method>-<field>`` for every field of every method's options dataclass: the flags and
-    their defaults come from the methods' options (``fastkd.options`` for the built-in ones) and
-    nowhere else."""
+    their defaults come from the methods' options (``fastkd.methods.<method>`` for the built-in
+    ones) and nowhere else."""
     for method, options_class in method_options_classes().items():
         group = parser.add_argument_group(f"{method} options (with --distiller {method})")
         for item in dataclasses.fields(options_class):
