@@ -88,13 +88,13 @@ def train_demo_teacher(args, world, loaders, data_config):
     teacher_args = demo_teacher.teacher_args(args)
     finished = world.broadcast(demo_teacher.finished(teacher_args) if world.main else None)
     if finished:
-        world.log(f"using the cached demo teacher {finished}")
+        world.log(f"using the cached {args.dataset} teacher {finished}")
         return finished
     resume = resume_point(teacher_args, world)
     if has_finished(resume[1], teacher_args):  # stopped after its last epoch, before its record
         folder = os.path.dirname(resume[0])
     else:
-        world.log(f"training the demo teacher {teacher_args.model} first "
+        world.log(f"training the {args.dataset} teacher {teacher_args.model} first "
                   f"({teacher_args.epochs} epochs, CE)")
         run = open_run(teacher_args, world, loaders, data_config, resume)
         run.fit()
