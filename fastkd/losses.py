@@ -9,13 +9,16 @@ the options' loss fields (``options.loss_options()``); the distiller-only fields
 weight, a warm-up, the stages to tap) belong to the distillers, so as keywords they are refused.
 """
 
-from torch import nn
+from torch import Tensor, nn
 
 from . import functional
-from .methods.dkd import DKD
-from .methods.hcd import HCD
-from .methods.kd import KD
-from .methods.ldrld import LDRLD
+from .methods.dkd import DKD, DKDOptions
+from .methods.hcd import HCD, HCDOptions
+from .methods.kd import KD, KDOptions
+from .methods.ldrld import LDRLD, LDRLDOptions
+
+# The loss, or with ``return_parts`` the loss and its named parts.
+LossResult = Tensor | tuple[Tensor, dict[str, Tensor]]
 
 
 class _MethodLoss(nn.Module):
@@ -62,12 +65,13 @@ class LDRLDLoss(_MethodLoss):
 
     defaults = LDRLD
 
-    def __init__(self, options=None, *, reduction="mean", backend="auto", return_parts=False,
-                 **overrides):
+    def __init__(self, options: LDRLDOptions | None = None, *, reduction: str = "mean",
+                 backend: str = "auto", return_parts: bool = False, **overrides):
         super().__init__(options, overrides, reduction=reduction, backend=backend,
                          return_parts=return_parts)
 
-    def forward(self, student_logits, teacher_logits, target):
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
+                target: Tensor | None) -> LossResult:
         return functional.ldrld_loss(student_logits, teacher_logits, target,
                                      **self.loss_keywords())
 
@@ -79,10 +83,11 @@ class KDLoss(_MethodLoss):
 
     defaults = KD
 
-    def __init__(self, options=None, *, reduction="mean", backend="auto", **overrides):
+    def __init__(self, options: KDOptions | None = None, *, reduction: str = "mean",
+                 backend: str = "auto", **overrides):
         super().__init__(options, overrides, reduction=reduction, backend=backend)
 
-    def forward(self, student_logits, teacher_logits):
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return functional.kd_loss(student_logits, teacher_logits, **self.loss_keywords())
 
 
@@ -94,12 +99,13 @@ class DKDLoss(_MethodLoss):
 
     defaults = DKD
 
-    def __init__(self, options=None, *, reduction="mean", backend="auto", return_parts=False,
-                 **overrides):
+    def __init__(self, options: DKDOptions | None = None, *, reduction: str = "mean",
+                 backend: str = "auto", return_parts: bool = False, **overrides):
         super().__init__(options, overrides, reduction=reduction, backend=backend,
                          return_parts=return_parts)
 
-    def forward(self, student_logits, teacher_logits, target):
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
+                target: Tensor) -> LossResult:
         return functional.dkd_loss(student_logits, teacher_logits, target,
                                    **self.loss_keywords())
 
@@ -112,11 +118,13 @@ class HCDLogitLoss(_MethodLoss):
 
     defaults = HCD
 
-    def __init__(self, options=None, *, label_smoothing=0.0, reduction="mean", backend="auto",
-                 return_parts=False, **overrides):
+    def __init__(self, options: HCDOptions | None = None, *, label_smoothing: float = 0.0,
+                 reduction: str = "mean", backend: str = "auto", return_parts: bool = False,
+                 **overrides):
         super().__init__(options, overrides, label_smoothing=label_smoothing,
                          reduction=reduction, backend=backend, return_parts=return_parts)
 
-    def forward(self, shared_logits, teacher_logits, student_logits, target):
+    def forward(self, shared_logits: Tensor, teacher_logits: Tensor, student_logits: Tensor,
+                target: Tensor) -> LossResult:
         return functional.hcd_logit_loss(shared_logits, teacher_logits, student_logits, target,
                                          **self.loss_keywords())
