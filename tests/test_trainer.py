@@ -216,6 +216,8 @@ def test_config_file_and_command_line(tmp_path):
     (["--epochs", "0"], "--epochs must be a positive number, got 0"),
     (["--distiller", "kd", "--dataset", "cifar100", "--data-dir", "/", "--model", "resnet8x4"],
      "--distiller kd needs --teacher"),
+    (["--dataset", "folder", "--distiller", "kd"], "--dataset folder needs --data-dir; --model "
+     "is required for this dataset; --distiller kd needs --teacher"),  # all at once
     (["--resume", "/tmp"], "--resume /tmp is a folder, not a checkpoint file"),
     (["--resume", "auto"], "--resume auto needs --experiment NAME (the run folder to continue)"),
     (["--experiment", "../elsewhere"],

@@ -387,18 +387,24 @@ def check_args(parser, args, given=()):
     """Errors a user can fix from the message, before any model or data is built, one concern
     after another. ``given``: the options the user set (command line or config), as opposed to
     defaults."""
-    for check in (check_models, check_data, check_teacher_weights, check_run_folder,
+    for check in (check_required, check_data, check_teacher_weights, check_run_folder,
                   check_numbers, check_optimisation):
         check(parser, args, given)
 
 
-def check_models(parser, args, given):
-    """A student, and a teacher when the method distils (``check_registries`` checks that timm
-    has them)."""
+def check_required(parser, args, given):
+    """What the dataset and the method cannot do without, all named in one message: the data's
+    folder, a student, and a teacher when the method distils (``check_registries`` checks that
+    timm has the models)."""
+    missing = []
+    if args.dataset not in (*FOREIGN_ENTRIES, "synthetic") and not args.data_dir:
+        missing.append(f"--dataset {args.dataset} needs --data-dir")
     if args.model is None:
-        parser.error("--model is required for this dataset")
+        missing.append("--model is required for this dataset")
     if distils(args) and not args.teacher:
-        parser.error(f"--distiller {args.distiller} needs --teacher")
+        missing.append(f"--distiller {args.distiller} needs --teacher")
+    if missing:
+        parser.error("; ".join(missing))
 
 
 def check_data(parser, args, given):
@@ -407,8 +413,6 @@ def check_data(parser, args, given):
         crop_flip(args)
     except ValueError as error:  # its message starts with the field's name
         parser.error(f"--{error}")
-    if args.dataset not in (*FOREIGN_ENTRIES, "synthetic") and not args.data_dir:
-        parser.error(f"--dataset {args.dataset} needs --data-dir")
     if args.dataset == "synthetic":
         # No files and no loader: options that would change nothing are mistakes.
         unused = [flag for flag, used in (("--data-dir", args.data_dir),
