@@ -248,23 +248,25 @@ def build_parser():
 
 
 def _config_defaults(parser, path):
+    """The option values that the YAML file ``path`` sets, converted and checked as the command
+    line's; a ValueError naming the file (and the option) if it cannot be used."""
     if not os.path.isfile(path):
         problem = "is a folder, not a YAML file" if os.path.isdir(path) else "does not exist"
-        raise SystemExit(f"error: --config {path} {problem}")
+        raise ValueError(f"--config {path} {problem}")
     try:
         with open(path) as handle:
             values = yaml.safe_load(handle) or {}
     except yaml.YAMLError as error:
-        raise SystemExit(f"error: --config {path} is not valid YAML: "
+        raise ValueError(f"--config {path} is not valid YAML: "
                          f"{' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
-        raise SystemExit(f"error: --config {path} must hold a mapping of option: value")
+        raise ValueError(f"--config {path} must hold a mapping of option: value")
     actions = {action.dest: action for action in parser._actions}
     defaults = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
         if dest not in actions or dest == "config":
-            raise SystemExit(f"error: --config {path}: unknown option {key!r}")
+            raise ValueError(f"--config {path}: unknown option {key!r}")
         if value is None:  # YAML null: not set (as args.yaml records unset options)
             continue
         defaults[dest] = _config_value(actions[dest], value, f"--config {path}: {key}")
@@ -276,28 +278,28 @@ def _config_value(action, value, where):
     type, its number of values and its choices."""
     if isinstance(action, KeyValues):  # args.yaml records --model-kwargs as a mapping
         if not isinstance(value, dict):
-            raise SystemExit(f"error: {where} takes a mapping of KEY: VALUE, got {value!r}")
+            raise ValueError(f"{where} takes a mapping of KEY: VALUE, got {value!r}")
         return value
     takes_list = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0)
     if isinstance(value, list) != takes_list:
         expected = "a list" if takes_list else "one value"
-        raise SystemExit(f"error: {where} takes {expected}, got {value!r}")
+        raise ValueError(f"{where} takes {expected}, got {value!r}")
     if isinstance(action.nargs, int) and action.nargs > 0 and len(value) != action.nargs:
-        raise SystemExit(f"error: {where} takes {action.nargs} values, got {value!r}")
+        raise ValueError(f"{where} takes {action.nargs} values, got {value!r}")
     if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
         if not isinstance(value, bool):
-            raise SystemExit(f"error: {where} takes true or false, got {value!r}")
+            raise ValueError(f"{where} takes true or false, got {value!r}")
         return value
     if action.type is not None:
         try:
             value = [_strict(action.type, item) for item in value] if takes_list else (
                 _strict(action.type, value))
         except (TypeError, ValueError):
-            raise SystemExit(f"error: {where}: invalid {action.type.__name__} value "
+            raise ValueError(f"{where}: invalid {action.type.__name__} value "
                              f"{value!r}") from None
     for item in value if takes_list else [value]:
         if action.choices is not None and item not in action.choices:
-            raise SystemExit(f"error: {where}: invalid choice {item!r} (choose from "
+            raise ValueError(f"{where}: invalid choice {item!r} (choose from "
                              f"{', '.join(map(repr, action.choices))})")
     return value
 
@@ -320,7 +322,10 @@ def parse_args(argv=None):
     changed = {name for name, value in vars(known).items()
                if value != parser.get_default(name) and name != "config"}
     if known.config:
-        parser.set_defaults(**_config_defaults(parser, known.config))
+        try:
+            parser.set_defaults(**_config_defaults(parser, known.config))
+        except ValueError as error:
+            parser.error(str(error))
     args = parser.parse_args(argv)
     if args.eval_only:
         check_eval_only_flags(parser, args, changed)  # before the checkpoint (and torch) loads
