@@ -79,6 +79,8 @@ def parse_args(argv=None):
                         "job's 2, whose global batch the recipe was chosen with)")
     group = parser.add_argument_group("passed to every training run (default: the recipe's)")
     group.add_argument("--epochs", type=int, help="the students' epochs (not the teacher's)")
+    group.add_argument("--warmup-epochs", type=int,
+                       help="the students' lr warm-up epochs (not the teacher's)")
     group.add_argument("--data-dir", help="where the dataset is written (default: user cache)")
     group.add_argument("-j", "--workers", type=int)
     args = parser.parse_args(argv)
@@ -98,8 +100,10 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
-    if args.workers is not None and args.workers < 0:
-        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    for name in ("warmup_epochs", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} is not a folder")
     # The trainer runs in the repository's folder: paths are passed absolute.
@@ -126,8 +130,9 @@ def training_command(args, method, seed, teacher_checkpoint=None):
                os.path.join(REPO, "train", "main.py"), "--distiller", distiller, *teacher_flags,
                "--amp", "--seed", str(seed), *passed_flags(args), "--output", args.output,
                "--experiment", f"{method}-seed{seed}", "--resume", "auto"]
-    if args.epochs is not None:
-        command += ["--epochs", str(args.epochs)]
+    for name in ("epochs", "warmup_epochs"):
+        if getattr(args, name) is not None:
+            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if teacher_checkpoint:
         command += ["--teacher-checkpoint", teacher_checkpoint]
     return command

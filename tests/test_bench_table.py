@@ -75,6 +75,7 @@ def test_a_csv_of_other_columns_is_refused(table, tmp_path):
     (["--methods", "kd", "kd"], "--methods must differ from each other"),
     (["--output", __file__], f"--output {__file__} is a file, not a folder"),
     (["--epochs", "0"], "--epochs must be 1 or more, got 0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more, got -1"),
     (["--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
 ])
 def test_refusals_name_the_flag(table, tmp_path, argv, message, capsys):
@@ -122,8 +123,8 @@ def test_runs_share_baselines_and_teachers_and_a_rerun_skips_finished_rows(table
 
     monkeypatch.setattr(table.subprocess, "run", fake_run)
     monkeypatch.setattr(table, "held_out_top1", fake_top1)
-    argv = ["--methods", "kd", "hcd-vit", "ldrld", "--seeds", "11", "12", "--output",
-            str(output), "--epochs", "1"]
+    argv = ["--warmup-epochs", "0", "--methods", "kd", "hcd-vit", "ldrld", "--seeds", "11", "12",
+            "--output", str(output), "--epochs", "1"]
     table.main(argv)
 
     def summary(command):
@@ -143,6 +144,7 @@ def test_runs_share_baselines_and_teachers_and_a_rerun_skips_finished_rows(table
         "--distiller", "hcd", "--teacher", "vit_tiny_patch16_224", "--teacher-kwargs",
         "patch_size=4", "img_size=32"]
     assert all(command[command.index("--epochs") + 1] == "1" for command in commands)
+    assert all(command[command.index("--warmup-epochs") + 1] == "0" for command in commands)
     runs = json.loads((output / "runs.json").read_text())
     # Every method of a seed is compared with that seed's one baseline.
     assert {run["baseline"] for run in runs.values() if run["seed"] == 11} == {
