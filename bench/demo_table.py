@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,19 @@ def held_out_split(dataset):
     """The split scored: test where the dataset has one, else val (the digits have no test; the
     students are scored at their last epoch, never selected on it)."""
     return "test" if "test" in FIXED_SPLITS[dataset] else "val"
+
+
+# What a table writes in its folder: its files (and their atomic writes' temporary files), the
+# runs' logs, the runs and the cached teachers.
+TABLE_ENTRY = re.compile(r"(table\.(csv|md|png)|runs\.json)(\.\d+\.tmp)?|logs|"
+                         r"[a-z0-9_-]+-seed\d+(-ce-baseline)?|[a-z0-9_]+-teacher-.+")
+
+
+def not_the_tables(output):
+    """The entries of an existing folder ``output`` that no table writes, sorted."""
+    if not os.path.isdir(output):
+        return []
+    return sorted(name for name in os.listdir(output) if not TABLE_ENTRY.fullmatch(name))
 
 
 def parse_args(argv=None):
@@ -96,6 +110,11 @@ def parse_args(argv=None):
     problem = unwritable_folder(args.output)
     if problem:
         parser.error(f"--output {args.output} {problem}")
+    foreign = not_the_tables(args.output)
+    if foreign:
+        parser.error(f"--output {args.output} holds what a table does not write "
+                     f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): give a "
+                     "new or empty folder, or an earlier table's folder to finish that table")
     for name in ("epochs", "nproc_per_node"):
         value = getattr(args, name)
         if value is not None and value < 1:

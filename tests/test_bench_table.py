@@ -85,6 +85,21 @@ def test_refusals_name_the_flag(table, tmp_path, argv, message, capsys):
     assert message in error, error
 
 
+def test_an_output_folder_holding_other_files_is_refused(table, tmp_path, capsys):
+    """A table's own folder (its files, logs, runs and cached teachers) is taken, to finish it;
+    a folder that holds anything else is refused before any run."""
+    output = tmp_path / "out"
+    for name in ("table.csv", "runs.json", "logs", "kd-seed1", "kd-seed1-ce-baseline",
+                 "hcd-vit-seed2", "glyphs-teacher-wrn_16_2-100cls-32px-12ep-scale0.5-1-flip0"):
+        (output / name).mkdir(parents=True)
+    assert table.parse_args(["--output", str(output)]).output == str(output)
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        table.parse_args(["--output", str(output)])
+    assert (f"--output {output} holds what a table does not write (notes.txt): give a new or "
+            "empty folder") in capsys.readouterr().err
+
+
 def test_choices_and_defaults_come_from_the_registry_and_the_trainer(table, tmp_path):
     from fastkd.engine.config import build_parser
     from fastkd.methods import methods
