@@ -116,8 +116,12 @@ for task in os.listdir("/proc/self/task"):
             names.append(handle.read().strip())
     except FileNotFoundError:  # a thread that ended after the listing (a queue's feeder)
         pass
-print("threads left:", sorted(name for name in names if "gloo" in name), flush=True)
-print("processes left:", len(multiprocessing.active_children()), flush=True)
+# One write per line (print writes its pieces apart, unbuffered under PYTHONUNBUFFERED): the
+# ranks of a job share the pipe, and their pieces interleave.
+gloo = sorted(name for name in names if "gloo" in name)
+sys.stdout.write(f"threads left: {gloo}\\n")
+sys.stdout.write(f"processes left: {len(multiprocessing.active_children())}\\n")
+sys.stdout.flush()
 sys.exit(status)
 """
 
