@@ -74,10 +74,14 @@ def test_interrupted_demo_teacher_is_resumed_not_reused(demo_dir, tmp_path):
     assert "using the cached demo teacher" not in result.stdout
     assert (f"resumed {teacher}/last.pth at epoch {stopped['epoch']}" +
             f", step {stopped['step']}/15") in result.stdout
-    with open(teacher / "complete.json") as handle:
-        assert json.load(handle) == {"dataset": "demo", "model": "resnet20", "epochs": 8,
-                                     "img_size": 32, "num_classes": 10, "scale": [0.5, 1.0],
-                                     "ratio": [0.75, 4 / 3], "hflip": 0.0}
+    # The record of what the teacher was trained with: every option but the seed (one teacher
+    # serves every seed) and how the job ran.
+    record = json.loads((teacher / "complete.json").read_text())
+    expected = {"dataset": "demo", "model": "resnet20", "distiller": "ce", "epochs": 8,
+                "img_size": 32, "num_classes": 10, "scale": [0.5, 1.0], "ratio": [0.75, 4 / 3],
+                "hflip": 0.0, "batch_size": 16, "lr": 0.02, "warmup_epochs": 1}
+    assert {key: record.get(key) for key in expected} == expected
+    assert not {"seed", "output", "experiment", "resume", "workers"} & set(record)
     assert summary_epochs(teacher) == [str(epoch) for epoch in range(8)]
     # The demo's CE baseline: the student's model, seed and epochs, no teacher; the closing
     # table gives the distilled student's gain over it.
@@ -100,6 +104,16 @@ def test_interrupted_demo_teacher_is_resumed_not_reused(demo_dir, tmp_path):
     gain = (summary_top1(tmp_path / "student") - summary_top1(baseline))
     assert "baseline  resnet20 (ce)" in again.stdout
     assert f"kd - ce top-1: {gain:+.2f} last" in again.stdout
+
+    # A teacher finished with another recipe (as if the dataset's defaults had changed since)
+    # is neither reused nor trained over: refused before any work, naming what differs.
+    (teacher / "complete.json").write_text(json.dumps({**record, "lr": 0.5}))
+    before = sorted(os.listdir(tmp_path))
+    refused = run_main(args + ["--experiment", "other"])
+    assert refused.returncode == 1
+    assert (f"error: {teacher} holds the demo teacher trained with other settings (--lr 0.5 -> "
+            "0.02): remove that folder") in refused.stderr
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_a_reused_run_name_never_touches_the_earlier_run(demo_dir, tmp_path):

@@ -11,6 +11,7 @@ import json
 import os
 
 from ..files import atomic_write
+from .checkpoint import RUN_OPTIONS, RUN_RECORDS
 from .config import DATASET_DEFAULTS, DEMO_TEACHERS, default_args
 from .run_folder import BEST
 
@@ -41,22 +42,41 @@ def teacher_args(args):
 
 
 def _record(settings):
-    return {"dataset": settings.dataset, "model": settings.model, "epochs": settings.epochs,
-            "img_size": settings.img_size, "num_classes": settings.num_classes,
-            "scale": list(settings.scale), "ratio": list(settings.ratio),
-            "hflip": settings.hflip}
+    """What ``complete.json`` records of a finished teacher: every option it was trained with,
+    but the seed (one teacher serves every seed of a table) and those that say how a job runs
+    (``RUN_OPTIONS``), as JSON values."""
+    options = {key: value for key, value in sorted(vars(settings).items())
+               if key not in RUN_OPTIONS and key not in RUN_RECORDS and key != "seed"}
+    return json.loads(json.dumps(options))
+
+
+def _recorded(folder):
+    try:
+        with open(os.path.join(folder, COMPLETE)) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def changed_settings(settings):
+    """How the teacher finished in this folder was trained otherwise than ``settings`` would
+    train it ("--lr 0.05 -> 0.1", ...), or [] (none finished, or the same). A record written
+    before an option was recorded is not compared on that option."""
+    recorded = _recorded(os.path.join(settings.output, settings.experiment))
+    if recorded is None:
+        return []
+    now = _record(settings)
+    return [f"--{key.replace('_', '-')} {recorded[key]!r} -> {now[key]!r}"
+            for key in sorted(recorded) if key in now and recorded[key] != now[key]]
 
 
 def finished(settings):
     """The teacher's ``best.pth`` if a finished run with these settings left it, else None."""
     folder = os.path.join(settings.output, settings.experiment)
-    try:
-        with open(os.path.join(folder, COMPLETE)) as handle:
-            record = json.load(handle)
-    except (OSError, ValueError):
-        return None
     best = os.path.join(folder, BEST)
-    return best if record == _record(settings) and os.path.isfile(best) else None
+    if _recorded(folder) is None or changed_settings(settings) or not os.path.isfile(best):
+        return None
+    return best
 
 
 def mark_finished(settings, folder):

@@ -86,6 +86,12 @@ def train_demo_teacher(args, world, loaders, data_config):
     """The demo's teacher checkpoint: trained once with CE and reused while its completion
     record matches; an interrupted teacher resumes from its ``last.pth``."""
     teacher_args = demo_teacher.teacher_args(args)
+    changed = world.broadcast(demo_teacher.changed_settings(teacher_args) if world.main else None)
+    if changed:  # never silently reused, nor overwritten
+        folder = os.path.join(teacher_args.output, teacher_args.experiment)
+        raise SystemExit(f"error: {folder} holds the {args.dataset} teacher trained with other "
+                         f"settings ({'; '.join(changed)}): remove that folder to train it "
+                         "again, or give another --output")
     finished = world.broadcast(demo_teacher.finished(teacher_args) if world.main else None)
     if finished:
         world.log(f"using the cached {args.dataset} teacher {finished}")
