@@ -144,6 +144,15 @@ def test_an_unreadable_checkpoint_is_named(demo_dir, tmp_path):
         assert ("(not a file that torch.save or safetensors wrote, or a damaged one)"
                 in result.stderr)
         assert "Traceback" not in result.stderr
+    # Files torch.save wrote, but not the trainer: a bare state dict, a list.
+    for name, content in (("weights.pth", {"a": torch.zeros(2)}), ("list.pth", [1, 2])):
+        torch.save(content, tmp_path / name)
+        result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
+                           "--output", str(tmp_path / "out"), *FAST, "--resume",
+                           str(tmp_path / name)])
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert (f"error: --resume {tmp_path / name} is not a fastkd checkpoint to resume (no "
+                "'args' entry)") in result.stderr
     assert not (tmp_path / "out").exists()
 
 

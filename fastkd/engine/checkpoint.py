@@ -53,6 +53,25 @@ def load(path, flag=None):
         raise SystemExit(_cannot_read(path, _reason(path, error), flag)) from None
 
 
+# What resuming reads of a checkpoint before its parts are loaded one by one.
+RESUME_ENTRIES = ("args", "epoch", "state_dict", "optimizer", "scaler", "best_top1", "updates",
+                  "summary", "bad_images")
+
+
+def missing_entry(state, entries=RESUME_ENTRIES):
+    """The first of ``entries`` that the loaded checkpoint ``state`` lacks (a file of another
+    program: a bare state dict, a list), or None. ``args`` must be a mapping, and a resumable
+    checkpoint holds its random state as ``ranks`` or ``rng``."""
+    if not isinstance(state, dict):
+        return entries[0]
+    for entry in entries:
+        if entry not in state or (entry == "args" and not isinstance(state[entry], dict)):
+            return entry
+    if entries is RESUME_ENTRIES and not (state.get("ranks") or state.get("rng")):
+        return "rng"
+    return None
+
+
 def _cannot_read(path, reason, flag=None):
     given = f" given to {flag}" if flag else ""
     return f"error: cannot read the checkpoint {path}{given} ({reason})"

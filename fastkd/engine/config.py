@@ -375,10 +375,11 @@ def check_eval_only_flags(parser, args, changed):
 
 
 def take_checkpoint_settings(parser, args):
-    from .checkpoint import load  # only --eval-only reads a checkpoint while parsing
+    # Only --eval-only reads a checkpoint while parsing.
+    from .checkpoint import load, missing_entry
 
     saved = load(args.eval_only, "--eval-only")
-    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+    if missing_entry(saved, ("args",)):
         parser.error(f"--eval-only {args.eval_only} is not a fastkd checkpoint (no 'args' "
                      "entry): evaluate timm checkpoints with timm's validate.py")
     for name in CHECKPOINT_SETTINGS:

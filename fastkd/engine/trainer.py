@@ -49,6 +49,10 @@ def resume_point(args, world):
     if not path:
         return None, None
     state = checkpoint.load(path, "--resume")
+    missing = checkpoint.missing_entry(state)
+    if missing:
+        raise SystemExit(f"error: --resume {path} is not a fastkd checkpoint to resume (no "
+                         f"{missing!r} entry): give a last.pth that fastkd's trainer wrote")
     saved_processes = len(state.get("ranks") or state["rng"])
     checkpoint.check_resumable(state["args"], args, saved_processes, world.world_size)
     if args.resume != "auto":  # auto restarts a job where it was
