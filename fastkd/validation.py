@@ -148,7 +148,10 @@ def _number(name, value, expected, integral=False):
     scalars included, bool not. The fused ops take Python numbers only."""
     kind = numbers.Integral if integral else numbers.Real
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        # Say what was given when its value looks right (a tensor(4.), a "4").
+        given = "" if isinstance(value, numbers.Number) or value is None else (
+            f" (a {type(value).__name__}: give a Python or numpy number)")
+        raise ValueError(f"{name} must be {expected}, got {value!r}{given}")
     return int(value) if integral else float(value)
 
 

@@ -80,6 +80,17 @@ def test_bad_temperature(inputs, loss, temperature):
         LOSSES[loss](*inputs, temperature=temperature)
 
 
+def test_a_number_of_the_wrong_type_is_named():
+    """A value that looks right but is not a number (a tensor, a string) is named by its type."""
+    student, teacher, target = random_logits(2, 10, seed=33)
+    with pytest.raises(ValueError, match=r"temperature must be a positive number, got tensor\(4\.\) "
+                                         r"\(a Tensor: give a Python or numpy number\)"):
+        ldrld_loss(student, teacher, target, temperature=torch.tensor(4.0))
+    with pytest.raises(ValueError, match=r"top_d must be .*, got '5' \(a str: give a Python or "
+                                         r"numpy number\)"):
+        ldrld_loss(student, teacher, target, top_d="5")
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_bad_reduction_and_backend(inputs, loss):
     with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"):
