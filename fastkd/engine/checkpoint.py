@@ -58,18 +58,24 @@ RESUME_ENTRIES = ("args", "epoch", "state_dict", "optimizer", "scaler", "best_to
                   "summary", "bad_images")
 
 
-def missing_entry(state, entries=RESUME_ENTRIES):
+def missing_entry(state, entries):
     """The first of ``entries`` that the loaded checkpoint ``state`` lacks (a file of another
-    program: a bare state dict, a list), or None. ``args`` must be a mapping, and a resumable
-    checkpoint holds its random state as ``ranks`` or ``rng``."""
+    program: a bare state dict, a list), or None; ``args`` must be a mapping."""
     if not isinstance(state, dict):
         return entries[0]
     for entry in entries:
         if entry not in state or (entry == "args" and not isinstance(state[entry], dict)):
             return entry
-    if entries is RESUME_ENTRIES and not (state.get("ranks") or state.get("rng")):
-        return "rng"
     return None
+
+
+def missing_resume_entry(state):
+    """``missing_entry`` of what resuming reads, the random state (``ranks`` or, from a
+    single-process run, ``rng``) included."""
+    missing = missing_entry(state, RESUME_ENTRIES)
+    if missing is None and not (state.get("ranks") or state.get("rng")):
+        return "rng"
+    return missing
 
 
 def _cannot_read(path, reason, flag=None):
@@ -191,15 +197,7 @@ def check_resumable(saved_args, args, saved_processes, processes):
     ``--epochs`` may grow (the schedule is recomputed); the batch size is compared as the global
     batch (``saved_processes`` and ``processes`` ranks), so that a run may resume on another
     number of processes with the same global batches."""
-    changed = []
-    for name, value in vars(args).items():
-        if (name in RUN_OPTIONS | RUN_RECORDS or name in ("epochs", "batch_size")
-                or name not in saved_args):
-            continue
-        if name == "teacher_checkpoint" and value is None:  # the demo's, found later
-            continue
-        if _normalise(saved_args[name]) != _normalise(value):
-            changed.append(f"{_flag(name)} {saved_args[name]!r} -> {value!r}")
+    changed = changed_options(saved_args, args, skip=("epochs", "batch_size"))
     if args.epochs < saved_args["epochs"]:
         changed.append(f"--epochs {saved_args['epochs']} -> {args.epochs} (it may only grow)")
     saved_batch, batch = saved_args["batch_size"], args.batch_size
@@ -210,6 +208,21 @@ def check_resumable(saved_args, args, saved_processes, processes):
     if changed:
         raise SystemExit("error: --resume refuses a run with different settings: "
                          + "; ".join(changed))
+
+
+def changed_options(saved_args, args, skip=()):
+    """Each option of ``args`` that ``saved_args`` (a checkpoint's or a record's options) holds
+    with another value, as "--flag saved -> now": all but ``RUN_OPTIONS``, ``RUN_RECORDS`` and
+    ``skip``, and those ``saved_args`` does not hold (options newer than it)."""
+    changed = []
+    for name, value in vars(args).items():
+        if name in RUN_OPTIONS | RUN_RECORDS or name in skip or name not in saved_args:
+            continue
+        if name == "teacher_checkpoint" and value is None:  # the demo's, found later
+            continue
+        if _normalise(saved_args[name]) != _normalise(value):
+            changed.append(f"{_flag(name)} {saved_args[name]!r} -> {value!r}")
+    return changed
 
 
 def _flag(name):

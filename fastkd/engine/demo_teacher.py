@@ -11,7 +11,7 @@ import json
 import os
 
 from ..files import atomic_write
-from .checkpoint import RUN_OPTIONS, RUN_RECORDS
+from .checkpoint import RUN_OPTIONS, RUN_RECORDS, changed_options
 from .config import DATASET_DEFAULTS, DEMO_TEACHERS, default_args
 from .run_folder import BEST
 
@@ -44,39 +44,25 @@ def teacher_args(args):
 def _record(settings):
     """What ``complete.json`` records of a finished teacher: every option it was trained with,
     but the seed (one teacher serves every seed of a table) and those that say how a job runs
-    (``RUN_OPTIONS``), as JSON values."""
-    options = {key: value for key, value in sorted(vars(settings).items())
-               if key not in RUN_OPTIONS and key not in RUN_RECORDS and key != "seed"}
-    return json.loads(json.dumps(options))
-
-
-def _recorded(folder):
-    try:
-        with open(os.path.join(folder, COMPLETE)) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
-def changed_settings(settings):
-    """How the teacher finished in this folder was trained otherwise than ``settings`` would
-    train it ("--lr 0.05 -> 0.1", ...), or [] (none finished, or the same). A record written
-    before an option was recorded is not compared on that option."""
-    recorded = _recorded(os.path.join(settings.output, settings.experiment))
-    if recorded is None:
-        return []
-    now = _record(settings)
-    return [f"--{key.replace('_', '-')} {recorded[key]!r} -> {now[key]!r}"
-            for key in sorted(recorded) if key in now and recorded[key] != now[key]]
+    (``RUN_OPTIONS``)."""
+    return {key: value for key, value in sorted(vars(settings).items())
+            if key not in RUN_OPTIONS and key not in RUN_RECORDS and key != "seed"}
 
 
 def finished(settings):
-    """The teacher's ``best.pth`` if a finished run with these settings left it, else None."""
+    """``(best.pth, [])`` of a teacher finished in its folder with these settings; ``(None,
+    changes)`` of one finished with others ("--lr 0.5 -> 0.02", ...: the options its record holds
+    with other values; a record older than an option is not compared on it); ``(None, [])``
+    when none has finished there."""
     folder = os.path.join(settings.output, settings.experiment)
+    try:
+        with open(os.path.join(folder, COMPLETE)) as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError):
+        return None, []
+    changed = changed_options(recorded, settings, skip=("seed",))
     best = os.path.join(folder, BEST)
-    if _recorded(folder) is None or changed_settings(settings) or not os.path.isfile(best):
-        return None
-    return best
+    return (None if changed or not os.path.isfile(best) else best), changed
 
 
 def mark_finished(settings, folder):

@@ -49,7 +49,7 @@ def resume_point(args, world):
     if not path:
         return None, None
     state = checkpoint.load(path, "--resume")
-    missing = checkpoint.missing_entry(state)
+    missing = checkpoint.missing_resume_entry(state)
     if missing:
         raise SystemExit(f"error: --resume {path} is not a fastkd checkpoint to resume (no "
                          f"{missing!r} entry): give a last.pth that fastkd's trainer wrote")
@@ -90,13 +90,13 @@ def train_demo_teacher(args, world, loaders, data_config):
     """The demo's teacher checkpoint: trained once with CE and reused while its completion
     record matches; an interrupted teacher resumes from its ``last.pth``."""
     teacher_args = demo_teacher.teacher_args(args)
-    changed = world.broadcast(demo_teacher.changed_settings(teacher_args) if world.main else None)
+    finished, changed = world.broadcast(
+        demo_teacher.finished(teacher_args) if world.main else None)
     if changed:  # never silently reused, nor overwritten
         folder = os.path.join(teacher_args.output, teacher_args.experiment)
         raise SystemExit(f"error: {folder} holds the {args.dataset} teacher trained with other "
                          f"settings ({'; '.join(changed)}): remove that folder to train it "
                          "again, or give another --output")
-    finished = world.broadcast(demo_teacher.finished(teacher_args) if world.main else None)
     if finished:
         world.log(f"using the cached {args.dataset} teacher {finished}")
         return finished

@@ -66,5 +66,4 @@ def method_options_classes() -> dict[str, type[MethodOptions]]:
 def fused_ops() -> dict[str, FusedOp]:
     """``{op name: FusedOp}`` of the built-in methods' fused ops (``torch.ops.fastkd.*``; a
     plug-in has none)."""
-    return {method.op.name: method.op for name, method in _METHODS.items()
-            if name in _BUILT_IN and method.op is not None}
+    return {method.op.name: method.op for method in _METHODS.values() if method.op is not None}
