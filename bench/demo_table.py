@@ -131,13 +131,15 @@ def parse_args(argv=None):
     return args
 
 
+def given_flags(args, names):
+    """``--name value`` of each of ``names`` that the table's command line set."""
+    return [text for name in names if getattr(args, name) is not None
+            for text in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+
+
 def passed_flags(args):
     """The options every run gets from the table's command line (training and scoring)."""
-    flags = ["--dataset", args.dataset]
-    for name in ("data_dir", "workers"):
-        if getattr(args, name) is not None:
-            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return flags
+    return ["--dataset", args.dataset, *given_flags(args, ("data_dir", "workers"))]
 
 
 def training_command(args, method, seed, teacher_checkpoint=None):
@@ -148,10 +150,8 @@ def training_command(args, method, seed, teacher_checkpoint=None):
                "--nproc-per-node", str(args.nproc_per_node),
                os.path.join(REPO, "train", "main.py"), "--distiller", distiller, *teacher_flags,
                "--amp", "--seed", str(seed), *passed_flags(args), "--output", args.output,
-               "--experiment", f"{method}-seed{seed}", "--resume", "auto"]
-    for name in ("epochs", "warmup_epochs"):
-        if getattr(args, name) is not None:
-            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+               "--experiment", f"{method}-seed{seed}", "--resume", "auto",
+               *given_flags(args, ("epochs", "warmup_epochs"))]
     if teacher_checkpoint:
         command += ["--teacher-checkpoint", teacher_checkpoint]
     return command
