@@ -225,7 +225,8 @@ def test_bad_distiller_input():
         build_distiller("ldrld", student, teacher, topd=5)
     with pytest.raises(ValueError, match=r"distiller must be one of \('ce', 'kd', 'dkd', 'ldrld', 'hcd'\), got 'fitnet'"):
         build_distiller("fitnet", student, teacher)
-    with pytest.raises(ValueError, match="distiller 'ldrld' needs a teacher model"):
-        build_distiller("ldrld", student)
+    with pytest.raises(ValueError, match="LDRLD was built without a teacher: give each call its "
+                                         "teacher_outputs"):
+        build_distiller("ldrld", student).train()(*batch())
     with pytest.raises(ValueError, match="target must be given"):
         build_distiller("kd", student, teacher).train()(batch()[0], None)

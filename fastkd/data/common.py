@@ -3,7 +3,7 @@ normalisation constants and their check, eval resize rule, the batch hand-off to
 device and where fastkd keeps its per-user files."""
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -26,11 +26,15 @@ class Loader(Protocol):
     dataset_size: int  # samples of the split, across ranks
     bad_images: dict  # {path: reason} of this split's files known bad in this process
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Read ``epoch`` (its permutation and draws) from its global batch ``start_step``."""
+    def set_epoch(self, epoch: int, start_step: int = 0,
+                  slots: Sequence[int] | None = None) -> None:
+        """Read ``epoch`` (its permutation and draws) from its global batch ``start_step``; or,
+        given ``slots``, those sample indices in that order, with ``epoch``'s augmentations, in
+        batches of the batch size (the last one short)."""
 
     def __len__(self) -> int:
-        """Batches this rank reads in a whole epoch (training: whatever ``start_step``)."""
+        """Batches this rank reads in a whole epoch (training: whatever ``start_step``), or of
+        the ``slots`` given."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from its start step; each pass starts there again."""

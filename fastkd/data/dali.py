@@ -41,6 +41,7 @@ from .bad_images import record_bad
 from .common import eval_resize, to_device
 from .crop_flip import CropFlip
 from .order import (
+    augment_view,
     erase_seed,
     eval_indices,
     sample_seed,
@@ -212,7 +213,7 @@ class DaliLoader:
     def __init__(self, samples, num_classes, *, training, batch_size, image_size, mean, std,
                  crop_ratio, rank=0, world_size=1, device="cpu", workers=4,
                  channels_last=False, seed=0, known_bad=None, auto_augment=None,
-                 random_erasing=None, crop_flip=CropFlip()):
+                 random_erasing=None, crop_flip=CropFlip(), augment_views=None):
         self.samples, self.num_classes, self.dataset_size = samples, num_classes, len(samples)
         self.training, self.batch_size, self.crop_flip = training, batch_size, crop_flip
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -224,8 +225,9 @@ class DaliLoader:
             gpu=self.device.type == "cuda", policy=self.policy, batch_size=batch_size,
             num_threads=max(workers, 1),
             device_id=(self.device.index or 0) if self.device.type == "cuda" else None)
-        self.random_erasing = random_erasing
-        self.epoch = self.start_step = 0
+        self.random_erasing, self.augment_views = random_erasing, augment_views
+        self.epoch = self.view = self.start_step = 0
+        self.chosen = None  # the slots set_epoch was given
         self.slots, self.iterator, self.reading = [], None, False
         # Each sample's (width, height), read from its file's header when first drawn for; 0: not
         # yet. An array rather than a dict: a few bytes a sample on ImageNet's 1.28 M.
@@ -236,14 +238,19 @@ class DaliLoader:
     def exclude(self, bad):
         record_bad(self.bad_images, bad, log=False)
 
-    def set_epoch(self, epoch, start_step=0):
-        if (epoch, start_step) != (self.epoch, self.start_step):
-            self.epoch, self.start_step, self.iterator = epoch, start_step, None
+    def set_epoch(self, epoch, start_step=0, slots=None):
+        """As ``TorchLoader.set_epoch``: ``slots``, if given, the sample indices to read."""
+        if (epoch, start_step, slots) != (self.epoch, self.start_step, self.chosen):
+            self.epoch, self.start_step, self.chosen, self.iterator = (epoch, start_step, slots,
+                                                                       None)
+            self.view = augment_view(epoch, self.augment_views)
 
     def _build(self):
         """The epoch's pipeline (rebuilt per epoch and start: the order changes), built where its
         threads cannot take the stop signals."""
-        if self.training:
+        if self.chosen is not None:
+            self.slots = list(self.chosen)
+        elif self.training:
             self.slots = train_indices(self.dataset_size, seed=self.seed, epoch=self.epoch,
                                        batch_size=self.batch_size, rank=self.rank,
                                        world_size=self.world_size, start_step=self.start_step)
@@ -251,7 +258,7 @@ class DaliLoader:
             self.slots = eval_indices(self.dataset_size, self.rank, self.world_size)
         files = [self.samples[index][0] for index in self.slots]
         labels = [self.samples[index][1] for index in self.slots]
-        draws = SampleDraws(files, self.slots, self.sizes, seed=self.seed, epoch=self.epoch,
+        draws = SampleDraws(files, self.slots, self.sizes, seed=self.seed, epoch=self.view,
                             batch_size=self.batch_size, crop_flip=self.crop_flip,
                             policy=self.policy)
         with blocked_for_children():  # the iterator runs the pipeline's first batches too
@@ -263,6 +270,8 @@ class DaliLoader:
                                        auto_reset=True)
 
     def __len__(self):
+        if self.chosen is not None:
+            return math.ceil(len(self.chosen) / self.batch_size)
         if self.training:
             return steps_per_epoch(self.dataset_size, self.batch_size, self.world_size)
         return math.ceil(len(eval_indices(self.dataset_size, self.rank, self.world_size))
@@ -287,7 +296,7 @@ class DaliLoader:
             if self.random_erasing:
                 slots = self.slots[position:position + len(labels)]
                 images = erase_samples(images, self.random_erasing,
-                                       [erase_seed(self.seed, self.epoch, slot) for slot in slots])
+                                       [erase_seed(self.seed, self.view, slot) for slot in slots])
             position += len(labels)
             yield images, labels
         self.reading = False

@@ -70,7 +70,8 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                    channels_last=False, seed=0, crop_ratio=DEFAULT_CROP_RATIO,
                    bad_images="skip", mean=None, std=None, auto_augment=None, re_prob=0.0,
                    re_mode="pixel", re_count=1, crop_flip=CropFlip(), num_classes=None,
-                   synthetic_samples=None, val_split="val") -> tuple[Loader, Loader]:
+                   synthetic_samples=None, val_split="val",
+                   augment_views=None) -> tuple[Loader, Loader]:
     """``(train_loader, val_loader)`` for ``dataset``, each a ``common.Loader``.
 
     - ``dataset``: ``"imagenet"`` / ``"folder"``: ``data_dir/train/<class>/*`` and
@@ -111,6 +112,8 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
     - ``re_prob``, ``re_mode``, ``re_count``: timm's random erasing (``--reprob``,
       ``--remode`` const|rand|pixel, ``--recount``) of the normalised images: per sample in the
       torchvision workers, per batch on ``device`` for DALI.
+    - ``augment_views``: K to make epoch e draw the augmentations of epoch e mod K
+      (``order.augment_view``; the order still changes every epoch).
     A string timm does not accept, a policy DALI lacks and bad random-erasing settings raise
     ValueError before any file is read.
 
@@ -163,7 +166,7 @@ def create_loaders(dataset, data_dir=None, *, batch_size, image_size=None, loade
                              random_erasing=random_erasing(re_prob, re_mode, re_count, "cpu"))
     train_augment["crop_flip"] = crop_flip
     common = dict(rank=rank, world_size=world_size, device=device, workers=workers,
-                  channels_last=channels_last, seed=seed)
+                  channels_last=channels_last, seed=seed, augment_views=augment_views)
     splits = (("train", True, train_augment, batch_size),
               ("val", False, {}, eval_batch_size or batch_size))
 

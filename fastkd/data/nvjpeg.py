@@ -239,11 +239,12 @@ class NvJpegLoader(TorchLoader):
     def __init__(self, samples, num_classes, *, training, batch_size, image_size, mean, std,
                  crop_ratio, rank=0, world_size=1, device="cpu", workers=4,
                  channels_last=False, seed=0, known_bad=None, bad_images="skip",
-                 random_erasing=None, crop_flip=CropFlip()):
+                 random_erasing=None, crop_flip=CropFlip(), augment_views=None):
         dataset = EncodedFileDataset(samples, bad_images)
         super().__init__(dataset, num_classes, training=training, batch_size=batch_size,
                          rank=rank, world_size=world_size, device=device, workers=workers,
-                         channels_last=channels_last, seed=seed, known_bad=known_bad)
+                         channels_last=channels_last, seed=seed, known_bad=known_bad,
+                         augment_views=augment_views)
         # TorchLoader's DataLoader over encoded items: collated by collate_encoded (bytes packed,
         # images not stacked) and not pinned (decode_jpeg copies the bytes itself).
         self.loader = self.data_loader(SeededItems(dataset, seed), collate_encoded, workers,
@@ -292,11 +293,11 @@ class NvJpegLoader(TorchLoader):
         for position, error in failures.items():
             decoded[position], labels[position] = self._replacement(read[position], error,
                                                                     found)
-        epoch = self.sampler.epoch
+        view = self.sampler.view  # the epoch whose augmentations this one draws
         if self.training:
             crops, mirror = [], []
             for image, slot in zip(decoded, slots):
-                generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, slot))
+                generator = torch.Generator().manual_seed(sample_seed(self.seed, view, slot))
                 box = crop_params(*image.shape[1:], generator, self.crop_flip)
                 crops.append(resized_crop(image, *box, self.image_size))
                 mirror.append(flip_drawn(generator, self.crop_flip))
@@ -310,7 +311,7 @@ class NvJpegLoader(TorchLoader):
                                    self.channels_last)
         if self.random_erasing:
             images = erase_samples(images, self.random_erasing,
-                                   [erase_seed(self.seed, epoch, slot) for slot in slots])
+                                   [erase_seed(self.seed, view, slot) for slot in slots])
         return images, labels, found
 
     def __iter__(self):

@@ -51,6 +51,14 @@ def batch_seed(seed, epoch, step, rank):
     return derive_seed(seed, _BATCH, epoch, step, rank)
 
 
+def augment_view(epoch, augment_views=None):
+    """The view of the augmentations ``epoch`` draws (the ``epoch`` of ``sample_seed`` and
+    ``erase_seed``): the epoch itself, or with ``augment_views`` K (``--augment-views``) epoch
+    mod K, so that a run of any length sees K views of each sample, in a new order every epoch
+    (as FKD reuses its stored crops), and a teacher cache of K views serves it."""
+    return epoch % augment_views if augment_views else epoch
+
+
 def steps_per_epoch(size, batch_size, world_size):
     """Training steps in an epoch of ``size`` samples: full global batches only."""
     return size // (batch_size * world_size)

@@ -33,7 +33,9 @@ class SyntheticLoader:
     def exclude(self, bad):
         pass
 
-    def set_epoch(self, epoch, start_step=0):
+    def set_epoch(self, epoch, start_step=0, slots=None):
+        if slots is not None:
+            raise ValueError("synthetic data has no samples to choose: it repeats one batch")
         self.start_step = start_step
 
     def start(self):

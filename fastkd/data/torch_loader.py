@@ -26,7 +26,14 @@ from .bad_images import (
 )
 from .common import eval_resize, to_device
 from .crop_flip import CropFlip
-from .order import eval_indices, sample_seed, seeded_globals, steps_per_epoch, train_indices
+from .order import (
+    augment_view,
+    eval_indices,
+    sample_seed,
+    seeded_globals,
+    steps_per_epoch,
+    train_indices,
+)
 
 
 def image_transform(training, image_size, mean, std, crop_ratio, auto_augment=None,
@@ -98,24 +105,31 @@ def collate_samples(batch):
 
 
 class EpochSampler(Sampler):
-    """This rank's samples of one epoch as keys ``(epoch, slot, start)``: ``slot`` the sample
+    """This rank's samples of one epoch as keys ``(view, slot, start)``: ``slot`` the sample
     index the epoch's plan puts there (``order.train_indices`` from ``start_step`` for training,
-    ``order.eval_indices`` for evaluation), which seeds its augmentations; ``start`` the index to
-    read, ``slot`` or, if that file is in ``bad``, the next index in file order that is not (as
-    FileDataset would replace it)."""
+    ``order.eval_indices`` for evaluation, or the ``slots`` given to ``set_epoch``), which with
+    ``view`` (``order.augment_view`` of the epoch) seeds its augmentations; ``start`` the index
+    to read, ``slot`` or, if that file is in ``bad``, the next index in file order that is not
+    (as FileDataset would replace it)."""
 
-    def __init__(self, size, *, rank, world_size, batch_size, training, seed):
+    def __init__(self, size, *, rank, world_size, batch_size, training, seed,
+                 augment_views=None):
         self.size, self.rank, self.world_size = size, rank, world_size
         self.batch_size, self.training, self.seed = batch_size, training, seed
-        self.epoch = self.start_step = 0
+        self.augment_views = augment_views
+        self.epoch = self.view = self.start_step = 0
+        self.chosen = None  # the slots set_epoch was given
         self.bad = set()
         self.idle = False  # an empty pass (TorchLoader.start)
 
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch, start_step=0, slots=None):
+        self.epoch, self.start_step, self.chosen = epoch, start_step, slots
+        self.view = augment_view(epoch, self.augment_views)
 
     def slots(self):
         """The sample indices this rank reads in the epoch, in order."""
+        if self.chosen is not None:
+            return list(self.chosen)
         if self.training:
             return train_indices(self.size, seed=self.seed, epoch=self.epoch,
                                  batch_size=self.batch_size, rank=self.rank,
@@ -128,9 +142,11 @@ class EpochSampler(Sampler):
             if slot in self.bad:  # all bad: keep slot, for FileDataset to say so
                 start = next((other for other in wrap_from(slot, self.size)
                               if other not in self.bad), slot)
-            yield self.epoch, slot, start
+            yield self.view, slot, start
 
     def __len__(self):
+        if self.chosen is not None:
+            return len(self.chosen)
         if self.training:
             steps = steps_per_epoch(self.size, self.batch_size, self.world_size)
             return max(steps - self.start_step, 0) * self.batch_size
@@ -138,9 +154,9 @@ class EpochSampler(Sampler):
 
 
 class SeededItems(Dataset):
-    """``dataset`` read by ``EpochSampler``'s keys: item ``(epoch, slot, start)`` is
+    """``dataset`` read by ``EpochSampler``'s keys: item ``(view, slot, start)`` is
     ``dataset[start]`` made with the global generators seeded by ``order.sample_seed(seed,
-    epoch, slot)``, so that every random draw of its transforms (torchvision's crop and flip,
+    view, slot)``, so that every random draw of its transforms (torchvision's crop and flip,
     timm's auto-augment and erasing) depends on the sample and the epoch, not on the worker
     that makes it or on what that worker made before."""
 
@@ -151,8 +167,8 @@ class SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, slot, start = key
-        with seeded_globals(sample_seed(self.seed, epoch, slot)):
+        view, slot, start = key
+        with seeded_globals(sample_seed(self.seed, view, slot)):
             return self.dataset[start]
 
 
@@ -161,8 +177,10 @@ class TorchLoader:
     ``batch_size`` samples a step of this rank's share of each global batch (``order``), for
     evaluation its shard of the sorted samples.
 
-    ``set_epoch(epoch, start_step=0)``: the epoch the next iteration reads, from step
-    ``start_step`` (a resumed run's place); ``len()`` counts the whole epoch's batches.
+    ``set_epoch(epoch, start_step=0, slots=None)``: the epoch the next iteration reads, from step
+    ``start_step`` (a resumed run's place), or only the sample indices ``slots`` in that order
+    with that epoch's augmentations (the teacher cache's builder); ``len()`` counts the whole
+    epoch's batches. ``augment_views``: see ``order.augment_view``.
 
     ``bad_images`` ({path: reason}): this split's files known bad in this process, those found
     before the run (``known_bad``, already left out of ``dataset``) and those met while reading,
@@ -171,12 +189,14 @@ class TorchLoader:
     """
 
     def __init__(self, dataset, num_classes, *, training, batch_size, rank=0, world_size=1,
-                 device="cpu", workers=4, channels_last=False, seed=0, known_bad=None):
+                 device="cpu", workers=4, channels_last=False, seed=0, known_bad=None,
+                 augment_views=None):
         self.dataset, self.num_classes, self.dataset_size = dataset, num_classes, len(dataset)
         self.training, self.batch_size = training, batch_size
         self.device, self.channels_last = torch.device(device), channels_last
         self.sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size,
-                                    batch_size=batch_size, training=training, seed=seed)
+                                    batch_size=batch_size, training=training, seed=seed,
+                                    augment_views=augment_views)
         self.loader = self.data_loader(SeededItems(dataset, seed), collate_samples, workers,
                                        pin_memory=self.device.type == "cuda")
         self.bad_images = {}
@@ -202,11 +222,11 @@ class TorchLoader:
                                     enumerate(getattr(self.dataset, "samples", ()))
                                     if path in new)
 
-    def set_epoch(self, epoch, start_step=0):
-        self.sampler.set_epoch(epoch, start_step)
+    def set_epoch(self, epoch, start_step=0, slots=None):
+        self.sampler.set_epoch(epoch, start_step, slots)
 
     def __len__(self):
-        if self.training:
+        if self.training and self.sampler.chosen is None:
             return steps_per_epoch(self.dataset_size, self.batch_size, self.sampler.world_size)
         return math.ceil(len(self.sampler) / self.batch_size)
 

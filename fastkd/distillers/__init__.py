@@ -9,7 +9,7 @@ from torch import nn
 
 from ..methods import method_options_classes, methods, register_method
 from ..options import MethodOptions
-from .base import Distiller
+from .base import Distiller, TeacherOutputs
 from .ce import CE
 from .dkd import DKD
 from .hcd import HCD
@@ -22,14 +22,13 @@ def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None = N
     """The distiller registered as ``name`` around ``student`` (and ``teacher``): ``options`` is
     the method's options dataclass (``fastkd.methods.<method>``), keyword ``settings`` are its
     fields or the shared ones (``label_smoothing``, ``student_mean``, ``student_std``,
-    ``backend``)."""
+    ``backend``). Without a ``teacher`` a distilling method's every call must bring the teacher's
+    outputs (``Distiller.forward``'s ``teacher_outputs``)."""
     registered = methods()
     if name not in registered:
         raise ValueError(f"distiller must be one of {tuple(registered)}, got {name!r}")
-    if registered[name].needs_teacher and teacher is None:
-        raise ValueError(f"distiller {name!r} needs a teacher model")
     return registered[name].load()(student, teacher, options, **settings)
 
 
-__all__ = ["CE", "DKD", "Distiller", "HCD", "KD", "LDRLD", "build_distiller",
+__all__ = ["CE", "DKD", "Distiller", "HCD", "KD", "LDRLD", "TeacherOutputs", "build_distiller",
            "method_options_classes", "methods", "register_method"]

@@ -10,6 +10,8 @@ an EMA of it, ``get_eval_model`` is the student and ``get_checkpoint_state`` sav
 weights under timm's ``state_dict`` key (the method's extra modules under ``task_state``).
 """
 
+from typing import NamedTuple
+
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.task import TrainingTask
@@ -17,6 +19,14 @@ from timm.task.classification import resolve_classification_loss
 from timm.task.distillation import DistillationTeacher
 from timm.utils import unwrap_model
 from torch import nn
+
+
+class TeacherOutputs(NamedTuple):
+    """What a method reads of the teacher for a batch: its logits zt ``[B, C]`` and, for the
+    methods that fuse it (HCD), its embedding ``[B, d_t]`` (the vector its classifier takes)."""
+
+    logits: torch.Tensor
+    embedding: torch.Tensor | None = None
 
 
 def normalisation(model):
@@ -39,6 +49,9 @@ class Distiller(TrainingTask):
     - ``options``: the method's options dataclass; keyword ``overrides`` replace its fields.
     - ``label_smoothing`` applies to the CE term on hard labels (soft targets carry their own).
     - ``num_classes``, if given, is checked against the student's and the teacher's.
+
+    ``teacher`` may be None for a distilling method when every call brings the teacher's outputs
+    (``teacher_outputs=``, e.g. read from a teacher cache): nothing then runs the teacher.
     """
 
     options_class = None  # the method's options dataclass (fastkd.methods.<method>), or None
@@ -118,8 +131,24 @@ class Distiller(TrainingTask):
             self.teacher_input_shift.to(images.dtype))
 
     def teacher_logits(self, images):
+        """zt for ``images``: the outputs given to this call, else the teacher's."""
+        return self.teacher_outputs(images).logits
+
+    def teacher_outputs(self, images):
+        """``TeacherOutputs`` for ``images``: those given to this call (``forward``'s
+        ``teacher_outputs``), else the teacher's, run without gradients."""
+        if self.given_teacher_outputs is not None:
+            return self.given_teacher_outputs
+        if self.teacher is None:
+            raise ValueError(f"{type(self).__name__} was built without a teacher: give each "
+                             "call its teacher_outputs")
         with torch.no_grad():
-            return self.teacher(self.teacher_input(images))
+            return self.run_teacher(self.teacher_input(images))
+
+    def run_teacher(self, teacher_images):
+        """The teacher's outputs for input already in its normalisation: what a teacher cache
+        stores (``engine.cache_teacher``). Methods that read more than the logits override it."""
+        return TeacherOutputs(self.teacher(teacher_images))
 
     def cross_entropy(self, student_logits, target):
         """CE on class indices (label-smoothed) or on soft targets [B, C] (mixup/cutmix)."""
@@ -135,11 +164,21 @@ class Distiller(TrainingTask):
                 f"{type(self).__name__} needs class indices [B] as target (a loss term indexes "
                 "the true class), got soft targets: train it without mixup/cutmix")
 
-    def forward(self, input, target, epoch=None):
+    # The teacher_outputs given to the call in progress (see teacher_outputs): an attribute
+    # rather than an argument of compute, so that every method, plug-ins too, reads them the
+    # same way.
+    given_teacher_outputs = None
+
+    def forward(self, input, target, epoch=None, teacher_outputs=None):
         """``{"loss", "output", <detached parts>}``; ``epoch`` (fractional) is for methods with
-        a warm-up of their loss (DKD)."""
+        a warm-up of their loss (DKD). ``teacher_outputs`` (``TeacherOutputs``), if given,
+        stand in for the teacher's forward pass."""
         self.check_target(target)
-        return self.compute(input, target, epoch)
+        self.given_teacher_outputs = teacher_outputs
+        try:
+            return self.compute(input, target, epoch)
+        finally:
+            self.given_teacher_outputs = None
 
     def compute(self, images, target, epoch):
         raise NotImplementedError

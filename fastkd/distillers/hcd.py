@@ -16,7 +16,7 @@ from torch import nn
 from ..functional import hcd_logit_loss, kd_loss
 from ..methods.hcd import HCDOptions
 from ..models.taps import embedding_width, stage_taps, student_outputs, teacher_outputs
-from .base import Distiller, dummy_batch
+from .base import Distiller, TeacherOutputs, dummy_batch
 
 
 def sep_conv(in_channels, out_channels):
@@ -135,9 +135,17 @@ class HCD(Distiller):
         hcd_logit_loss(shared, logits, logits, target, **options.loss_options(),
                        backend="torch")
 
-    def __init__(self, student, teacher, options=None, *, num_classes=None, **settings):
+    def __init__(self, student, teacher, options=None, *, num_classes=None, teacher_width=None,
+                 **settings):
+        """``teacher_width``: d_t, needed (only) without a ``teacher``, whose outputs every call
+        then brings."""
         super().__init__(student, teacher, options, num_classes=num_classes, **settings)
-        self.trainable_module = HCDStudent(student, embedding_width(teacher),
+        if teacher is not None:
+            teacher_width = embedding_width(teacher)
+        elif not teacher_width:
+            raise ValueError("HCD without a teacher model needs teacher_width (its embedding's "
+                             "width d_t)")
+        self.trainable_module = HCDStudent(student, teacher_width,
                                            getattr(student, "num_classes", num_classes),
                                            self.options)
         self.stage_options = dict(self.loss_keywords, label_smoothing=self.label_smoothing)
@@ -168,10 +176,14 @@ class HCD(Distiller):
             trainable.projectors.load_state_dict(state["projectors"], strict=strict)
             trainable.mappers.load_state_dict(state["mappers"], strict=strict)
 
+    def run_teacher(self, teacher_images):
+        return TeacherOutputs(*teacher_outputs(self.teacher.model, teacher_images))
+
     def compute(self, images, target, epoch):
-        with torch.no_grad():
-            teacher_logits, teacher_embedding = teacher_outputs(self.teacher.model,
-                                                                self.teacher_input(images))
+        teacher_logits, teacher_embedding = self.teacher_outputs(images)
+        if teacher_embedding is None:
+            raise ValueError("HCD needs the teacher's embedding in teacher_outputs (a teacher "
+                             "cache built with --distiller hcd holds it)")
         student_logits, shared_logits = self.trainable_module(images, teacher_embedding)
         weights = {"sce": self.options.w_gt, "sdd": self.options.w_sdd, "ol": self.options.w_ol}
         stage_total, parts = 0.0, dict.fromkeys(weights, 0.0)

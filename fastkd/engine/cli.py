@@ -9,3 +9,13 @@ def main(argv=None):
     from .trainer import run_job_and_exit
 
     run_job_and_exit(args)
+
+
+def cache_teacher(argv=None):
+    """``fastkd-cache-teacher`` and ``train/cache_teacher.py``."""
+    from .config import parse_cache_args
+
+    args = parse_cache_args(argv)
+    from .cache_teacher import run_and_exit
+
+    run_and_exit(args)

@@ -227,6 +227,15 @@ def build_parser():
 
     add_method_options(parser)
 
+    group = parser.add_argument_group("teacher cache")
+    group.add_argument("--teacher-cache", metavar="DIR",
+                       help="read the teacher's outputs from DIR (built by "
+                       "train/cache_teacher.py with this run's data, teacher and augmentation "
+                       "flags) instead of running the teacher")
+    group.add_argument("--augment-views", type=int, metavar="K",
+                       help="epoch e draws the augmentations of epoch e mod K, in a new order "
+                       "every epoch: K views of each sample, which a cache of K views serves")
+
     group = parser.add_argument_group("run")
     group.add_argument("--output", default="output", help="runs go to OUTPUT/<run name>/")
     group.add_argument("--experiment", help="run name (default: time-distiller-model)")
@@ -312,13 +321,11 @@ def _strict(convert, value):
     return convert(value)
 
 
-def parse_args(argv=None):
-    """Options with the file's values under the command line's, dataset defaults filled and, with
-    ``--eval-only``, the model settings taken from the checkpoint."""
-    parser = build_parser()
+def _parse(parser, argv):
+    """``(args, changed)``: the options with a ``--config`` file's values under the command
+    line's; ``changed``: those the command line moves from the built-in defaults (a config
+    file's values do not count: a run's args.yaml holds every option)."""
     known, _ = parser.parse_known_args(argv)
-    # What the command line changes from the built-in defaults (a config file's values do not
-    # count: a run's args.yaml holds every option).
     changed = {name for name, value in vars(known).items()
                if value != parser.get_default(name) and name != "config"}
     if known.config:
@@ -327,6 +334,14 @@ def parse_args(argv=None):
         except ValueError as error:
             parser.error(str(error))
     args = parser.parse_args(argv)
+    return args, changed
+
+
+def parse_args(argv=None):
+    """Options with the file's values under the command line's, dataset defaults filled and, with
+    ``--eval-only``, the model settings taken from the checkpoint."""
+    parser = build_parser()
+    args, changed = _parse(parser, argv)
     if args.eval_only:
         check_eval_only_flags(parser, args, changed)  # before the checkpoint (and torch) loads
         take_checkpoint_settings(parser, args)
@@ -336,6 +351,84 @@ def parse_args(argv=None):
     check_unused(parser, args, changed)
     check_registries(parser, args)
     return args
+
+
+# What the teacher cache's builder reads: the teacher, the student (whose data config sets the
+# input's size and normalisation), the data and augmentation, and how to run.
+CACHE_OPTIONS = {"model", "model_kwargs", "teacher", "teacher_kwargs", "teacher_checkpoint",
+                 "teacher_pretrained", "allow_untrained_teacher", "distiller", "num_classes",
+                 "img_size", "input_size", "channels_last", "epochs", "batch_size", "amp",
+                 "amp_dtype", "seed", "augment_views", "teacher_cache", "cache_dtype", "verify"}
+
+
+def build_cache_parser():
+    parser = build_parser()
+    parser.prog = "fastkd-cache-teacher"
+    parser.description = (
+        "Build a teacher-output cache for fastkd-train --teacher-cache: the teacher's outputs "
+        "for every training sample in each of --epochs views (the augmentations that training "
+        "epoch draws). Takes the trainer's data, teacher and augmentation flags.")
+    parser.usage = ("%(prog)s --teacher-cache DIR [--teacher NAME --teacher-checkpoint FILE] "
+                    "[trainer's data and augmentation options]; --help lists them")
+    for action in parser._actions:
+        if action.dest == "teacher_cache":
+            action.help = "where to write the cache (a build resumes in DIR where it stopped)"
+        elif action.dest == "epochs":
+            action.help = "views to cache: view e is what training epoch e draws"
+    group = parser.add_argument_group("teacher cache builder")
+    group.add_argument("--cache-dtype", default="float16", choices=("float16", "bfloat16",
+                                                                    "float32"))
+    group.add_argument("--verify", metavar="DIR",
+                       help="recompute a random sample of DIR's entries with the live teacher "
+                       "and print the largest difference")
+    return parser
+
+
+def parse_cache_args(argv=None):
+    """The teacher cache builder's options (``train/cache_teacher.py``), checked as the
+    trainer's are, before torch is imported."""
+    parser = build_cache_parser()
+    args, changed = _parse(parser, argv)
+    given = {key for key, value in vars(args).items() if value is not None}
+    fill_defaults(args)
+    unused = sorted(changed - CACHE_OPTIONS - {"data_dir", *_group_dests(parser, "data")})
+    if unused:
+        parser.error(f"{_flags(unused)} would change nothing in a teacher cache")
+    if bool(args.teacher_cache) == bool(args.verify):
+        parser.error("give --teacher-cache DIR (build) or --verify DIR (check), one of them")
+    if not distils(args):
+        parser.error("--distiller ce trains without a teacher: there is nothing to cache")
+    folder = args.teacher_cache or args.verify
+    if args.verify:
+        problem = cache_folder_problem(args.verify)
+        if problem:
+            parser.error(f"--verify {args.verify} {problem}")
+    else:
+        problem = unwritable_folder(folder) or foreign_cache_folder(folder)
+        if problem:
+            parser.error(f"--teacher-cache {folder} {problem}")
+    args.teacher_cache, cache_folder = None, args.teacher_cache  # nothing to read yet
+    for check in (check_required, check_data, check_teacher_weights, check_numbers):
+        check(parser, args, given)
+    args.teacher_cache = cache_folder
+    _check_cacheable(parser, args)
+    check_registries(parser, args)
+    return args
+
+
+def _group_dests(parser, title_start):
+    return {action.dest for group in parser._action_groups
+            if group.title.startswith(title_start) for action in group._group_actions}
+
+
+def foreign_cache_folder(path):
+    """Why the builder must not write in ``path`` (None: absent, empty, or a cache's own)."""
+    if not os.path.isdir(path) or not os.listdir(path):
+        return None
+    if not os.path.isfile(os.path.join(path, "build.json")):
+        return ("holds files that are not a teacher cache's (no build.json): give an empty or "
+                "new folder")
+    return None
 
 
 def fill_defaults(args):
@@ -393,8 +486,8 @@ def check_args(parser, args, given=()):
     """Errors a user can fix from the message, before any model or data is built, one concern
     after another. ``given``: the options the user set (command line or config), as opposed to
     defaults."""
-    for check in (check_required, check_data, check_teacher_weights, check_run_folder,
-                  check_numbers, check_optimisation):
+    for check in (check_required, check_data, check_teacher_weights, check_teacher_cache,
+                  check_run_folder, check_numbers, check_optimisation):
         check(parser, args, given)
 
 
@@ -479,6 +572,43 @@ def check_teacher_weights(parser, args, given):
                      "--allow-untrained-teacher to distil from random weights)")
 
 
+def check_teacher_cache(parser, args, given):
+    """A teacher cache to read, and a run it can serve (``teacher_cache.open_for_run`` then
+    compares the cache's manifest with the run)."""
+    if not args.teacher_cache:
+        return
+    problem = cache_folder_problem(args.teacher_cache)
+    if problem:
+        parser.error(f"--teacher-cache {args.teacher_cache} {problem}")
+    _check_cacheable(parser, args)
+
+
+def _check_cacheable(parser, args):
+    """What a cache can hold: per-sample augmentations of a dataset's files, and a teacher whose
+    weights are named."""
+    if args.dataset == "synthetic":
+        parser.error("--teacher-cache reads a dataset's samples: --dataset synthetic has none")
+    if mixes(args):
+        mixing = _flags(name for name in ("mixup", "cutmix", "cutmix_minmax") if vars(args)[name])
+        parser.error(f"--teacher-cache serves per-sample augmentations only: {mixing} mix "
+                     "samples across a batch, which the cache cannot replay; drop them")
+    if not (args.teacher_checkpoint or args.teacher_pretrained or args.allow_untrained_teacher):
+        parser.error("--teacher-cache needs the teacher's weights named as when the cache was "
+                     "built: --teacher-checkpoint FILE, --teacher-pretrained or "
+                     "--allow-untrained-teacher")
+
+
+def cache_folder_problem(path):
+    """Why ``path`` is not a finished teacher cache (None if it is one), from its files alone."""
+    if not os.path.isdir(path):
+        return ("is a file, not a cache folder" if os.path.exists(path) else
+                "does not exist: build it with train/cache_teacher.py")
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        return ("is not a finished teacher cache (no manifest.json): run "
+                "train/cache_teacher.py again to finish it")
+    return None
+
+
 def check_run_folder(parser, args, given):
     """Where the run writes and what it reads back: --output, --experiment, --resume and the
     checkpoint files."""
@@ -504,7 +634,8 @@ def check_run_folder(parser, args, given):
 def check_numbers(parser, args, given):
     """Numeric options in their ranges (NaN refused everywhere)."""
     positive = ["epochs", "batch_size", "lr", "recount", "decay_rate", "log_interval"]
-    positive += [name for name in ("img_size", "clip_grad", "decay_epochs", "synthetic_samples")
+    positive += [name for name in ("img_size", "clip_grad", "decay_epochs", "synthetic_samples",
+                                   "augment_views")
                  if getattr(args, name) is not None]
     for name in positive:
         value = getattr(args, name)
@@ -559,7 +690,7 @@ DEPENDENT_OPTIONS = (
     *((name, distils, "a --distiller other than ce (ce trains "
        "without a teacher)")
       for name in ("teacher", "teacher_kwargs", "teacher_checkpoint", "teacher_pretrained",
-                   "allow_untrained_teacher")),
+                   "allow_untrained_teacher", "teacher_cache")),
     ("decay_milestones", lambda args: args.sched == "multistep", "--sched multistep"),
     ("decay_epochs", lambda args: args.sched == "step", "--sched step"),
     ("amp_dtype", lambda args: args.amp, "--amp"),

@@ -27,16 +27,19 @@ from .run_folder import BEST, LAST, describe, plot_curves, write_bad_images, wri
 from .stop import Stopped
 
 
-def build_task(args, data_config, teacher_checkpoint=None):
+def build_task(args, data_config, teacher_checkpoint=None, cached_teacher=None):
     """The distiller of ``args.distiller`` around fresh timm models, the teacher's weights loaded.
     The student's input is normalised as ``data_config`` says; a fastkd-trained teacher is fed
     the normalisation it was trained with (its checkpoint's ``data_config``), any other teacher
-    that of its timm pretrained_cfg."""
+    that of its timm pretrained_cfg. With a ``cached_teacher`` (``teacher_cache.CachedTeacher``)
+    no teacher is built: each step brings its outputs."""
     student = create_model(args.model, args.model_kwargs, "--model", args.num_classes)
     size = data_config["input_size"][-1]
     check_input_size(args.model, args.model_kwargs, "--model", args.num_classes, size)
-    teacher = None
-    if args.distiller != "ce":
+    teacher, settings = None, {}
+    if cached_teacher is not None and args.distiller == "hcd":
+        settings["teacher_width"] = cached_teacher.embedding_width
+    elif args.distiller != "ce" and cached_teacher is None:
         teacher = create_model(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes,
                                pretrained=args.teacher_pretrained)
         check_input_size(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes, size)
@@ -50,7 +53,7 @@ def build_task(args, data_config, teacher_checkpoint=None):
     try:
         return build_distiller(args.distiller, student, teacher, method_options(args),
                                label_smoothing=args.smoothing, student_mean=data_config["mean"],
-                               student_std=data_config["std"])
+                               student_std=data_config["std"], **settings)
     except ValueError as error:  # e.g. --hcd-stages beyond the student's stages
         raise SystemExit(f"error: --distiller {args.distiller} on --model {args.model}: "
                          f"{error}") from None
@@ -154,10 +157,13 @@ class Run:
     """A distiller under training. ``run_dir`` is set by ``open_run`` once the run is known to
     start."""
 
-    def __init__(self, args, world, loaders, data_config, teacher_checkpoint=None):
+    def __init__(self, args, world, loaders, data_config, teacher_checkpoint=None,
+                 cached_teacher=None):
         self.args, self.world, self.data_config, self.run_dir = args, world, data_config, None
         self.train_loader, self.val_loader = loaders
-        self.task = build_task(args, data_config, teacher_checkpoint).to(world.device)
+        self.cached_teacher = cached_teacher  # teacher_cache.CachedTeacher, or None
+        self.task = build_task(args, data_config, teacher_checkpoint, cached_teacher).to(
+            world.device)
         if args.channels_last:
             self.task.to(memory_format=torch.channels_last)
         self.autocast = autocast_settings(args)
@@ -314,16 +320,18 @@ class Run:
         return len(self.bad_images)
 
     # -- loop -----------------------------------------------------------------------------------
-    def step(self, images, target, epoch, step, steps):
+    def step(self, images, target, epoch, step, steps, teacher_outputs=None):
         """One forward pass at ``step`` of ``epoch`` (of ``steps``); returns the task's dict.
         Mixup's pairs and lambda are drawn from this rank's batch seed (``order.batch_seed``):
-        a resumed run draws what the uninterrupted one did."""
+        a resumed run draws what the uninterrupted one did. ``teacher_outputs``: the step's,
+        from the teacher cache (never with mixup: the trainer refuses the two together)."""
         if self.mixup is not None and epoch < (self.args.mixup_off_epoch or float("inf")):
             even = len(target) - len(target) % 2  # timm's Mixup pairs samples: an odd last
             with seeded_globals(batch_seed(self.args.seed, epoch, step, self.world.rank)):
                 images, target = self.mixup(images[:even], target[:even])  # one sits out
         with self.autocast(self.world.device.type):
-            return self.task(images, target, epoch=epoch + step / steps)
+            return self.task(images, target, epoch=epoch + step / steps,
+                             teacher_outputs=teacher_outputs)
 
     def backward(self, loss):
         self.optimizer.zero_grad(set_to_none=True)
@@ -355,6 +363,7 @@ class Run:
         started = checked = time.perf_counter()
         seconds_before, data_before = meter.seconds, meter.data_seconds
         batches = iter(self.train_loader)
+        cached = self.cached_teacher.epoch(epoch, start_step) if self.cached_teacher else None
         for step in range(start_step, steps):
             number = world.stop.poll()
             if number:
@@ -364,8 +373,9 @@ class Run:
                 self.save(epoch, step, meter)
             waiting = time.perf_counter()
             images, target = next(batches)
+            teacher_outputs = next(cached) if cached else None
             meter.data_seconds += time.perf_counter() - waiting
-            result = self.step(images, target, epoch, step, steps)
+            result = self.step(images, target, epoch, step, steps, teacher_outputs)
             meter.add(result, step)
             self.backward(result["loss"])
             if (step + 1) % args.log_interval and step + 1 < steps:

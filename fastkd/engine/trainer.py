@@ -25,7 +25,7 @@ from ..data.bad_images import BadImageError
 from ..data.bad_images import logger as data_logger
 from ..data.loaders import create_loaders, resolve_loader
 from ..models import data_config as model_data_config
-from . import checkpoint, demo_teacher
+from . import checkpoint, demo_teacher, teacher_cache
 from .config import DEMO_TEACHERS, check_method_options, crop_flip, distils
 from .distributed import World
 from .evaluate import evaluate, last_and_best, report
@@ -69,11 +69,12 @@ def has_finished(state, args):
     return state is not None and state["epoch"] >= args.epochs
 
 
-def open_run(args, world, loaders, data_config, resume, teacher_checkpoint=None):
+def open_run(args, world, loaders, data_config, resume, teacher_checkpoint=None,
+             cached_teacher=None):
     """The run (models, optimiser, resumed from ``resume_point``'s ``resume``), then, once it is
     known to start, its folder and args.yaml: a failed start writes nothing."""
     resume_from, state = resume
-    run = Run(args, world, loaders, data_config, teacher_checkpoint)
+    run = Run(args, world, loaders, data_config, teacher_checkpoint, cached_teacher)
     if run.task.teacher is not None:
         run.check_teacher()
     if state:
@@ -157,24 +158,18 @@ def train_demo_baseline(args, world, loaders, data_config, resumed_state):
     return run
 
 
-def run_job(args, world):
-    if world.distributed:
-        world.log(f"process group: {torch.distributed.get_backend()}, {world.world_size} "
-                  f"process{'es' if world.world_size > 1 else ''} on {world.device.type}")
-    torch.backends.cudnn.benchmark = True  # as timm's train.py: fixed shapes, fastest kernels
-    resolve_amp(args, world.device, world.log)  # args.yaml records what trains
+def open_loaders(args, world, data_config):
+    """This rank's ``(train_loader, val_loader)`` for ``args`` (the trainer's and the teacher
+    cache builder's), their settings errors as the flags' errors. Rank 0 writes what the others
+    read (the demo JPEGs, the verification cache) before they start."""
     if args.dataset != "synthetic":  # "auto" is what this machine has: recorded as resolved
         try:
             args.loader = resolve_loader(args.loader, args.dataset, world.device)
         except ValueError as error:
             raise SystemExit(f"error: --loader {args.loader}: {error}") from None
-    seed_everything(args, world)
-    # The student's timm data config decides the input size and normalisation, as in timm.
-    data_config = model_data_config(args.model, args.img_size, args.input_size)
     if not world.main:
         # Bad-image warnings come from rank 0 alone: share_bad_images relays other ranks' finds.
         data_logger.setLevel(logging.ERROR)
-        # Rank 0 first writes what the others then read: the demo JPEGs, the verification cache.
         world.barrier()
     try:
         loaders = create_loaders(
@@ -186,7 +181,8 @@ def run_job(args, world):
             loader=args.loader, rank=world.rank, world_size=world.world_size,
             device=world.device, workers=args.workers, channels_last=args.channels_last,
             seed=args.seed, bad_images=args.bad_images, num_classes=args.num_classes,
-            synthetic_samples=args.synthetic_samples, val_split=args.val_split)
+            synthetic_samples=args.synthetic_samples, val_split=args.val_split,
+            augment_views=args.augment_views)
     except BadImageError:
         raise
     except ValueError as error:  # a setting the loaders refuse (--aa, ...), before any file
@@ -198,6 +194,19 @@ def run_job(args, world):
             world.barrier()
     world.log(f"loader: {type(loaders[0]).__name__} ({args.dataset}, "
               f"{data_config['input_size'][-1]} px)")
+    return loaders
+
+
+def run_job(args, world):
+    if world.distributed:
+        world.log(f"process group: {torch.distributed.get_backend()}, {world.world_size} "
+                  f"process{'es' if world.world_size > 1 else ''} on {world.device.type}")
+    torch.backends.cudnn.benchmark = True  # as timm's train.py: fixed shapes, fastest kernels
+    resolve_amp(args, world.device, world.log)  # args.yaml records what trains
+    seed_everything(args, world)
+    # The student's timm data config decides the input size and normalisation, as in timm.
+    data_config = model_data_config(args.model, args.img_size, args.input_size)
+    loaders = open_loaders(args, world, data_config)
     for loader in loaders:  # their worker processes, before any collective (TorchLoader.start)
         loader.start()
     try:
@@ -226,6 +235,8 @@ def train_or_evaluate(args, world, loaders, data_config):
             f"{args.batch_size * world.world_size} is more than the "
             f"{loaders[0].dataset_size} training samples: an epoch trains full global batches")
     started = time.perf_counter()
+    cached_teacher = (teacher_cache.open_for_run(args, world, loaders[0], data_config)
+                      if args.teacher_cache else None)
     resume = resume_point(args, world)  # refused settings cost no demo teacher
     if has_finished(resume[1], args):
         rows = resume[1]["summary"]
@@ -237,14 +248,15 @@ def train_or_evaluate(args, world, loaders, data_config):
     # The demo: distillation from the demo teacher, beside a CE baseline (a resumed run's
     # baseline is its first run's).
     demo = (distils(args) and args.dataset in DEMO_TEACHERS and not args.teacher_checkpoint
-            and not args.teacher_pretrained)
+            and not args.teacher_pretrained and not args.teacher_cache)
     if demo:
         build_task(args, data_config)  # settings the models refuse cost no demo teacher
         # args.yaml names the teacher used
         args.teacher_checkpoint = train_demo_teacher(args, world, loaders, data_config)
     baseline = train_demo_baseline(args, world, loaders, data_config, resume[1]) if demo else None
     seed_everything(args, world)
-    run = open_run(args, world, loaders, data_config, resume, args.teacher_checkpoint)
+    run = open_run(args, world, loaders, data_config, resume, args.teacher_checkpoint,
+                   cached_teacher)
     run.fit()
     report(args, world, run, baseline, time.perf_counter() - started)
 

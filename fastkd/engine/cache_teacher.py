@@ -1,0 +1,203 @@
+"""``fastkd-cache-teacher`` / ``train/cache_teacher.py``: build a teacher-output cache
+(``teacher_cache``), plainly or under torchrun (rank r computes every world-size-th shard), or
+check one against the live teacher (``--verify``).
+
+The teacher runs exactly as in a live run: the trainer's loaders (each view read through
+``set_epoch(view, slots=...)``, so every augmentation draw is the training epoch's), its task
+(``run.build_task``: the same weights, input conversion and outputs) and its autocast.
+"""
+
+import os
+import sys
+
+import numpy as np
+import timm
+import torch
+
+from .. import __version__
+from ..models import data_config as model_data_config
+from ..models.taps import embedding_width
+from . import teacher_cache
+from .distributed import World
+from .optim import autocast_settings, resolve_amp
+from .run import build_task
+from .stop import Stopped
+from .teacher_cache import BUILD, MANIFEST, SHARD_ROWS, CacheError, TeacherCache
+from .trainer import open_loaders, seed_everything
+
+VERIFY_SAMPLES = 64
+
+
+class TeacherRunner:
+    """The run's teacher on this rank's training loader: ``outputs(view, slots)`` gives the
+    teacher's outputs for samples ``slots`` as epoch ``view`` augments them, in the loader's
+    batches, as float32 CPU tensors ``{"logits": [n, C], "embedding": [n, d_t]}``."""
+
+    def __init__(self, args, world):
+        resolve_amp(args, world.device, world.log)
+        seed_everything(args, world)
+        self.data_config = model_data_config(args.model, args.img_size, args.input_size)
+        self.loader, self.val_loader = open_loaders(args, world, self.data_config)
+        self.loader.start()
+        if args.num_classes not in (None, self.loader.num_classes):
+            raise SystemExit(f"error: --num-classes {args.num_classes} but the data has "
+                             f"{self.loader.num_classes} classes")
+        args.num_classes = self.loader.num_classes
+        seed_everything(args, world)  # an untrained teacher's weights: the trainer's draw
+        self.task = build_task(args, self.data_config, args.teacher_checkpoint).to(world.device)
+        self.task.eval()
+        self.autocast, self.device = autocast_settings(args), world.device
+        self.embedding = (embedding_width(self.task.teacher.model) if args.distiller == "hcd"
+                          else None)
+
+    def outputs(self, view, slots):
+        self.loader.set_epoch(view, slots=list(slots))
+        parts = {"logits": []} if self.embedding is None else {"logits": [], "embedding": []}
+        for images, _ in self.loader:
+            with torch.no_grad(), self.autocast(self.device.type):
+                outputs = self.task.teacher_outputs(images)
+            for name in parts:
+                parts[name].append(getattr(outputs, name).float().cpu())
+            yield len(images)
+        self.last = {name: torch.cat(rows) for name, rows in parts.items()}
+
+    def close(self):
+        self.loader.close()
+        self.val_loader.close()
+
+
+def manifest_fields(args, runner):
+    """``build.json``: what the rows depend on (``teacher_cache.identity``) and how they are
+    kept."""
+    return {"format": teacher_cache.FORMAT,
+            **teacher_cache.identity(args, runner.loader, runner.data_config),
+            "views": args.epochs, "dtype": args.cache_dtype, "shard_rows": SHARD_ROWS,
+            "embedding": runner.embedding, "num_classes": args.num_classes,
+            "precision": args.amp_dtype if args.amp else "float32",
+            "versions": {"fastkd": __version__, "torch": torch.__version__,
+                         "timm": timm.__version__}}
+
+
+def build(args, world):
+    """Every view's shards of the cache at ``--teacher-cache``, those a killed build finished
+    kept; rank 0 writes the manifest once all are there."""
+    directory = args.teacher_cache
+    runner = TeacherRunner(args, world)
+    try:
+        fields = manifest_fields(args, runner)
+        if world.main:
+            start(directory, fields)
+        world.barrier()
+        if os.path.isfile(os.path.join(directory, MANIFEST)):
+            world.log(f"{directory} is a finished cache of these settings: nothing to do")
+            return
+        size = runner.loader.dataset_size
+        shards = [(view, first) for view in range(args.epochs)
+                  for first in range(0, size, SHARD_ROWS)]
+        mine = [shard for number, shard in enumerate(shards)
+                if number % world.world_size == world.rank
+                and not teacher_cache.finished_shard(directory, *shard)]
+        done = len(shards) - int(world.sum([len(mine)])[0])
+        world.log(f"caching {args.teacher}'s outputs: {args.epochs} views x {size} samples in "
+                  f"{len(shards)} shards ({done} done before)")
+        progress = progress_bar(sum(min(SHARD_ROWS, size - first) for _, first in mine),
+                                world.main)
+        for view, first in mine:
+            number = world.stop.poll()
+            if number:
+                raise Stopped(number, 0)
+            for rows in runner.outputs(view, range(first, min(first + SHARD_ROWS, size))):
+                progress.update(rows)
+            teacher_cache.write_shard(directory, view, first, runner.last, args.cache_dtype)
+        progress.close()
+        world.barrier()
+        if world.main:
+            records = [teacher_cache.finished_shard(directory, *shard) for shard in shards]
+            teacher_cache.write_json(os.path.join(directory, MANIFEST),
+                                     {**fields, "shards": records})
+            stored = sum(entry["bytes"] for record in records
+                         for entry in record["files"].values())
+            world.log(f"wrote {directory}: {stored / 2**20:.1f} MiB, "
+                      f"{stored / (args.epochs * size):.0f} bytes per image per view")
+    finally:
+        runner.close()
+
+
+def start(directory, fields):
+    """Begin or resume a build in ``directory``: a ``build.json`` there must hold ``fields``."""
+    path = os.path.join(directory, BUILD)
+    if os.path.isfile(path):
+        found = teacher_cache.differences(teacher_cache.read_json(path), fields)
+        if found:
+            raise SystemExit(f"error: --teacher-cache {directory} holds a cache built with other "
+                             f"settings ({'; '.join(found)}): give another folder, or remove "
+                             "it to build again")
+        return
+    os.makedirs(directory, exist_ok=True)
+    teacher_cache.write_json(path, fields)
+
+
+def progress_bar(total, shown):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not shown, file=sys.stdout, mininterval=1.0)
+
+
+def verify(args, world):
+    """Recompute ``VERIFY_SAMPLES`` random entries of the cache at ``--verify`` with the live
+    teacher and log the largest differences."""
+    runner = TeacherRunner(args, world)
+    try:
+        cache = TeacherCache(args.verify)
+        fields = manifest_fields(args, runner)
+        found = teacher_cache.differences(
+            cache.manifest, {key: value for key, value in fields.items()
+                             if key not in ("views", "dtype", "versions", "precision")})
+        if found:
+            raise CacheError(f"--verify {args.verify} was built for another run "
+                             f"({'; '.join(found)})")
+        views = cache.manifest["views"]
+        cache.open_views(range(views), check=False)
+        generator = np.random.default_rng(args.seed)
+        picks = generator.integers([views, runner.loader.dataset_size],
+                                   size=(VERIFY_SAMPLES, 2))
+        largest = {}
+        for view in sorted(set(picks[:, 0].tolist())):
+            slots = picks[picks[:, 0] == view, 1].tolist()
+            for _ in runner.outputs(view, slots):
+                pass
+            cached = cache.rows(view, slots)
+            for name, live in runner.last.items():
+                stored = getattr(cached, name).float()
+                difference = (stored - live).abs().max().item()
+                scale = live.abs().max().item() or 1.0
+                previous = largest.get(name, (0.0, 0.0))
+                largest[name] = (max(previous[0], difference),
+                                 max(previous[1], difference / scale))
+        for name, (absolute, relative) in largest.items():
+            world.log(f"{args.verify}: {VERIFY_SAMPLES} samples, teacher {name}: largest "
+                      f"difference {absolute:.3g} ({relative:.3g} of the largest value), "
+                      f"cache {cache.manifest['dtype']}")
+    except CacheError as error:
+        raise SystemExit(f"error: {error}") from None
+    finally:
+        runner.close()
+
+
+def run_and_exit(args):
+    """Build or verify in this process's place in the process group, then exit."""
+    world = World()
+    world.stop.install()
+    try:
+        (verify if args.verify else build)(args, world)
+        status = 0
+    except Stopped as stop:
+        world.log(f"{stop.name}: exiting; the shards written are kept (run it again to resume)")
+        status = 128 + stop.number
+    except CacheError as error:
+        status = f"error: {error}"
+    except SystemExit as stop:
+        status = stop.code
+    world.stop.uninstall()
+    world.close()
+    sys.exit(status)
