@@ -11,6 +11,7 @@ import time
 from fastkd.engine.cli import main
 
 MAIN = os.path.join(os.path.dirname(__file__), os.pardir, "train", "main.py")
+CACHE_TEACHER = os.path.join(os.path.dirname(__file__), os.pardir, "train", "cache_teacher.py")
 # One short epoch on the demo digits, in the test process's own threads (at most 2 processes of
 # 64: the 240-image tree holds one global batch of 128).
 FAST = ["--epochs", "1", "--batch-size", "64", "--workers", "0", "--loader", "torch",
@@ -39,15 +40,16 @@ def run_main(args, processes=1, timeout=300, script=MAIN, env=ENV):
                           timeout=timeout, env=env)
 
 
-def in_process(args):
-    """``train/main.py args`` as ``fastkd.engine.cli.main`` in this interpreter, which has torch
+def in_process(args, entry=main):
+    """``train/main.py args`` as ``fastkd.engine.cli.main`` (or another ``entry``, e.g.
+    ``cli.cache_teacher``) in this interpreter, which has torch
     and timm imported already (a new one takes ~4 s for that on 2 cores): its stdout and stderr
     captured and its exit status as the interpreter would give it (a message: printed, then 1).
     The job's state is its own (seeds, signal handlers, run folder), set and undone by the job."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
-            main(list(args))
+            entry(list(args))
             status = 0
         except SystemExit as stop:
             status = stop.code

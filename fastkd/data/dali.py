@@ -168,9 +168,12 @@ class SampleDraws:
 
     def __call__(self, batch_info):
         first = batch_info.iteration * self.batch_size
-        positions = range(first, min(first + self.batch_size, len(self.slots)))
+        positions = list(range(first, min(first + self.batch_size, len(self.slots))))
         if not positions:
             raise StopIteration
+        # A short last batch (chosen slots): the reader pads it with its last sample, and so
+        # must the draws; the iterator drops the padding.
+        positions += positions[-1:] * (self.batch_size - len(positions))
         anchors, shapes, mirrors, choices = [], [], [], []
         for position in positions:
             slot = self.slots[position]

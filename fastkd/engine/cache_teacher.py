@@ -102,13 +102,18 @@ def build(args, world):
                   f"{len(shards)} shards ({done} done before)")
         progress = progress_bar(sum(min(SHARD_ROWS, size - first) for _, first in mine),
                                 world.main)
-        for view, first in mine:
+        # Stop signals are agreed on between shards, at the same number of polls on every rank
+        # (engine.stop): ranks with fewer shards left poll on.
+        rounds = int(world.max([len(mine)])[0])
+        for round_ in range(rounds):
             number = world.stop.poll()
             if number:
                 raise Stopped(number, 0)
-            for rows in runner.outputs(view, range(first, min(first + SHARD_ROWS, size))):
-                progress.update(rows)
-            teacher_cache.write_shard(directory, view, first, runner.last, args.cache_dtype)
+            if round_ < len(mine):
+                view, first = mine[round_]
+                for rows in runner.outputs(view, range(first, min(first + SHARD_ROWS, size))):
+                    progress.update(rows)
+                teacher_cache.write_shard(directory, view, first, runner.last, args.cache_dtype)
         progress.close()
         world.barrier()
         if world.main:

@@ -603,6 +603,8 @@ def cache_folder_problem(path):
     if not os.path.isdir(path):
         return ("is a file, not a cache folder" if os.path.exists(path) else
                 "does not exist: build it with train/cache_teacher.py")
+    if not os.path.isfile(os.path.join(path, "build.json")):
+        return "is not a teacher cache (no build.json): train/cache_teacher.py builds one"
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         return ("is not a finished teacher cache (no manifest.json): run "
                 "train/cache_teacher.py again to finish it")

@@ -148,6 +148,9 @@ class TeacherCache:
             raise CacheError(f"--teacher-cache {directory} is not a finished teacher cache (no "
                              f"{MANIFEST}): run train/cache_teacher.py again to finish it")
         self.manifest = read_json(path)
+        if self.manifest.get("format") != FORMAT:
+            raise CacheError(f"--teacher-cache {directory}: {path} is not a fastkd teacher cache's "
+                             f"manifest of format {FORMAT}: build the cache again")
         self.shard_rows = self.manifest["shard_rows"]
         self.shards = {}  # {view: [{"logits": memmap, "embedding": memmap}, ...]}
 
