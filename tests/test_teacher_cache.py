@@ -160,15 +160,17 @@ def run_settings(demo_dir, teacher_checkpoint, loader):
 
 @pytest.fixture(scope="module")
 def built_caches(demo_dir, teacher_checkpoint, tmp_path_factory):
-    """A float32 cache of 2 views per loader, built in this process: ``{loader: folder}``."""
+    """Float32 caches of 2 views, built in this process: ``{name: folder}``, one per loader
+    (``"torch"``, ``"dali"``) and ``"hcd"`` (torch, with the teacher's embedding)."""
     folders = {}
-    for loader in ("torch", "dali"):
-        folder = str(tmp_path_factory.mktemp(f"cache-{loader}"))
-        result = in_process([*run_settings(demo_dir, teacher_checkpoint, loader),
+    for name, loader, extra in (("torch", "torch", []), ("dali", "dali", []),
+                                ("hcd", "torch", ["--distiller", "hcd"])):
+        folder = str(tmp_path_factory.mktemp(f"cache-{name}"))
+        result = in_process([*run_settings(demo_dir, teacher_checkpoint, loader), *extra,
                              "--teacher-cache", folder, "--cache-dtype", "float32"],
                             cache_teacher)
         assert result.returncode == 0, result.stderr[-3000:]
-        folders[loader] = folder
+        folders[name] = folder
     return folders
 
 
@@ -177,22 +179,39 @@ def step_lines(output):
     return re.findall(r"epoch \d+ \[\d+/\d+\] (.*?) lr", output)
 
 
-@pytest.mark.parametrize("distiller, loader", [("kd", "torch"), ("ldrld", "dali")])
+def trained_steps(arguments, folder, processes=1):
+    """Each step's logged loss parts and summary.csv's rows of a run of ``train/main.py``."""
+    if processes == 1:
+        result = in_process(arguments)
+    else:
+        result = subprocess.run(command(arguments, processes), capture_output=True, text=True,
+                                timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(folder / "summary.csv") as handle:
+        return step_lines(result.stdout), list(csv.DictReader(handle))
+
+
+PART = {"kd": "train_kd", "ldrld": "train_local", "hcd": "train_sdd"}
+
+
+@pytest.mark.parametrize("distiller, cache, processes", [
+    ("kd", "torch", 1), ("ldrld", "dali", 1), ("hcd", "hcd", 1), ("kd", "torch", 2)])
 def test_a_cached_run_trains_as_the_live_one(built_caches, demo_dir, teacher_checkpoint,
-                                            tmp_path, distiller, loader):
+                                            tmp_path, distiller, cache, processes):
+    """Per step and per epoch, the losses of a run reading a float32 cache are a live run's
+    (the teacher's rows differ only by the rounding of another batch composition)."""
+    loader = "dali" if cache == "dali" else "torch"
     runs = {}
-    for name, extra in (("live", []), ("cached", ["--teacher-cache", built_caches[loader]])):
-        result = in_process([*run_settings(demo_dir, teacher_checkpoint, loader), *extra,
-                             "--distiller", distiller, "--log-interval", "1",
-                             "--output", str(tmp_path), "--experiment", name])
-        assert result.returncode == 0, result.stderr[-3000:]
-        with open(tmp_path / name / "summary.csv") as handle:
-            runs[name] = (step_lines(result.stdout), list(csv.DictReader(handle)))
+    for name, extra in (("live", []), ("cached", ["--teacher-cache", built_caches[cache]])):
+        runs[name] = trained_steps(
+            [*run_settings(demo_dir, teacher_checkpoint, loader), *extra, "--distiller",
+             distiller, "--log-interval", "1", "--output", str(tmp_path), "--experiment", name],
+            tmp_path / name, processes)
     (live_steps, live_rows), (cached_steps, cached_rows) = runs["live"], runs["cached"]
-    assert len(live_steps) == 2 * 7 and cached_steps == live_steps
-    for live, cached in zip(live_rows, cached_rows):
-        for column in ("train_loss", f"train_{'kd' if distiller == 'kd' else 'local'}",
-                       "eval_loss"):
+    steps_per_epoch = 240 // (32 * processes)
+    assert len(live_steps) == 2 * steps_per_epoch and cached_steps == live_steps
+    for live, cached in zip(live_rows, cached_rows, strict=True):
+        for column in ("train_loss", PART[distiller], "eval_loss"):
             assert float(cached[column]) == pytest.approx(float(live[column]), rel=1e-5)
 
 

@@ -40,8 +40,11 @@ def build_task(args, data_config, teacher_checkpoint=None, cached_teacher=None):
     if cached_teacher is not None and args.distiller == "hcd":
         settings["teacher_width"] = cached_teacher.embedding_width
     elif args.distiller != "ce" and cached_teacher is None:
-        teacher = create_model(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes,
-                               pretrained=args.teacher_pretrained)
+        # Drawn apart from the global stream, so that what is drawn after it (HCD's projectors
+        # and mappers) is the same whether the teacher is built or read from a cache.
+        with torch.random.fork_rng(devices=[]):
+            teacher = create_model(args.teacher, args.teacher_kwargs, "--teacher",
+                                   args.num_classes, pretrained=args.teacher_pretrained)
         check_input_size(args.teacher, args.teacher_kwargs, "--teacher", args.num_classes, size)
         if teacher_checkpoint:
             checkpoint.load_weights(teacher, teacher_checkpoint, arch=args.teacher)
