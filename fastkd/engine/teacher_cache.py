@@ -174,8 +174,8 @@ class TeacherCache:
                     if array.dtype != numpy_dtype or len(array) != record["rows"]:
                         raise CacheError(f"{path} holds {array.shape} {array.dtype}, the manifest "
                                          f"says {record['rows']} rows of {self.manifest['dtype']}")
-                    values = torch.from_numpy(np.asarray(array)).view(torch_dtype)
-                    if check and values.isnan().any():
+                    # A copy: torch takes no read-only (mapped) array without a warning.
+                    if check and torch.from_numpy(np.array(array)).view(torch_dtype).isnan().any():
                         raise CacheError(f"{path} holds NaN: build the cache again")
                     arrays[name] = array
                 shards.append((record["first"], arrays))
