@@ -30,8 +30,8 @@ VERIFY_SAMPLES = 64
 
 class TeacherRunner:
     """The run's teacher on this rank's training loader: ``outputs(view, slots)`` gives the
-    teacher's outputs for samples ``slots`` as epoch ``view`` augments them, in the loader's
-    batches, as float32 CPU tensors ``{"logits": [n, C], "embedding": [n, d_t]}``."""
+    teacher's outputs for samples ``slots`` as epoch ``view`` augments them, read in the
+    loader's batches: ``{"logits": [n, C], "embedding": [n, d_t]}`` (float32, on the device)."""
 
     def __init__(self, args, world):
         resolve_amp(args, world.device, world.log)
@@ -50,16 +50,18 @@ class TeacherRunner:
         self.embedding = (embedding_width(self.task.teacher.model) if args.distiller == "hcd"
                           else None)
 
-    def outputs(self, view, slots):
+    def outputs(self, view, slots, progress=None):
+        """``progress`` (a tqdm bar), if given, counts the images as they are done."""
         self.loader.set_epoch(view, slots=list(slots))
         parts = {"logits": []} if self.embedding is None else {"logits": [], "embedding": []}
         for images, _ in self.loader:
             with torch.no_grad(), self.autocast(self.device.type):
                 outputs = self.task.teacher_outputs(images)
-            for name in parts:
-                parts[name].append(getattr(outputs, name).float().cpu())
-            yield len(images)
-        self.last = {name: torch.cat(rows) for name, rows in parts.items()}
+            for name, rows in parts.items():  # kept on the device: no sync per batch
+                rows.append(getattr(outputs, name).float())
+            if progress is not None:
+                progress.update(len(images))
+        return {name: torch.cat(rows) for name, rows in parts.items()}
 
     def close(self):
         self.loader.close()
@@ -111,9 +113,8 @@ def build(args, world):
                 raise Stopped(number, 0)
             if round_ < len(mine):
                 view, first = mine[round_]
-                for rows in runner.outputs(view, range(first, min(first + SHARD_ROWS, size))):
-                    progress.update(rows)
-                teacher_cache.write_shard(directory, view, first, runner.last, args.cache_dtype)
+                rows = runner.outputs(view, range(first, min(first + SHARD_ROWS, size)), progress)
+                teacher_cache.write_shard(directory, view, first, rows, args.cache_dtype)
         progress.close()
         world.barrier()
         if world.main:
@@ -169,11 +170,9 @@ def verify(args, world):
         largest = {}
         for view in sorted(set(picks[:, 0].tolist())):
             slots = picks[picks[:, 0] == view, 1].tolist()
-            for _ in runner.outputs(view, slots):
-                pass
             cached = cache.rows(view, slots)
-            for name, live in runner.last.items():
-                stored = getattr(cached, name).float()
+            for name, live in runner.outputs(view, slots).items():
+                live, stored = live.cpu(), getattr(cached, name).float()
                 difference = (stored - live).abs().max().item()
                 scale = live.abs().max().item() or 1.0
                 previous = largest.get(name, (0.0, 0.0))
