@@ -366,6 +366,9 @@ class Run:
         started = checked = time.perf_counter()
         seconds_before, data_before = meter.seconds, meter.data_seconds
         batches = iter(self.train_loader)
+        # The teacher cache's rows, a step ahead on a thread: a generator, whose reader thread
+        # ends when it is closed, which CPython does as soon as this frame is let go of (also
+        # when a stop or an error leaves the epoch early).
         cached = self.cached_teacher.epoch(epoch, start_step) if self.cached_teacher else None
         for step in range(start_step, steps):
             number = world.stop.poll()
