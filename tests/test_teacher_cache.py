@@ -191,22 +191,24 @@ def trained_steps(arguments, folder, processes=1):
         return step_lines(result.stdout), list(csv.DictReader(handle))
 
 
-PART = {"kd": "train_kd", "ldrld": "train_local", "hcd": "train_sdd"}
+PART = {"kd": "train_kd", "dkd": "train_kd", "ldrld": "train_local", "hcd": "train_sdd"}
 
 
-@pytest.mark.parametrize("distiller, cache, processes", [
-    ("kd", "torch", 1), ("ldrld", "dali", 1), ("hcd", "hcd", 1), ("kd", "torch", 2)])
+@pytest.mark.parametrize("distiller, cache, processes, options", [
+    ("kd", "torch", 1, []), ("ldrld", "dali", 1, []), ("hcd", "hcd", 1, []),
+    ("kd", "torch", 2, []), ("dkd", "torch", 1, ["--augment-views", "1"])])
 def test_a_cached_run_trains_as_the_live_one(built_caches, demo_dir, teacher_checkpoint,
-                                            tmp_path, distiller, cache, processes):
+                                            tmp_path, distiller, cache, processes, options):
     """Per step and per epoch, the losses of a run reading a float32 cache are a live run's
-    (the teacher's rows differ only by the rounding of another batch composition)."""
+    (the teacher's rows differ only by the rounding of another batch composition); with
+    ``--augment-views 1`` both runs' second epoch draws the first's augmentations."""
     loader = "dali" if cache == "dali" else "torch"
     runs = {}
     for name, extra in (("live", []), ("cached", ["--teacher-cache", built_caches[cache]])):
         runs[name] = trained_steps(
-            [*run_settings(demo_dir, teacher_checkpoint, loader), *extra, "--distiller",
-             distiller, "--log-interval", "1", "--output", str(tmp_path), "--experiment", name],
-            tmp_path / name, processes)
+            [*run_settings(demo_dir, teacher_checkpoint, loader), *extra, *options,
+             "--distiller", distiller, "--log-interval", "1", "--output", str(tmp_path),
+             "--experiment", name], tmp_path / name, processes)
     (live_steps, live_rows), (cached_steps, cached_rows) = runs["live"], runs["cached"]
     steps_per_epoch = 240 // (32 * processes)
     assert len(live_steps) == 2 * steps_per_epoch and cached_steps == live_steps
