@@ -1,7 +1,10 @@
 """What a teacher cache saves per training step: ``pytest bench/bench_teacher_cache.py``.
 
-One SGD step (forward, loss, backward, update) of student resnet20 at batch 64 on 32x32 inputs,
-100 classes, per teacher (wrn_16_2, resnet32x4), side by side in one table group per pair:
+One SGD step (forward, loss, backward, update) of a student per teacher (``PAIRS``), side by side
+in one table group per pair: CIFAR-scale, student resnet20 at batch 64 on 32x32 inputs, 100
+classes, teachers wrn_16_2 and resnet32x4; ImageNet-scale, student resnet18 at batch 8 on
+224x224 inputs, 1000 classes, teachers resnet34 and vit_large_patch16_224 (random init, fewer
+rounds: vit_large's forward is about 62 G multiply-adds an image). The cases:
 
 - ``ce``: CE alone (``build_distiller("ce", student)``), the floor;
 - ``kd-cached``: KD with the teacher's logits given (``teacher_outputs=``), as
@@ -11,12 +14,17 @@ One SGD step (forward, loss, backward, update) of student resnet20 at batch 64 o
   ``TeacherCache``. The gather is timed inside the step; the trainer does it on a thread while
   the previous step trains, so this is an upper bound of what a cached step costs;
 - ``kd-live``: KD with the teacher (eval mode, no gradients) run on every step;
-- ``cache-rows``: the gather alone (``TeacherCache.rows`` of 64 random rows), for scale.
+- ``teacher-forward``: the teacher's eval-mode forward pass alone (no gradients), what a cache
+  build runs per batch and a cached run no longer does;
+- ``cache-rows``: the gather alone (``TeacherCache.rows`` of a batch of random rows), for scale.
 
 kd-cached / ce is what distillation still costs with a cache (the KD loss, the rows); kd-live /
-ce adds the teacher's forward pass. The cache's values are random: a step's time does not
-depend on them.
+ce adds the teacher's forward pass; teacher-forward / ce is that pass's cost against the
+student's step. The cache's values are random: a step's time does not depend on them.
 """
+
+import functools
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -29,12 +37,24 @@ from fastkd.engine import teacher_cache
 from fastkd.engine.teacher_cache import SHARD_ROWS, TeacherCache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BATCH, CLASSES, SIZE = 64, 100, 32
-STUDENT = "resnet20"
-TEACHERS = ("wrn_16_2", "resnet32x4")
-CASES = ("ce", "kd-cached", "kd-live", "cache-rows")
+
+
+class Pair(NamedTuple):
+    student: str
+    teacher: str
+    batch: int
+    classes: int
+    size: int
+    warmup_rounds: int
+    rounds: int
+
+
+PAIRS = (Pair("resnet20", "wrn_16_2", 64, 100, 32, 3, 15),
+         Pair("resnet20", "resnet32x4", 64, 100, 32, 3, 15),
+         Pair("resnet18", "resnet34", 8, 1000, 224, 1, 5),
+         Pair("resnet18", "vit_large_patch16_224", 8, 1000, 224, 1, 5))
+CASES = ("ce", "kd-cached", "kd-live", "teacher-forward", "cache-rows")
 CACHE_SHARDS = 2  # 8192 rows: a step's random rows come from both shards
-WARMUP_ROUNDS, ROUNDS = 3, 15
 
 
 def write_cache(directory, logits, dtype="float16"):
@@ -54,48 +74,66 @@ def write_cache(directory, logits, dtype="float16"):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    generator = torch.Generator().manual_seed(0)
-    logits = 3 * torch.randn(CACHE_SHARDS * SHARD_ROWS, CLASSES, generator=generator)
-    return write_cache(tmp_path_factory.mktemp("teacher-cache"), logits)
+def caches(tmp_path_factory):
+    """``caches(classes)``: a cache of random logits for ``classes`` classes, written once."""
+
+    @functools.cache
+    def cache(classes):
+        generator = torch.Generator().manual_seed(0)
+        logits = 3 * torch.randn(CACHE_SHARDS * SHARD_ROWS, classes, generator=generator)
+        return write_cache(tmp_path_factory.mktemp("teacher-cache"), logits)
+
+    return cache
 
 
-def batches_of_slots(rows, seed=0):
-    """Endless batches of ``BATCH`` slots, shuffled epoch after epoch as a training run reads."""
+def batches_of_slots(rows, batch, seed=0):
+    """Endless batches of ``batch`` slots, shuffled epoch after epoch as a training run reads."""
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(rows)
-        for first in range(0, rows - BATCH + 1, BATCH):
-            yield order[first:first + BATCH]
+        for first in range(0, rows - batch + 1, batch):
+            yield order[first:first + batch]
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("teacher_name", TEACHERS)
-def bench_teacher_cache_step(benchmark, cache, teacher_name, case):
-    benchmark.group = (f"training step, {STUDENT} <- {teacher_name}, batch {BATCH}, "
-                       f"{SIZE}x{SIZE}, {CLASSES} classes, {DEVICE}")
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: pair.teacher)
+def bench_teacher_cache_step(benchmark, caches, pair, case):
+    benchmark.group = (f"training step, {pair.student} <- {pair.teacher}, batch {pair.batch}, "
+                       f"{pair.size}x{pair.size}, {pair.classes} classes, {DEVICE}")
     benchmark.extra_info["case"] = case
-    slots = batches_of_slots(CACHE_SHARDS * SHARD_ROWS)
+    rounds = dict(rounds=pair.rounds, warmup_rounds=pair.warmup_rounds)
+    cache = caches(pair.classes)
+    slots = batches_of_slots(CACHE_SHARDS * SHARD_ROWS, pair.batch)
 
     def read_rows():
         outputs = cache.rows(0, next(slots))
         return TeacherOutputs(outputs.logits.to(DEVICE, non_blocking=True))
 
     if case == "cache-rows":
-        benchmark.pedantic(read_rows, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+        benchmark.pedantic(read_rows, **rounds)
         return
 
     torch.manual_seed(0)
-    student = timm.create_model(STUDENT, num_classes=CLASSES)
+    images = torch.randn(pair.batch, 3, pair.size, pair.size, device=DEVICE)
+    target = torch.randint(0, pair.classes, (pair.batch,), device=DEVICE)
     teacher = None
-    if case == "kd-live":
-        teacher = timm.create_model(teacher_name, num_classes=CLASSES).eval()
+    if case in ("kd-live", "teacher-forward"):
+        teacher = timm.create_model(pair.teacher, num_classes=pair.classes).eval()
+    if case == "teacher-forward":
+        teacher.to(DEVICE)
+
+        def forward():
+            with torch.no_grad():
+                teacher(images)
+
+        benchmark.pedantic(forward, **rounds)
+        return
+
+    student = timm.create_model(pair.student, num_classes=pair.classes)
     distiller = build_distiller("ce" if case == "ce" else "kd", student, teacher).to(
         DEVICE).train()
     assert teacher is None or not teacher.training
     optimizer = torch.optim.SGD(distiller.get_trainable_module().parameters(), lr=0.01)
-    images = torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE)
-    target = torch.randint(0, CLASSES, (BATCH,), device=DEVICE)
 
     def step():
         outputs = read_rows() if case == "kd-cached" else None
@@ -104,23 +142,24 @@ def bench_teacher_cache_step(benchmark, cache, teacher_name, case):
         loss.backward()
         optimizer.step()
 
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    benchmark.pedantic(step, **rounds)
 
 
 def test_cached_step_matches_live(tmp_path):
     """The kd-cached case computes what kd-live does: with the teacher's own logits in a
     float32 cache, the loss and the student's gradients agree."""
+    pair = PAIRS[0]
     torch.manual_seed(0)
-    teacher = timm.create_model("wrn_16_2", num_classes=CLASSES).eval()
-    images = torch.randn(8, 3, SIZE, SIZE)
-    target = torch.randint(0, CLASSES, (8,))
+    teacher = timm.create_model(pair.teacher, num_classes=pair.classes).eval()
+    images = torch.randn(8, 3, pair.size, pair.size)
+    target = torch.randint(0, pair.classes, (8,))
     with torch.no_grad():
         logits = teacher(images)
     cache = write_cache(tmp_path, logits, dtype="float32")
     results = []
     for given, outputs in ((teacher, None), (None, cache.rows(0, range(8)))):
         torch.manual_seed(1)
-        student = timm.create_model(STUDENT, num_classes=CLASSES)
+        student = timm.create_model(pair.student, num_classes=pair.classes)
         loss = build_distiller("kd", student, given).train()(images, target, epoch=0.0,
                                                              teacher_outputs=outputs)["loss"]
         loss.backward()
