@@ -153,23 +153,33 @@ def _dkd_kernel(
                                 temperature, s_rest_lse, t_rest_lse, target_prob_gap, alpha, beta)
 
 
+def _launch_settings(student_logits, teacher_logits, num_parts, needs_grad, block_size,
+                     num_warps):
+    """What the KD and DKD launchers share: the logits row-major, the outputs ``(loss [B], parts
+    [B, num_parts], gradient or None)``, the gradient's pointer and row stride, and the kernel's
+    compile-time settings."""
+    student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    loss, parts, grad = row_outputs(student_logits, num_parts, needs_grad[0], dtype)
+    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size,
+                                                     num_warps)
+    settings = dict(ACC=accumulator_dtype(dtype), BLOCK=block, SINGLE_BLOCK=single_block,
+                    COMPUTE_GRAD=grad is not None, num_warps=num_warps)
+    return (student_logits, teacher_logits, (loss, parts, grad), optional_output(grad, loss),
+            settings)
+
+
 def kd_forward(student_logits, teacher_logits, target, *, temperature, needs_grad=(True,),
                block_size=None, num_warps=None):
     """Launch the KD kernel: loss [B], no parts ([B, 0]), gradient [B, C] in the student logits'
     dtype if ``needs_grad``. ``target`` is unused (KD needs no labels); it keeps the launchers'
     common signature."""
-    student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
-    dtype = compute_dtype(student_logits, teacher_logits)
-    loss, parts, grad = row_outputs(student_logits, 0, needs_grad[0], dtype)
-    grad_ptr, grad_stride = optional_output(grad, loss)
-    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size,
-                                                     num_warps)
+    student_logits, teacher_logits, (loss, parts, grad), (grad_ptr, grad_stride), settings = (
+        _launch_settings(student_logits, teacher_logits, 0, needs_grad, block_size, num_warps))
     _kd_kernel[(student_logits.shape[0],)](
         student_logits, teacher_logits, loss, grad_ptr,
         student_logits.stride(0), teacher_logits.stride(0), grad_stride,
-        student_logits.shape[1], float(temperature),
-        ACC=accumulator_dtype(dtype), BLOCK=block, SINGLE_BLOCK=single_block,
-        COMPUTE_GRAD=grad is not None, num_warps=num_warps,
+        student_logits.shape[1], float(temperature), **settings,
     )
     return loss, parts, (grad,)
 
@@ -178,17 +188,11 @@ def dkd_forward(student_logits, teacher_logits, target, *, alpha, beta, temperat
                 needs_grad=(True,), block_size=None, num_warps=None):
     """Launch the DKD kernel: loss [B], parts [B, 2] (tckd, nckd), gradient [B, C] in the student
     logits' dtype."""
-    student_logits, teacher_logits = row_major(student_logits), row_major(teacher_logits)
-    dtype = compute_dtype(student_logits, teacher_logits)
-    loss, parts, grad = row_outputs(student_logits, 2, needs_grad[0], dtype)
-    grad_ptr, grad_stride = optional_output(grad, loss)
-    block, single_block, num_warps = launch_config(student_logits.shape[1], block_size,
-                                                     num_warps)
+    student_logits, teacher_logits, (loss, parts, grad), (grad_ptr, grad_stride), settings = (
+        _launch_settings(student_logits, teacher_logits, 2, needs_grad, block_size, num_warps))
     _dkd_kernel[(student_logits.shape[0],)](
         student_logits, teacher_logits, target, loss, parts, grad_ptr,
         student_logits.stride(0), teacher_logits.stride(0), grad_stride,
-        student_logits.shape[1], float(alpha), float(beta), float(temperature),
-        ACC=accumulator_dtype(dtype), BLOCK=block, SINGLE_BLOCK=single_block,
-        COMPUTE_GRAD=grad is not None, num_warps=num_warps,
+        student_logits.shape[1], float(alpha), float(beta), float(temperature), **settings,
     )
     return loss, parts, (grad,)

@@ -196,7 +196,8 @@ PART = {"kd": "train_kd", "dkd": "train_kd", "ldrld": "train_local", "hcd": "tra
 
 @pytest.mark.parametrize("distiller, cache, processes, options", [
     ("kd", "torch", 1, []), ("ldrld", "dali", 1, []), ("hcd", "hcd", 1, []),
-    ("kd", "torch", 2, []), ("dkd", "torch", 1, ["--augment-views", "1"])])
+    ("kd", "torch", 2, []), ("dkd", "torch", 1, ["--augment-views", "1"])],
+    ids=["kd", "ldrld-dali", "hcd", "kd-2-processes", "dkd-augment-views-1"])
 def test_a_cached_run_trains_as_the_live_one(built_caches, demo_dir, teacher_checkpoint,
                                             tmp_path, distiller, cache, processes, options):
     """Per step and per epoch, the losses of a run reading a float32 cache are a live run's
