@@ -267,7 +267,7 @@ def test_run_refusals_name_the_manifest_field_or_the_file(built_caches, demo_dir
         (["--teacher-cache", str(tmp_path / "none")], "does not exist: build it with"),
         (["--teacher-cache", demo_dir], "is not a teacher cache (no build.json)"),
         (["--teacher-cache", cache, "--distiller", "ldrld", "--mixup", "0.2"],
-         "--mixup mix samples across a batch, which the cache cannot replay"),
+         "--mixup mixes samples across a batch, which the cache cannot replay"),
     ]
     for extra, message in cases:
         stderr = refusal([*settings, *extra])

@@ -589,9 +589,10 @@ def _check_cacheable(parser, args):
     if args.dataset == "synthetic":
         parser.error("--teacher-cache reads a dataset's samples: --dataset synthetic has none")
     if mixes(args):
-        mixing = _flags(name for name in ("mixup", "cutmix", "cutmix_minmax") if vars(args)[name])
-        parser.error(f"--teacher-cache serves per-sample augmentations only: {mixing} mix "
-                     "samples across a batch, which the cache cannot replay; drop them")
+        mixing = [name for name in ("mixup", "cutmix", "cutmix_minmax") if vars(args)[name]]
+        parser.error(f"--teacher-cache serves per-sample augmentations only: {_flags(mixing)} "
+                     f"{'mixes' if len(mixing) == 1 else 'mix'} samples across a batch, which "
+                     "the cache cannot replay; drop them")
     if not (args.teacher_checkpoint or args.teacher_pretrained or args.allow_untrained_teacher):
         parser.error("--teacher-cache needs the teacher's weights named as when the cache was "
                      "built: --teacher-checkpoint FILE, --teacher-pretrained or "
