@@ -116,8 +116,8 @@ for task in os.listdir("/proc/self/task"):
     try:
         with open(f"/proc/self/task/{task}/comm") as handle:
             names.append(handle.read().strip())
-    except FileNotFoundError:  # a thread that ended after the listing (a queue's feeder)
-        pass
+    except (FileNotFoundError, ProcessLookupError):  # a thread that ended after the listing
+        pass  # (a queue's feeder): gone before its open, or between the open and the read
 # One write per line (print writes its pieces apart, unbuffered under PYTHONUNBUFFERED): the
 # ranks of a job share the pipe, and their pieces interleave.
 gloo = sorted(name for name in names if "gloo" in name)
