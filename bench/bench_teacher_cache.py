@@ -21,8 +21,13 @@ rounds: vit_large's forward is about 62 G multiply-adds an image). The cases:
 kd-cached / ce is what distillation still costs with a cache (the KD loss, the rows); kd-live /
 ce adds the teacher's forward pass; teacher-forward / ce is that pass's cost against the
 student's step. The cache's values are random: a step's time does not depend on them.
+
+On a CUDA device every pair runs as the trainer runs it there (``--amp --amp-dtype bfloat16
+--channels-last``): bf16 autocast, channels-last models and inputs, batch ``CUDA_BATCH``; the
+timer waits for the device (bench/conftest.py).
 """
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -37,6 +42,7 @@ from fastkd.engine import teacher_cache
 from fastkd.engine.teacher_cache import SHARD_ROWS, TeacherCache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA_BATCH = 256  # the GPU check's trainer batch (bench/trainer_e2e.py)
 
 
 class Pair(NamedTuple):
@@ -47,6 +53,22 @@ class Pair(NamedTuple):
     size: int
     warmup_rounds: int
     rounds: int
+
+    @property
+    def device_batch(self):
+        return self.batch if DEVICE == "cpu" else CUDA_BATCH
+
+
+def autocast():
+    """bf16 autocast on CUDA, as the trainer's ``--amp`` runs there; nothing on the CPU."""
+    return (torch.autocast("cuda", torch.bfloat16) if DEVICE == "cuda"
+            else contextlib.nullcontext())
+
+
+def on_device(model):
+    """``model`` on ``DEVICE``, channels-last on CUDA."""
+    model = model.to(DEVICE)
+    return model.to(memory_format=torch.channels_last) if DEVICE == "cuda" else model
 
 
 PAIRS = (Pair("resnet20", "wrn_16_2", 64, 100, 32, 3, 15),
@@ -98,12 +120,13 @@ def batches_of_slots(rows, batch, seed=0):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: pair.teacher)
 def bench_teacher_cache_step(benchmark, caches, pair, case):
-    benchmark.group = (f"training step, {pair.student} <- {pair.teacher}, batch {pair.batch}, "
+    batch = pair.device_batch
+    benchmark.group = (f"training step, {pair.student} <- {pair.teacher}, batch {batch}, "
                        f"{pair.size}x{pair.size}, {pair.classes} classes, {DEVICE}")
     benchmark.extra_info["case"] = case
     rounds = dict(rounds=pair.rounds, warmup_rounds=pair.warmup_rounds)
     cache = caches(pair.classes)
-    slots = batches_of_slots(CACHE_SHARDS * SHARD_ROWS, pair.batch)
+    slots = batches_of_slots(CACHE_SHARDS * SHARD_ROWS, batch)
 
     def read_rows():
         outputs = cache.rows(0, next(slots))
@@ -114,30 +137,33 @@ def bench_teacher_cache_step(benchmark, caches, pair, case):
         return
 
     torch.manual_seed(0)
-    images = torch.randn(pair.batch, 3, pair.size, pair.size, device=DEVICE)
-    target = torch.randint(0, pair.classes, (pair.batch,), device=DEVICE)
+    images = torch.randn(batch, 3, pair.size, pair.size, device=DEVICE)
+    if DEVICE == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, pair.classes, (batch,), device=DEVICE)
     teacher = None
     if case in ("kd-live", "teacher-forward"):
         teacher = timm.create_model(pair.teacher, num_classes=pair.classes).eval()
     if case == "teacher-forward":
-        teacher.to(DEVICE)
+        teacher = on_device(teacher)
 
         def forward():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 teacher(images)
 
         benchmark.pedantic(forward, **rounds)
         return
 
     student = timm.create_model(pair.student, num_classes=pair.classes)
-    distiller = build_distiller("ce" if case == "ce" else "kd", student, teacher).to(
-        DEVICE).train()
+    distiller = on_device(build_distiller("ce" if case == "ce" else "kd", student,
+                                          teacher)).train()
     assert teacher is None or not teacher.training
     optimizer = torch.optim.SGD(distiller.get_trainable_module().parameters(), lr=0.01)
 
     def step():
         outputs = read_rows() if case == "kd-cached" else None
-        loss = distiller(images, target, epoch=0.0, teacher_outputs=outputs)["loss"]
+        with autocast():
+            loss = distiller(images, target, epoch=0.0, teacher_outputs=outputs)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# One-command GPU check: bench/gpu_check.sh [--dry-run] [--only trainer|kernels] OUTDIR
+# One-command GPU check: bench/gpu_check.sh [--dry-run] [--only trainer|kernels|cache] OUTDIR
 #
-# For a CUDA machine with no internet and no DALI, in one 10-minute command. Two parts:
+# For a CUDA machine with no internet and no DALI, one 10-minute command per part. Three parts:
 # - trainer: a 100-step AMP training throughput run per distiller (train_throughput.py), then the
 #   real trainer end to end under torchrun (trainer_e2e.py: GPU and CPU JPEG decoding, synthetic
 #   data, SIGTERM and resume, fp16, HCD, --torchcompile);
 # - kernels: the GPU-marked tests (CUDA graphs, compiled steps, kernels against the references),
 #   the loss benchmarks at the targets' shapes (bench/harness.py's "targets" matrix: 256 x 1000
 #   and 1024 x 21843, fp32 and bf16, forward + backward, every provider), the launch-setting
-#   sweep (tune_kernels.py) and the fused-loss targets read off them (targets.py).
-# Both run by default, trainer first; --only runs one. Everything lands in OUTDIR
+#   sweep (tune_kernels.py) and the fused-loss targets read off them (targets.py);
+# - cache: the teacher-output cache on the GPU (issue 25): trainer_e2e.py's gpu-decode run with
+#   the live teacher and its twin fed by a cache built (torchrun, AMP, nvJPEG) and verified first,
+#   then bench_teacher_cache.py (a CE, cached-KD and live-KD step and the teacher's forward, bf16,
+#   channels-last, batch 256).
+# All run by default, in that order; --only runs one. Everything lands in OUTDIR
 # (gpu_check.log, throughput.json/.md, trainer_e2e.json/.md and trainer_logs/, gpu-tests.xml,
 # bench-*.json, tune_kernels.json, targets.md, report.md), ready to commit under bench/results/.
 #
@@ -28,16 +32,17 @@
 set -u
 DRY_RUN=0
 FAILED=0
-PARTS="trainer kernels"
-USAGE="usage: bench/gpu_check.sh [--dry-run] [--only trainer|kernels] OUTDIR"
+PARTS="trainer kernels cache"
+USAGE="usage: bench/gpu_check.sh [--dry-run] [--only trainer|kernels|cache] OUTDIR"
 OUTDIR=
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY_RUN=1; shift ;;
         --only)
             case ${2:-} in
-                trainer|kernels) PARTS=$2; shift 2 ;;
-                *) echo "--only takes trainer or kernels, got '${2:-}'; $USAGE" >&2; exit 2 ;;
+                trainer|kernels|cache) PARTS=$2; shift 2 ;;
+                *) echo "--only takes trainer, kernels or cache, got '${2:-}'; $USAGE" >&2
+                   exit 2 ;;
             esac ;;
         -*) echo "unknown option '$1'; $USAGE" >&2; exit 2 ;;
         *)
@@ -142,6 +147,12 @@ if runs kernels; then
     bench kd 60 bench_kd.py --bench-matrix targets
     section tune-kernels 80 "$PYTHON" bench/tune_kernels.py --output "$OUTDIR"
     "$PYTHON" bench/targets.py "$OUTDIR" >>"$LOG" 2>&1
+fi
+if runs cache; then
+    # A work folder of its own: a warm machine's trainer part left its runs in /tmp/fastkd-e2e.
+    section cache-e2e 300 "$PYTHON" bench/trainer_e2e.py --output "$OUTDIR" --seconds 240 \
+        --work /tmp/fastkd-e2e-cache --only gpu-decode cached
+    bench teacher-cache 150 bench_teacher_cache.py
 fi
 : >"$OUTDIR/report.md"
 if compgen -G "$OUTDIR/bench-*.json" >/dev/null; then

@@ -5,8 +5,10 @@ validation, in one process per CPU) and a randomly initialised ResNet-34 teacher
 then runs ``torchrun --standalone --nproc-per-node 1 train/main.py`` for ResNet-18 <- ResNet-34
 at 224, bf16 autocast, channels-last, batch 256, one run per row of ``RUNS``: the GPU-decoding
 loader, CPU decoding, synthetic data (LDRLD and CE), a SIGTERM mid-epoch and its resume,
-fp16 with GradScaler, HCD and ``--torchcompile``. Each run's figures come from its
-summary.csv (the last epoch: img/s, the share of the epoch spent waiting for data, peak GPU
+fp16 with GradScaler, HCD, ``--torchcompile``, and gpu-decode fed by a teacher cache (``cached``:
+the cache built first by ``train/cache_teacher.py`` under torchrun and checked with ``--verify``;
+its losses set beside gpu-decode's, the same run with the live teacher). Each run's figures come
+from its summary.csv (the last epoch: img/s, the share of the epoch spent waiting for data, peak GPU
 memory) and its log (the process group's backend). The loss's share of a step comes from
 ``train_throughput.py``'s throughput.json in OUTDIR, when that ran first (same models, batch,
 dtype and GPU). Results: OUTDIR/trainer_e2e.json and trainer_e2e.md.
@@ -33,6 +35,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "train", "main.py")
+CACHE_TEACHER = os.path.join(REPO, "train", "cache_teacher.py")
 IMAGE_SIZE = (500, 375)  # width, height: ImageNet's most common shape
 CLOSING_REPORT = re.compile(r" run: \d+ s wall.*, outputs in ")  # the trainer's last line
 EXIT_GRACE = 20  # seconds a run may take to exit after its closing report
@@ -42,6 +45,7 @@ COMMON = ["--model", "resnet18", "--amp", "--amp-dtype", "bfloat16", "--channels
           "256", "--lr", "0.01", "--log-interval", "10", "--seed", "0", "--epochs", "2"]
 TEACHER = ["--teacher", "resnet34", "--allow-untrained-teacher"]
 SYNTHETIC = ["--dataset", "synthetic", "--num-classes", "1000", "--synthetic-samples", "25600"]
+TRAINING_ONLY = {"--lr", "--log-interval"}  # COMMON's flags that change nothing in a cache
 
 
 def folder_options(tree, teacher):
@@ -66,7 +70,21 @@ def runs(tree, teacher, cpus):
         ("hcd", "HCD (projectors and mappers in the DDP module)",
          [*SYNTHETIC, *TEACHER, "--distiller", "hcd"], 90),
         ("compile", "--torchcompile (inductor)", [*SYNTHETIC, *TEACHER, "--torchcompile"], 240),
+        ("cached", "gpu-decode fed by a float32 teacher cache (built and verified first)",
+         [*folder, "--loader", "nvjpeg", "-j", "6"], 240),
     ]
+
+
+def cache_options(options):
+    """The teacher cache builder's flags for a run's ``options``: the same data, teacher, loader
+    and augmentation flags, without the training-only ones."""
+    kept, flags = [], iter(options)
+    for flag in flags:
+        if flag in TRAINING_ONLY:
+            next(flags)
+        else:
+            kept.append(flag)
+    return kept
 
 
 def write_image(job):
@@ -108,14 +126,14 @@ def last_epoch(run_dir):
     return {key: float(value) for key, value in rows[-1].items() if value not in ("", None)}
 
 
-def torchrun(options, log_path, cap, stop_at=None):
-    """Run the trainer under torchrun; with ``stop_at`` (a log line's start), send SIGTERM to
-    torchrun, which passes it to its worker, when that line appears. Returns (exit code,
+def torchrun(options, log_path, cap, stop_at=None, script=MAIN):
+    """Run ``script`` (the trainer) under torchrun; with ``stop_at`` (a log line's start), send
+    SIGTERM to torchrun, which passes it to its worker, when that line appears. Returns (exit code,
     seconds, whether it hung after its closing report): a run still alive ``EXIT_GRACE``
     seconds after its closing report, or at ``cap``, is aborted (its faulthandler prints every
     thread's stack to the log) and killed."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "1", MAIN, *options]
+               "--nproc-per-node", "1", script, *options]
     started, finished, signalled, killed = time.time(), None, False, False
     with open(log_path, "w") as log:
         log.write(" ".join(command) + "\n")
@@ -202,6 +220,44 @@ def sigterm_and_resume(options, run_dir, log_dir, cap):
     return result
 
 
+def cached_run(options, run_dir, log_dir, cap, results):
+    """Build a float32 teacher cache of ``options``' two epochs (torchrun, 1 process), check it
+    with ``--verify``, then train from it. Adds the build's rate (tqdm's) and seconds, the
+    verify line, and the relative difference of each epoch's train loss from gpu-decode's (the
+    same run with the live teacher), if that ran."""
+    cache = os.path.join(os.path.dirname(run_dir), "teacher-cache")
+    build_log = os.path.join(log_dir, "cache-build.log")
+    status, seconds, hung = torchrun([*cache_options(options), "--teacher-cache", cache,
+                                      "--cache-dtype", "float32"], build_log, cap / 3,
+                                     script=CACHE_TEACHER)
+    log = open(build_log).read()
+    rates = re.findall(r"([\d.]+)img/s\]", log)
+    build = {"exit": status, "seconds": round(seconds, 1), "hung_at_exit": hung,
+             "images_per_s": float(rates[-1]) if rates else None,
+             "wrote": next((line for line in log.splitlines() if " wrote " in line), None)}
+    if status != 0:
+        return {"exit": status, "build": {**build, "log_tail": worker_output(log)}}
+    verify = subprocess.run([sys.executable, CACHE_TEACHER, *cache_options(options), "--verify",
+                             cache], cwd=REPO, capture_output=True, text=True, timeout=cap / 6)
+    build["verify"] = [line for line in (verify.stdout + verify.stderr).splitlines()
+                       if "largest" in line or "error" in line] or verify.stderr[-1000:]
+    result = measure("cached", [*options, "--teacher-cache", cache], run_dir,
+                     os.path.join(log_dir, "cached.log"), cap / 2)
+    result["build"] = build
+    live_dir = os.path.join(os.path.dirname(run_dir), "gpu-decode")
+    if results.get("gpu-decode", {}).get("exit") == 0 and os.path.isfile(
+            os.path.join(run_dir, "summary.csv")):
+        live, cached = (epoch_losses(folder) for folder in (live_dir, run_dir))
+        result["train_loss_rel_diff"] = [abs(a - b) / abs(a) for a, b in zip(live, cached)]
+    return result
+
+
+def epoch_losses(run_dir):
+    """Each epoch's train loss, from summary.csv."""
+    with open(os.path.join(run_dir, "summary.csv"), newline="") as handle:
+        return [float(row["train_loss"]) for row in csv.DictReader(handle)]
+
+
 def targets(results, throughput):
     """The issue's targets as ``(what, measured ratio, bound, met)``."""
     rate = {name: result.get("images_per_s") for name, result in results.items()}
@@ -214,6 +270,9 @@ def targets(results, throughput):
                    2.0))
     checks.append(("gpu-decode / synthetic ldrld", rate.get("gpu-decode"),
                    rate.get("synthetic-ldrld"), 0.8))
+    # The teacher cache's goal for resnet18 <- resnet34 (issue 25): 1.4x the live teacher.
+    checks.append(("cached / gpu-decode (live teacher)", rate.get("cached"),
+                   rate.get("gpu-decode"), 1.4))
     return [(what, (a / b) if a and b else None, bound, bool(a and b and a / b >= bound))
             for what, a, b, bound in checks]
 
@@ -250,6 +309,10 @@ def markdown(report):
     if sigterm:
         lines += ["", f"SIGTERM: exit {sigterm.get('exit')}, {sigterm.get('saved')}; resume: "
                   f"{sigterm.get('resume')}"]
+    cached = report["results"].get("cached")
+    if cached:
+        lines += ["", f"Teacher cache: build {cached.get('build')}; train loss vs gpu-decode, "
+                  f"relative difference per epoch: {cached.get('train_loss_rel_diff')}"]
     groups = {result.get("process_group") for result in report["results"].values()} - {None}
     lines += ["", f"Process groups: {sorted(groups) or 'none logged'}"]
     return "\n".join(lines) + "\n"
@@ -312,10 +375,13 @@ def main(argv=None):
         report["results"] = json.load(open(earlier))["results"]
     if args.dry_run:
         sys.path.insert(0, REPO)
-        from fastkd.engine.config import parse_args
+        from fastkd.engine.config import parse_args, parse_cache_args
 
         for name, _, options, _ in report["runs"]:
             parse_args(options)  # the trainer's own checks; a bad flag exits here
+        cached = next(options for name, _, options, _ in report["runs"] if name == "cached")
+        parse_cache_args([*cache_options(cached), "--teacher-cache",
+                          os.path.join(work, "teacher-cache"), "--cache-dtype", "float32"])
         report.update(gpu="dry run", torch="-")
     else:
         import torch
@@ -333,6 +399,8 @@ def main(argv=None):
             run_dir = os.path.join(runs_dir, name)
             if name == "sigterm":
                 result = sigterm_and_resume(options, run_dir, logs, cap)
+            elif name == "cached":
+                result = cached_run(options, run_dir, logs, cap, report["results"])
             else:
                 result = measure(name, options, run_dir, os.path.join(logs, f"{name}.log"), cap)
             report["results"][name] = result

@@ -24,14 +24,15 @@ def test_dry_run_sets_up_every_section(tmp_path):
     report = json.loads((tmp_path / "trainer_e2e.json").read_text())
     names = [run[0] for run in report["runs"]]
     assert names == ["gpu-decode", "cpu-decode", "synthetic-ldrld", "synthetic-ce", "sigterm",
-                     "fp16", "hcd", "compile"]
+                     "fp16", "hcd", "compile", "cached"]
     markdown = (tmp_path / "trainer_e2e.md").read_text()
     assert all(f"| {name} |" in markdown for name in names)
     assert "gpu-decode / cpu-decode: unmeasured (target >= 2.0)" in markdown
+    assert "cached / gpu-decode (live teacher): unmeasured (target >= 1.4)" in markdown
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--only", "tests", "OUT"], "--only takes trainer or kernels, got 'tests'"),
+    (["--only", "tests", "OUT"], "--only takes trainer, kernels or cache, got 'tests'"),
     (["--fast", "OUT"], "unknown option '--fast'"),
     ([], "usage: bench/gpu_check.sh"),
     (["OUT", "OTHER"], "one OUTDIR expected, got 'OUT' and 'OTHER'"),
