@@ -180,7 +180,8 @@ def step_lines(output):
 
 
 def trained_steps(arguments, folder, processes=1):
-    """Each step's logged loss parts and summary.csv's rows of a run of ``train/main.py``."""
+    """Each step's logged loss parts, then summary.csv's rows, then the logged teacher accuracy
+    (top-1, top-5) of a run of ``train/main.py``."""
     if processes == 1:
         result = in_process(arguments)
     else:
@@ -188,7 +189,9 @@ def trained_steps(arguments, folder, processes=1):
                                 timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(folder / "summary.csv") as handle:
-        return step_lines(result.stdout), list(csv.DictReader(handle))
+        rows = list(csv.DictReader(handle))
+    teacher = re.search(r"teacher resnet20: top-1 ([\d.]+) top-5 ([\d.]+)", result.stdout)
+    return step_lines(result.stdout), rows, teacher and teacher.groups()
 
 
 PART = {"kd": "train_kd", "dkd": "train_kd", "ldrld": "train_local", "hcd": "train_sdd"}
@@ -210,7 +213,10 @@ def test_a_cached_run_trains_as_the_live_one(built_caches, demo_dir, teacher_che
             [*run_settings(demo_dir, teacher_checkpoint, loader), *extra, *options,
              "--distiller", distiller, "--log-interval", "1", "--output", str(tmp_path),
              "--experiment", name], tmp_path / name, processes)
-    (live_steps, live_rows), (cached_steps, cached_rows) = runs["live"], runs["cached"]
+    (live_steps, live_rows, live_teacher), (cached_steps, cached_rows, cached_teacher) = (
+        runs["live"], runs["cached"])
+    # The teacher's accuracy is the build's measurement, logged and checked as a live run's.
+    assert cached_teacher == live_teacher and live_teacher is not None
     steps_per_epoch = 240 // (32 * processes)
     assert len(live_steps) == 2 * steps_per_epoch and cached_steps == live_steps
     for live, cached in zip(live_rows, cached_rows, strict=True):
@@ -278,6 +284,9 @@ def test_run_refusals_name_the_manifest_field_or_the_file(built_caches, demo_dir
 
 def test_builder_refusals(demo_dir, teacher_checkpoint, tmp_path):
     settings = run_settings(demo_dir, teacher_checkpoint, "torch")
+    untrained = str(tmp_path / "untrained.pth")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet20", num_classes=10).state_dict(), untrained)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     cases = [
@@ -289,12 +298,16 @@ def test_builder_refusals(demo_dir, teacher_checkpoint, tmp_path):
         (["--teacher-cache", str(tmp_path / "c"), "--distiller", "ce"],
          "--distiller ce trains without a teacher: there is nothing to cache"),
         (["--verify", str(tmp_path / "foreign")], "is not a teacher cache (no build.json)"),
+        # Checked as a live run checks it, before any shard: a run from the cache cannot.
+        (["--teacher-cache", str(tmp_path / "u"), "--teacher-checkpoint", untrained],
+         "no better than chance (10.00%)"),
     ]
     for extra, message in cases:
         stderr = refusal([*settings, *extra], cache_teacher)
         assert message in stderr, (extra, stderr[-2000:])
     assert os.listdir(tmp_path / "foreign") == ["notes.txt"]
     assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "u").exists()
 
 
 def test_a_build_resumed_with_other_settings_is_refused_field_by_field(built_caches, demo_dir,

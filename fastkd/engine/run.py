@@ -156,6 +156,18 @@ class StepMeter:
         return meter
 
 
+def check_teacher_accuracy(args, top1, samples):
+    """Refuse a teacher whose validation top-1 (%, over ``samples`` images) is no better than
+    chance, 1/C plus three binomial standard errors, unless --allow-untrained-teacher."""
+    chance = 1 / args.num_classes
+    threshold = 100 * (chance + 3 * math.sqrt(chance * (1 - chance) / samples))
+    if top1 <= threshold and not args.allow_untrained_teacher:
+        raise SystemExit(
+            f"error: the teacher {args.teacher} scores {top1:.2f}% top-1, no better than chance "
+            f"({100 * chance:.2f}%): are its weights loaded (--teacher-checkpoint, "
+            "--teacher-pretrained)? --allow-untrained-teacher distils from it anyway")
+
+
 class Run:
     """A distiller under training. ``run_dir`` is set by ``open_run`` once the run is known to
     start."""
@@ -202,23 +214,21 @@ class Run:
         return {prefix: model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel)
                 else model for prefix, model in models.items()}
 
-    def check_teacher(self):
-        """The teacher's validation accuracy, logged before training; a teacher no better than
-        chance (1/C plus three binomial standard errors over the validation set) stops the run
-        before it starts, unless --allow-untrained-teacher."""
-        top1, top5, _ = evaluate(self.task.teacher, self.val_loader, self.world, self.autocast,
-                                 self.task.teacher_input)
+    def check_teacher(self, recorded=None):
+        """The teacher's validation accuracy, logged before training: measured now, or
+        ``recorded`` by the build of the run's teacher cache (its manifest's
+        ``teacher_accuracy``). A teacher no better than chance stops the run before it starts
+        (``check_teacher_accuracy``)."""
+        if recorded is None:
+            top1, top5, _ = evaluate(self.task.teacher, self.val_loader, self.world,
+                                     self.autocast, self.task.teacher_input)
+            samples, source = self.val_loader.dataset_size, ""
+        else:
+            top1, top5, samples = recorded["top1"], recorded["top5"], recorded["samples"]
+            source = f", measured by the build of --teacher-cache {self.args.teacher_cache}"
         self.teacher_accuracy = top1, top5
-        self.world.log(f"teacher {self.args.teacher}: top-1 {top1:.2f} top-5 {top5:.2f}")
-        chance = 1 / self.args.num_classes
-        threshold = 100 * (chance + 3 * math.sqrt(chance * (1 - chance)
-                                                  / self.val_loader.dataset_size))
-        if top1 <= threshold and not self.args.allow_untrained_teacher:
-            raise SystemExit(
-                f"error: the teacher {self.args.teacher} scores {top1:.2f}% top-1, no better "
-                f"than chance ({100 * chance:.2f}%): are its weights loaded "
-                "(--teacher-checkpoint, --teacher-pretrained)? --allow-untrained-teacher "
-                "distils from it anyway")
+        self.world.log(f"teacher {self.args.teacher}: top-1 {top1:.2f} top-5 {top5:.2f}{source}")
+        check_teacher_accuracy(self.args, top1, samples)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, epoch, step, ranks):

@@ -77,6 +77,8 @@ def open_run(args, world, loaders, data_config, resume, teacher_checkpoint=None,
     run = Run(args, world, loaders, data_config, teacher_checkpoint, cached_teacher)
     if run.task.teacher is not None:
         run.check_teacher()
+    elif cached_teacher is not None:
+        run.check_teacher(recorded=cached_teacher.cache.manifest["teacher_accuracy"])
     if state:
         run.resume(state, resume_from)
     run.run_dir = world.broadcast(create_run_folder(args, resume_from) if world.main else None)
