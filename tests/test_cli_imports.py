@@ -36,6 +36,8 @@ def refusal_without_torch(argv):
 
 @pytest.mark.parametrize("argv, error", [
     (["--epochs", "-1"], "--epochs must be a positive number, got -1"),
+    (["--epocs", "3", "--lr=0.1", "--no-such-flag"],
+     "unrecognized arguments: --epocs 3 --no-such-flag (--epocs: did you mean --epochs?)"),
     (["--distiller", "nope"], "argument --distiller: invalid choice: 'nope'"),
     (["--ldrld-top-d", "x"], "argument --ldrld-top-d: invalid int value: 'x'"),
     (["--distiller", "kd", "--ldrld-alpha", "2"], "--ldrld-alpha would change nothing"),

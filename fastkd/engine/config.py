@@ -10,6 +10,7 @@ optimiser and compiler names.
 import argparse
 import ast
 import dataclasses
+import difflib
 import math
 import os
 import tempfile
@@ -325,7 +326,8 @@ def _parse(parser, argv):
     """``(args, changed)``: the options with a ``--config`` file's values under the command
     line's; ``changed``: those the command line moves from the built-in defaults (a config
     file's values do not count: a run's args.yaml holds every option)."""
-    known, _ = parser.parse_known_args(argv)
+    known, unrecognized = parser.parse_known_args(argv)
+    _refuse_unrecognized(parser, unrecognized)
     changed = {name for name, value in vars(known).items()
                if value != parser.get_default(name) and name != "config"}
     if known.config:
@@ -335,6 +337,21 @@ def _parse(parser, argv):
             parser.error(str(error))
     args = parser.parse_args(argv)
     return args, changed
+
+
+def _refuse_unrecognized(parser, unrecognized):
+    """argparse's refusal of arguments it does not know, naming the closest flag of each
+    mistyped one (what Python 3.14's ``suggest_on_error`` does for choices)."""
+    if not unrecognized:
+        return
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for given in unrecognized:
+        close = difflib.get_close_matches(given.partition("=")[0], flags, n=1)
+        if given.startswith("--") and close:
+            hints.append(f"{given}: did you mean {close[0]}?")
+    parser.error(f"unrecognized arguments: {' '.join(unrecognized)}"
+                 + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def parse_args(argv=None):
