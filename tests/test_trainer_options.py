@@ -12,7 +12,7 @@ from timm.scheduler import create_scheduler_v2
 
 from fastkd.distillers import method_options_classes
 from fastkd.engine import demo_teacher
-from fastkd.engine.config import DEMO_TEACHERS, method_options, parse_args
+from fastkd.engine.config import DEMO_TEACHERS, build_parser, method_options, parse_args
 from fastkd.engine.optim import create_optimizer, create_scheduler
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "train", "configs")
@@ -103,6 +103,20 @@ def test_method_flags_come_from_the_options_dataclasses():
     assert method_options(args) == method_options_classes()["hcd"](stages=(2, 3), w_sdd=3.0,
                                                          detach_target=True, cfm="linear")
     assert method_options(parse_args(["--distiller", "ce"])) is None
+
+
+def test_help_names_the_defaults_each_dataset_gives():
+    """--help says what an unset option becomes, per dataset, as ``fill_defaults`` fills it."""
+    helps = {action.dest: action.help for action in build_parser()._actions}
+    for dest, dataset in (("epochs", "glyphs"), ("epochs", "demo"), ("lr", "glyphs"),
+                          ("batch_size", "demo"), ("sched", "glyphs")):
+        value = getattr(parse_args(["--dataset", dataset]), dest)
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"{dataset} {shown}" in helps[dest], (dest, helps[dest])
+    general = parse_args(["--dataset", "folder", "--data-dir", CONFIGS, "--model", "resnet20",
+                          "--distiller", "ce"])
+    assert helps["epochs"].endswith(f"otherwise {general.epochs})")
+    assert helps["decay_epochs"].endswith(f"(default: {general.decay_epochs:g})")
 
 
 def test_timm_flags_parse_as_in_timm():

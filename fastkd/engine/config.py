@@ -151,8 +151,8 @@ def build_parser():
     group.add_argument("--distiller", default="ldrld", choices=tuple(methods()))
     group.add_argument("--num-classes", type=int,
                        help="default: the dataset's (synthetic: 1000)")
-    group.add_argument("--img-size", type=int, help="input image size (default: the model's "
-                       "pretrained_cfg; 32 for the demo)")
+    group.add_argument("--img-size", type=int, help="input image size, the model's "
+                       "pretrained_cfg's where not set")
     group.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                        help="input dimensions, overrides --img-size")
     group.add_argument("--channels-last", action="store_true")
@@ -181,10 +181,10 @@ def build_parser():
                        "by another sample of its split; listed in RUN/bad_images.txt), 'error' "
                        "stops the run naming them")
     group.add_argument("--scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                       help="random-resized crop's area fraction range (default 0.08 1.0)")
+                       help="random-resized crop's area fraction range")
     group.add_argument("--ratio", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                       help="random-resized crop's aspect ratio range (default 0.75 1.333)")
-    group.add_argument("--hflip", type=float, help="horizontal flip probability (default 0.5)")
+                       help="random-resized crop's aspect ratio range")
+    group.add_argument("--hflip", type=float, help="horizontal flip probability")
     group.add_argument("--aa", metavar="POLICY", help="auto-augment policy, timm's names "
                        "(rand-m9-mstd0.5-inc1, original, ...); DALI runs those it has")
     group.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
@@ -254,7 +254,26 @@ def build_parser():
                        help="also save last.pth every STEPS steps of an epoch, so that a killed "
                        "job (kill -9) loses at most that many (0: at epoch ends only; a stop "
                        "signal always saves)")
+    _name_dataset_defaults(parser)
     return parser
+
+
+def _name_dataset_defaults(parser):
+    """Each option whose default depends on --dataset (``fill_defaults``) says so in --help,
+    from ``DATASET_DEFAULTS`` and ``DEFAULTS`` themselves."""
+    def shown(value):
+        values = value if isinstance(value, tuple) else (value,)
+        return " ".join(f"{item:g}" if isinstance(item, float) else str(item) for item in values)
+
+    for action in parser._actions:
+        defaults = [f"{dataset} {shown(values[action.dest])}"
+                    for dataset, values in DATASET_DEFAULTS.items() if action.dest in values]
+        if action.dest in DEFAULTS:
+            general = shown(DEFAULTS[action.dest])
+            defaults.append(f"otherwise {general}" if defaults else general)
+        if defaults and "default" not in (action.help or ""):
+            action.help = (f"{action.help} " if action.help else "") + (
+                f"(default: {'; '.join(defaults)})")
 
 
 def _config_defaults(parser, path):
