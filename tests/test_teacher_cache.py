@@ -17,6 +17,7 @@ from trainer_helpers import CACHE_TEACHER, FAST, command, in_process
 from fastkd.data.loaders import create_loaders
 from fastkd.distillers import build_distiller
 from fastkd.engine.cli import cache_teacher, main
+from fastkd.engine.optim import cpu_has_bf16
 from fastkd.engine.teacher_cache import (
     CacheError,
     TeacherCache,
@@ -275,6 +276,9 @@ def test_run_refusals_name_the_manifest_field_or_the_file(built_caches, demo_dir
         (["--teacher-cache", cache, "--distiller", "ldrld", "--mixup", "0.2"],
          "--mixup mixes samples across a batch, which the cache cannot replay"),
     ]
+    if cpu_has_bf16():  # else --amp trains fp32 on this CPU, as the cache was built
+        cases.append((["--teacher-cache", cache, "--amp"],
+                      'precision: cache "float32", this run "bfloat16"'))
     for extra, message in cases:
         stderr = refusal([*settings, *extra])
         assert message in stderr, (extra, stderr[-2000:])

@@ -87,7 +87,6 @@ def manifest_fields(args, runner):
             **teacher_cache.identity(args, runner.loader, runner.data_config),
             "views": args.epochs, "dtype": args.cache_dtype, "shard_rows": SHARD_ROWS,
             "embedding": runner.embedding, "num_classes": args.num_classes,
-            "precision": args.amp_dtype if args.amp else "float32",
             "versions": {"fastkd": __version__, "torch": torch.__version__,
                          "timm": timm.__version__}}
 

@@ -233,8 +233,8 @@ def loader_samples(loader):
 def identity(args, train_loader, data_config):
     """What a cache's rows depend on, from a run's (or a build's) settings: the teacher and its
     weights, the input it is fed, the data, the loader (DALI and torchvision decode and resize
-    differently) and every augmentation setting with the seed. A run reads a cache only if all
-    agree."""
+    differently), the autocast precision and every augmentation setting with the seed. A run
+    reads a cache only if all agree."""
     samples = loader_samples(train_loader)
     if samples:
         data = fingerprint(samples, os.path.commonpath([path for path, _ in samples]))
@@ -250,6 +250,8 @@ def identity(args, train_loader, data_config):
         "data": {"dataset": args.dataset, "samples": train_loader.dataset_size,
                  "classes": train_loader.num_classes, "fingerprint": data},
         "loader": args.loader,
+        # The teacher runs under the run's autocast (as resolve_amp settled it).
+        "precision": args.amp_dtype if args.amp else "float32",
         "augmentation": {"seed": args.seed, "scale": list(args.scale), "ratio": list(args.ratio),
                          "hflip": args.hflip, "aa": args.aa, "reprob": args.reprob,
                          "remode": args.remode, "recount": args.recount},
