@@ -250,6 +250,26 @@ def test_a_killed_build_resumes_under_torchrun_to_the_same_files(built_caches, d
                                    np.load(os.path.join(whole, path)), rtol=1e-5, atol=1e-5)
 
 
+def test_a_finished_cache_is_extended_with_more_views(built_caches, demo_dir,
+                                                     teacher_checkpoint, tmp_path):
+    """Building more views into a finished cache computes only the new ones (the old files and
+    their records stay) and then serves the longer run; asking for fewer is nothing to do."""
+    folder = str(tmp_path / "cache")
+    shutil.copytree(built_caches["torch"], folder)
+    settings = [*run_settings(demo_dir, teacher_checkpoint, "torch"), "--teacher-cache", folder,
+                "--cache-dtype", "float32"]
+    result = in_process([*settings, "--epochs", "3"], cache_teacher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds 2 views: extending it to 3" in result.stdout
+    assert "in 3 shards (2 done before)" in result.stdout
+    before, after = (json.loads(open(os.path.join(path, "manifest.json")).read())
+                     for path in (built_caches["torch"], folder))
+    assert after["views"] == 3 and after["shards"][:2] == before["shards"]
+    TeacherCache(folder).open_views(range(3))  # every file at its recorded size and sha256
+    result = in_process([*settings, "--epochs", "2"], cache_teacher)
+    assert "finished cache of these settings with 3 views: nothing to do" in result.stdout
+
+
 # -- refusals ----------------------------------------------------------------------------------
 def refusal(arguments, entry=main):
     result = in_process(arguments, entry)
@@ -267,8 +287,9 @@ def test_run_refusals_name_the_manifest_field_or_the_file(built_caches, demo_dir
         (["--teacher-cache", cache, "--hflip", "0.5"],
          "augmentation.hflip: cache 0.0, this run 0.5"),
         (["--teacher-cache", cache, "--epochs", "3"],
-         "holds 2 views (manifest field 'views'), one per epoch, and this run needs 3: build 3, "
-         "or reuse them with --augment-views 2"),
+         "holds 2 views (manifest field 'views'), one per epoch, and this run needs 3: extend "
+         f"it (train/cache_teacher.py --teacher-cache {cache} --epochs 3, with this run's "
+         "flags), or reuse them with --augment-views 2"),
         (["--teacher-cache", cache, "--distiller", "hcd"],
          "holds no teacher embedding (manifest field 'embedding')"),
         (["--teacher-cache", str(tmp_path / "none")], "does not exist: build it with"),

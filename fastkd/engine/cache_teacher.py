@@ -82,10 +82,10 @@ class TeacherRunner:
 
 def manifest_fields(args, runner):
     """``build.json``: what the rows depend on (``teacher_cache.identity``) and how they are
-    kept."""
+    kept. Not the number of views: a build with more extends a cache."""
     return {"format": teacher_cache.FORMAT,
             **teacher_cache.identity(args, runner.loader, runner.data_config),
-            "views": args.epochs, "dtype": args.cache_dtype, "shard_rows": SHARD_ROWS,
+            "dtype": args.cache_dtype, "shard_rows": SHARD_ROWS,
             "embedding": runner.embedding, "num_classes": args.num_classes,
             "versions": {"fastkd": __version__, "torch": torch.__version__,
                          "timm": timm.__version__}}
@@ -93,7 +93,8 @@ def manifest_fields(args, runner):
 
 def build(args, world):
     """Every view's shards of the cache at ``--teacher-cache``, those a killed build finished
-    kept; rank 0 writes the manifest once all are there."""
+    kept; rank 0 writes the manifest once all are there. A finished cache of fewer views is
+    extended: its shards are kept, and its manifest serves runs until the new one replaces it."""
     directory = args.teacher_cache
     runner = TeacherRunner(args, world)
     try:
@@ -102,9 +103,14 @@ def build(args, world):
         if world.main:
             start(directory, fields)
         world.barrier()
-        if os.path.isfile(os.path.join(directory, MANIFEST)):
-            world.log(f"{directory} is a finished cache of these settings: nothing to do")
+        manifest = os.path.join(directory, MANIFEST)
+        built = teacher_cache.read_json(manifest)["views"] if os.path.isfile(manifest) else 0
+        if built >= args.epochs:
+            world.log(f"{directory} is a finished cache of these settings with {built} views: "
+                      "nothing to do")
             return
+        if built:
+            world.log(f"{directory} holds {built} views: extending it to {args.epochs}")
         size = runner.loader.dataset_size
         shards = [(view, first) for view in range(args.epochs)
                   for first in range(0, size, SHARD_ROWS)]
@@ -131,9 +137,9 @@ def build(args, world):
         world.barrier()
         if world.main:
             records = [teacher_cache.finished_shard(directory, *shard) for shard in shards]
-            teacher_cache.write_json(os.path.join(directory, MANIFEST),
-                                     {**fields, "teacher_accuracy": accuracy,
-                                      "shards": records})
+            teacher_cache.write_json(manifest, {**fields, "views": args.epochs,
+                                                "teacher_accuracy": accuracy,
+                                                "shards": records})
             stored = sum(entry["bytes"] for record in records
                          for entry in record["files"].values())
             world.log(f"wrote {directory}: {stored / 2**20:.1f} MiB, "
@@ -171,7 +177,7 @@ def verify(args, world):
         fields = manifest_fields(args, runner)
         found = teacher_cache.differences(
             cache.manifest, {key: value for key, value in fields.items()
-                             if key not in ("views", "dtype", "versions", "precision")})
+                             if key not in ("dtype", "versions", "precision")})
         if found:
             raise CacheError(f"--verify {args.verify} was built for another run "
                              f"({'; '.join(found)})")

@@ -279,9 +279,11 @@ def open_for_run(args, world, train_loader, data_config):
         if manifest["views"] < views:
             raise CacheError(
                 f"--teacher-cache {directory} holds {manifest['views']} views (manifest field "
-                f"'views'), one per epoch, and this run needs {views}"
+                f"'views'), one per epoch, and this run needs {views}: extend it "
+                f"(train/cache_teacher.py --teacher-cache {directory} --epochs {views}, with "
+                "this run's flags)"
                 + ("" if args.augment_views else
-                   f": build {views}, or reuse them with --augment-views {manifest['views']}"))
+                   f", or reuse them with --augment-views {manifest['views']}"))
         if args.distiller == "hcd" and not manifest["embedding"]:
             raise CacheError(f"--teacher-cache {directory} holds no teacher embedding (manifest "
                              "field 'embedding'), which HCD fuses: build it with --distiller hcd")
