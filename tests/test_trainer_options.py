@@ -268,3 +268,36 @@ def test_the_glyphs_test_split_is_allowed_and_recorded_like_every_option(tmp_pat
     assert parse_args(["--dataset", "glyphs", "--distiller", "ce"]).val_split == "val"
     write_args(str(tmp_path), args)
     assert parse_args(["--config", str(tmp_path / "args.yaml")]).val_split == "test"
+
+
+class RunStarted(Exception):
+    pass
+
+
+def test_the_demo_teacher_starts_from_its_seed_whatever_ran_before(tmp_path, monkeypatch):
+    """The main job checks its settings by building its models before the teacher trains: the
+    teacher's run is seeded as every run is (``seed_everything``), so its init owes nothing to
+    what was drawn before it (its weights had changed when that check drew less)."""
+    from types import SimpleNamespace
+
+    from fastkd.engine import trainer
+
+    args = parse_args(["--dataset", "demo", "--output", str(tmp_path)])
+    args.num_classes = 10
+    world = SimpleNamespace(rank=0, main=True, log=lambda line: None,
+                            broadcast=lambda value: value, barrier=lambda: None)
+    states = []
+
+    def open_run(*_, **__):
+        states.append(torch.random.get_rng_state())
+        raise RunStarted
+
+    monkeypatch.setattr(trainer, "open_run", open_run)
+    monkeypatch.setattr(trainer, "resume_point", lambda *_: (None, None))
+    for draws in (0, 1000):
+        torch.rand(draws)
+        with pytest.raises(RunStarted):
+            trainer.train_demo_teacher(args, world, None, None)
+    torch.manual_seed(args.seed)
+    assert torch.equal(states[0], states[1])
+    assert torch.equal(states[0], torch.random.get_rng_state())

@@ -109,6 +109,7 @@ def train_demo_teacher(args, world, loaders, data_config):
     else:
         world.log(f"training the {args.dataset} teacher {teacher_args.model} first "
                   f"({teacher_args.epochs} epochs, CE)")
+        seed_everything(teacher_args, world)  # its init owes nothing to what ran before it
         run = open_run(teacher_args, world, loaders, data_config, resume)
         run.fit()
         folder = run.run_dir
