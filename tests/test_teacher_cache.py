@@ -17,6 +17,7 @@ from trainer_helpers import CACHE_TEACHER, FAST, command, in_process
 from fastkd.data.loaders import create_loaders
 from fastkd.distillers import build_distiller
 from fastkd.engine.cli import cache_teacher, main
+from fastkd.engine.config import build_cache_parser
 from fastkd.engine.optim import cpu_has_bf16
 from fastkd.engine.teacher_cache import (
     CacheError,
@@ -293,6 +294,8 @@ def test_run_refusals_name_the_manifest_field_or_the_file(built_caches, demo_dir
         (["--teacher-cache", cache, "--distiller", "hcd"],
          "holds no teacher embedding (manifest field 'embedding')"),
         (["--teacher-cache", str(tmp_path / "none")], "does not exist: build it with"),
+        (["--teacher-cache", cache, "--distiller", "ce"],
+         "--teacher-cache holds a teacher's outputs: --distiller ce trains without a teacher"),
         (["--teacher-cache", demo_dir], "is not a teacher cache (no build.json)"),
         (["--teacher-cache", cache, "--distiller", "ldrld", "--mixup", "0.2"],
          "--mixup mixes samples across a batch, which the cache cannot replay"),
@@ -335,6 +338,16 @@ def test_builder_refusals(demo_dir, teacher_checkpoint, tmp_path):
     assert not (tmp_path / "u").exists()
 
 
+def test_the_builders_help_lists_what_it_takes():
+    """Not the trainer's flags that it refuses ("would change nothing in a teacher cache")."""
+    text = build_cache_parser().format_help()
+    for taken in ("--teacher-checkpoint", "--data-dir", "--scale", "--amp", "--epochs",
+                  "--augment-views", "--cache-dtype", "--verify"):
+        assert taken in text, taken
+    for refused in ("--lr", "--opt ", "--output", "--resume", "--model-ema", "--ldrld-alpha"):
+        assert refused not in text, refused
+
+
 def test_a_build_resumed_with_other_settings_is_refused_field_by_field(built_caches, demo_dir,
                                                                        teacher_checkpoint,
                                                                        tmp_path):
@@ -348,7 +361,7 @@ def test_a_build_resumed_with_other_settings_is_refused_field_by_field(built_cac
 
 
 def test_verify_recomputes_entries_with_the_live_teacher(built_caches, demo_dir,
-                                                         teacher_checkpoint):
+                                                         teacher_checkpoint, tmp_path):
     result = in_process([*run_settings(demo_dir, teacher_checkpoint, "torch"), "--verify",
                          built_caches["torch"]], cache_teacher)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -356,3 +369,19 @@ def test_verify_recomputes_entries_with_the_live_teacher(built_caches, demo_dir,
                       r"largest value\), cache float32", result.stdout)
     assert found, result.stdout[-2000:]
     assert float(found[2]) < 1e-5
+    assert "cache float32: within the rounding of float32" in result.stdout
+    # A cache whose values are not the teacher's (its manifest vouching for the files): exit 1.
+    folder = tmp_path / "scaled"
+    shutil.copytree(built_caches["torch"], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        entry = shard["files"]["logits"]
+        path = folder / entry["file"]
+        np.save(path, np.load(path) * 1.01)
+        entry.update(bytes=os.path.getsize(path), sha256=sha256_of(path))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = in_process([*run_settings(demo_dir, teacher_checkpoint, "torch"), "--verify",
+                         str(folder)], cache_teacher)
+    assert result.returncode == 1
+    assert "cache float32: BEYOND the rounding of float32" in result.stdout
+    assert "the teacher's logits differ from the cache's beyond rounding" in result.stderr

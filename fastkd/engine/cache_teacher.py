@@ -27,6 +27,10 @@ from .teacher_cache import BUILD, MANIFEST, SHARD_ROWS, CacheError, TeacherCache
 from .trainer import open_loaders, seed_everything
 
 VERIFY_SAMPLES = 64
+# Half a unit in the last place, relative: the rounding of a value stored or computed in each
+# dtype. --verify allows 4 of the coarsest that a cache's values went through (the other batch
+# composition of the recomputation can flip a rounding more than once), plus fp32's 1e-5.
+HALF_ULP = {"float16": 2**-11, "bfloat16": 2**-8, "float32": 2**-24}
 
 
 class TeacherRunner:
@@ -98,8 +102,10 @@ def build(args, world):
     directory = args.teacher_cache
     runner = TeacherRunner(args, world)
     try:
-        accuracy = runner.check_accuracy(args, world)  # before anything is written
         fields = manifest_fields(args, runner)
+        if world.main:
+            check_resumable(directory, fields)
+        accuracy = runner.check_accuracy(args, world)  # before anything is written
         if world.main:
             start(directory, fields)
         world.barrier()
@@ -148,8 +154,9 @@ def build(args, world):
         runner.close()
 
 
-def start(directory, fields):
-    """Begin or resume a build in ``directory``: a ``build.json`` there must hold ``fields``."""
+def check_resumable(directory, fields):
+    """A ``build.json`` in ``directory`` must hold ``fields``: a build resumed or extended there
+    adds rows computed the same way."""
     path = os.path.join(directory, BUILD)
     if os.path.isfile(path):
         found = teacher_cache.differences(teacher_cache.read_json(path), fields)
@@ -157,9 +164,14 @@ def start(directory, fields):
             raise SystemExit(f"error: --teacher-cache {directory} holds a cache built with other "
                              f"settings ({'; '.join(found)}): give another folder, or remove "
                              "it to build again")
-        return
-    os.makedirs(directory, exist_ok=True)
-    teacher_cache.write_json(path, fields)
+
+
+def start(directory, fields):
+    """Begin a build in ``directory`` (its ``build.json``), or go on with the one there."""
+    path = os.path.join(directory, BUILD)
+    if not os.path.isfile(path):
+        os.makedirs(directory, exist_ok=True)
+        teacher_cache.write_json(path, fields)
 
 
 def progress_bar(total, shown):
@@ -170,7 +182,9 @@ def progress_bar(total, shown):
 
 def verify(args, world):
     """Recompute ``VERIFY_SAMPLES`` random entries of the cache at ``--verify`` with the live
-    teacher and log the largest differences."""
+    teacher and log the largest differences, relative to the largest value, with a verdict:
+    within the rounding of the dtypes the values went through (``HALF_ULP``), or not (a
+    CacheError: the cache does not hold what this teacher computes)."""
     runner = TeacherRunner(args, world)
     try:
         cache = TeacherCache(args.verify)
@@ -197,10 +211,20 @@ def verify(args, world):
                 previous = largest.get(name, (0.0, 0.0))
                 largest[name] = (max(previous[0], difference),
                                  max(previous[1], difference / scale))
+        dtypes = sorted({cache.manifest["dtype"], cache.manifest["precision"],
+                         fields["precision"]}, key=HALF_ULP.get)
+        tolerance = 4 * HALF_ULP[dtypes[-1]] + 1e-5
         for name, (absolute, relative) in largest.items():
             world.log(f"{args.verify}: {VERIFY_SAMPLES} samples, teacher {name}: largest "
                       f"difference {absolute:.3g} ({relative:.3g} of the largest value), "
-                      f"cache {cache.manifest['dtype']}")
+                      f"cache {cache.manifest['dtype']}: "
+                      + ("within" if relative <= tolerance else "BEYOND")
+                      + f" the rounding of {', '.join(dtypes)} ({tolerance:.3g})")
+        beyond = [name for name, (_, relative) in largest.items() if relative > tolerance]
+        if beyond:
+            raise CacheError(f"--verify {args.verify}: the teacher's {', '.join(beyond)} differ "
+                             "from the cache's beyond rounding: the cache does not hold what "
+                             "this teacher computes on these inputs")
     except CacheError as error:
         raise SystemExit(f"error: {error}") from None
     finally:

@@ -126,6 +126,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastkd-train", description="Knowledge distillation with fastkd (timm models). "
         "Options named as in timm's train.py mean what they mean there.",
+        allow_abbrev=False,  # "--epoch 3" is a typo, not --epochs
         # One line above an error rather than every option's (--help lists those).
         usage="%(prog)s [--config FILE] [--dataset NAME] [--model NAME] [--distiller NAME] "
         "[options]; --help lists them")
@@ -406,17 +407,22 @@ def build_cache_parser():
         "epoch draws). Takes the trainer's data, teacher and augmentation flags.")
     parser.usage = ("%(prog)s --teacher-cache DIR [--teacher NAME --teacher-checkpoint FILE] "
                     "[trainer's data and augmentation options]; --help lists them")
+    taken = CACHE_OPTIONS | _group_dests(parser, "data") | {"help", "version", "config"}
     for action in parser._actions:
         if action.dest == "teacher_cache":
-            action.help = "where to write the cache (a build resumes in DIR where it stopped)"
+            action.help = ("where to write the cache (a build resumes in DIR where it stopped, "
+                           "and extends a finished cache to more --epochs)")
         elif action.dest == "epochs":
             action.help = "views to cache: view e is what training epoch e draws"
+        elif action.dest not in taken:  # refused by parse_cache_args: not listed
+            action.help = argparse.SUPPRESS
     group = parser.add_argument_group("teacher cache builder")
     group.add_argument("--cache-dtype", default="float16", choices=("float16", "bfloat16",
                                                                     "float32"))
     group.add_argument("--verify", metavar="DIR",
                        help="recompute a random sample of DIR's entries with the live teacher "
-                       "and print the largest difference")
+                       "and print the largest difference; exit 1 if it is beyond the rounding "
+                       "of the cache's dtype and precision")
     return parser
 
 
@@ -447,7 +453,7 @@ def parse_cache_args(argv=None):
     for check in (check_required, check_data, check_teacher_weights, check_numbers):
         check(parser, args, given)
     args.teacher_cache = cache_folder
-    _check_cacheable(parser, args)
+    _check_cacheable(parser, args, "--verify" if args.verify else "--teacher-cache")
     check_registries(parser, args)
     return args
 
@@ -613,25 +619,29 @@ def check_teacher_cache(parser, args, given):
     compares the cache's manifest with the run)."""
     if not args.teacher_cache:
         return
+    if not distils(args):
+        parser.error(f"--teacher-cache holds a teacher's outputs: --distiller {args.distiller} "
+                     "trains without a teacher")
     problem = cache_folder_problem(args.teacher_cache)
     if problem:
         parser.error(f"--teacher-cache {args.teacher_cache} {problem}")
-    _check_cacheable(parser, args)
+    _check_cacheable(parser, args, "--teacher-cache")
 
 
-def _check_cacheable(parser, args):
-    """What a cache can hold: per-sample augmentations of a dataset's files, and a teacher whose
-    weights are named."""
+def _check_cacheable(parser, args, flag):
+    """What a cache (at ``flag``: --teacher-cache, or the builder's --verify) can hold:
+    per-sample augmentations of a dataset's files, and a teacher whose weights are named (the
+    manifest records which)."""
     if args.dataset == "synthetic":
-        parser.error("--teacher-cache reads a dataset's samples: --dataset synthetic has none")
+        parser.error(f"{flag} reads a dataset's samples: --dataset synthetic has none")
     if mixes(args):
         mixing = [name for name in ("mixup", "cutmix", "cutmix_minmax") if vars(args)[name]]
-        parser.error(f"--teacher-cache serves per-sample augmentations only: {_flags(mixing)} "
+        parser.error(f"{flag} serves per-sample augmentations only: {_flags(mixing)} "
                      f"{'mixes' if len(mixing) == 1 else 'mix'} samples across a batch, which "
                      "the cache cannot replay; drop them")
     if not (args.teacher_checkpoint or args.teacher_pretrained or args.allow_untrained_teacher):
-        parser.error("--teacher-cache needs the teacher's weights named as when the cache was "
-                     "built: --teacher-checkpoint FILE, --teacher-pretrained or "
+        parser.error(f"{flag} needs the teacher's weights named (the cache records which): "
+                     "--teacher-checkpoint FILE, --teacher-pretrained or "
                      "--allow-untrained-teacher")
 
 
