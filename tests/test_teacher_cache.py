@@ -370,6 +370,11 @@ def test_verify_recomputes_entries_with_the_live_teacher(built_caches, demo_dir,
     assert found, result.stdout[-2000:]
     assert float(found[2]) < 1e-5
     assert "cache float32: within the rounding of float32" in result.stdout
+    if cpu_has_bf16():  # the teacher computed in another precision: refused, as a run is
+        result = in_process([*run_settings(demo_dir, teacher_checkpoint, "torch"), "--amp",
+                             "--verify", built_caches["torch"]], cache_teacher)
+        assert result.returncode == 1
+        assert 'precision: cache "float32", this run "bfloat16"' in result.stderr
     # A cache whose values are not the teacher's (its manifest vouching for the files): exit 1.
     folder = tmp_path / "scaled"
     shutil.copytree(built_caches["torch"], folder)

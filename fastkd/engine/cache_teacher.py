@@ -28,8 +28,8 @@ from .trainer import open_loaders, seed_everything
 
 VERIFY_SAMPLES = 64
 # Half a unit in the last place, relative: the rounding of a value stored or computed in each
-# dtype. --verify allows 4 of the coarsest that a cache's values went through (the other batch
-# composition of the recomputation can flip a rounding more than once), plus fp32's 1e-5.
+# dtype. --verify allows 4 of the coarser of the cache's dtype and the precision it was computed
+# in (the recomputation's other batch composition can flip a rounding more than once), plus 1e-5.
 HALF_ULP = {"float16": 2**-11, "bfloat16": 2**-8, "float32": 2**-24}
 
 
@@ -191,7 +191,7 @@ def verify(args, world):
         fields = manifest_fields(args, runner)
         found = teacher_cache.differences(
             cache.manifest, {key: value for key, value in fields.items()
-                             if key not in ("dtype", "versions", "precision")})
+                             if key not in ("dtype", "versions")})
         if found:
             raise CacheError(f"--verify {args.verify} was built for another run "
                              f"({'; '.join(found)})")
@@ -211,8 +211,8 @@ def verify(args, world):
                 previous = largest.get(name, (0.0, 0.0))
                 largest[name] = (max(previous[0], difference),
                                  max(previous[1], difference / scale))
-        dtypes = sorted({cache.manifest["dtype"], cache.manifest["precision"],
-                         fields["precision"]}, key=HALF_ULP.get)
+        dtypes = sorted({cache.manifest["dtype"], cache.manifest["precision"]},
+                        key=HALF_ULP.get)
         tolerance = 4 * HALF_ULP[dtypes[-1]] + 1e-5
         for name, (absolute, relative) in largest.items():
             world.log(f"{args.verify}: {VERIFY_SAMPLES} samples, teacher {name}: largest "

@@ -414,6 +414,8 @@ def build_cache_parser():
                            "and extends a finished cache to more --epochs)")
         elif action.dest == "epochs":
             action.help = "views to cache: view e is what training epoch e draws"
+        elif action.dest == "distiller":
+            action.help = "the run's method (hcd also stores the teacher embedding it fuses)"
         elif action.dest not in taken:  # refused by parse_cache_args: not listed
             action.help = argparse.SUPPRESS
     group = parser.add_argument_group("teacher cache builder")
