@@ -19,9 +19,8 @@ from ..models import data_config as model_data_config
 from ..models.taps import embedding_width
 from . import teacher_cache
 from .distributed import World
-from .evaluate import evaluate
 from .optim import autocast_settings, resolve_amp
-from .run import build_task, check_teacher_accuracy
+from .run import build_task, measure_teacher
 from .stop import Stopped
 from .teacher_cache import BUILD, MANIFEST, SHARD_ROWS, CacheError, TeacherCache
 from .trainer import open_loaders, seed_everything
@@ -54,17 +53,6 @@ class TeacherRunner:
         self.autocast, self.device = autocast_settings(args), world.device
         self.embedding = (embedding_width(self.task.teacher.model) if args.distiller == "hcd"
                           else None)
-
-    def check_accuracy(self, args, world):
-        """The teacher's validation accuracy, logged and checked as a live run checks it
-        (``run.check_teacher_accuracy``), for the manifest: a run from the cache builds no
-        teacher to measure."""
-        top1, top5, _ = evaluate(self.task.teacher, self.val_loader, world, self.autocast,
-                                 self.task.teacher_input)
-        world.log(f"teacher {args.teacher}: top-1 {top1:.2f} top-5 {top5:.2f}")
-        samples = self.val_loader.dataset_size
-        check_teacher_accuracy(args, top1, samples)
-        return {"top1": top1, "top5": top5, "samples": samples}
 
     def outputs(self, view, slots, progress=None):
         """``progress`` (a tqdm bar), if given, counts the images as they are done."""
@@ -105,7 +93,9 @@ def build(args, world):
         fields = manifest_fields(args, runner)
         if world.main:
             check_resumable(directory, fields)
-        accuracy = runner.check_accuracy(args, world)  # before anything is written
+        # Measured and checked as a live run's, before anything is written: a run from the
+        # cache builds no teacher to measure.
+        accuracy = measure_teacher(args, world, runner.task, runner.val_loader, runner.autocast)
         if world.main:
             start(directory, fields)
         world.barrier()

@@ -156,11 +156,24 @@ class StepMeter:
         return meter
 
 
-def check_teacher_accuracy(args, top1, samples):
-    """Refuse a teacher whose validation top-1 (%, over ``samples`` images) is no better than
-    chance, 1/C plus three binomial standard errors, unless --allow-untrained-teacher."""
+def measure_teacher(args, world, task, val_loader, autocast):
+    """The teacher's validation accuracy ``{"top1", "top5", "samples"}`` (%, over ``samples``
+    images), logged and checked (``check_teacher_accuracy``): before a live run trains, and
+    before a teacher cache is built (its manifest keeps it for the runs it serves)."""
+    top1, top5, _ = evaluate(task.teacher, val_loader, world, autocast, task.teacher_input)
+    accuracy = {"top1": top1, "top5": top5, "samples": val_loader.dataset_size}
+    check_teacher_accuracy(args, world, accuracy)
+    return accuracy
+
+
+def check_teacher_accuracy(args, world, accuracy, source=""):
+    """Log the teacher's ``accuracy`` (``measure_teacher``'s; ``source`` says where it was
+    measured, if not now) and refuse a teacher no better than chance, 1/C plus three binomial
+    standard errors, unless --allow-untrained-teacher."""
+    top1 = accuracy["top1"]
+    world.log(f"teacher {args.teacher}: top-1 {top1:.2f} top-5 {accuracy['top5']:.2f}{source}")
     chance = 1 / args.num_classes
-    threshold = 100 * (chance + 3 * math.sqrt(chance * (1 - chance) / samples))
+    threshold = 100 * (chance + 3 * math.sqrt(chance * (1 - chance) / accuracy["samples"]))
     if top1 <= threshold and not args.allow_untrained_teacher:
         raise SystemExit(
             f"error: the teacher {args.teacher} scores {top1:.2f}% top-1, no better than chance "
@@ -220,15 +233,13 @@ class Run:
         ``teacher_accuracy``). A teacher no better than chance stops the run before it starts
         (``check_teacher_accuracy``)."""
         if recorded is None:
-            top1, top5, _ = evaluate(self.task.teacher, self.val_loader, self.world,
-                                     self.autocast, self.task.teacher_input)
-            samples, source = self.val_loader.dataset_size, ""
+            accuracy = measure_teacher(self.args, self.world, self.task, self.val_loader,
+                                       self.autocast)
         else:
-            top1, top5, samples = recorded["top1"], recorded["top5"], recorded["samples"]
-            source = f", measured by the build of --teacher-cache {self.args.teacher_cache}"
-        self.teacher_accuracy = top1, top5
-        self.world.log(f"teacher {self.args.teacher}: top-1 {top1:.2f} top-5 {top5:.2f}{source}")
-        check_teacher_accuracy(self.args, top1, samples)
+            accuracy = recorded
+            check_teacher_accuracy(self.args, self.world, recorded, source=(
+                f", measured by the build of --teacher-cache {self.args.teacher_cache}"))
+        self.teacher_accuracy = accuracy["top1"], accuracy["top5"]
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, epoch, step, ranks):
