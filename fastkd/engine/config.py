@@ -407,7 +407,7 @@ def build_cache_parser():
         "epoch draws). Takes the trainer's data, teacher and augmentation flags.")
     parser.usage = ("%(prog)s --teacher-cache DIR [--teacher NAME --teacher-checkpoint FILE] "
                     "[trainer's data and augmentation options]; --help lists them")
-    taken = CACHE_OPTIONS | _group_dests(parser, "data") | {"help", "version", "config"}
+    taken = _builder_options(parser) | {"help", "version", "config"}
     for action in parser._actions:
         if action.dest == "teacher_cache":
             action.help = ("where to write the cache (a build resumes in DIR where it stopped, "
@@ -435,7 +435,7 @@ def parse_cache_args(argv=None):
     args, changed = _parse(parser, argv)
     given = {key for key, value in vars(args).items() if value is not None}
     fill_defaults(args)
-    unused = sorted(changed - CACHE_OPTIONS - {"data_dir", *_group_dests(parser, "data")})
+    unused = sorted(changed - _builder_options(parser))
     if unused:
         parser.error(f"{_flags(unused)} would change nothing in a teacher cache")
     if bool(args.teacher_cache) == bool(args.verify):
@@ -458,6 +458,11 @@ def parse_cache_args(argv=None):
     _check_cacheable(parser, args, "--verify" if args.verify else "--teacher-cache")
     check_registries(parser, args)
     return args
+
+
+def _builder_options(parser):
+    """The trainer's options the cache builder takes: ``CACHE_OPTIONS`` and the data's."""
+    return CACHE_OPTIONS | {"data_dir"} | _group_dests(parser, "data")
 
 
 def _group_dests(parser, title_start):
