@@ -119,11 +119,15 @@ def save_teacher(path, num_classes):
     torch.save(timm.create_model("resnet34", num_classes=num_classes).state_dict(), path)
 
 
-def last_epoch(run_dir):
-    """summary.csv's last row, numbers as floats."""
+def summary_rows(run_dir):
+    """summary.csv's rows, one per epoch, numbers as floats."""
     with open(os.path.join(run_dir, "summary.csv"), newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {key: float(value) for key, value in rows[-1].items() if value not in ("", None)}
+        return [{key: float(value) for key, value in row.items() if value not in ("", None)}
+                for row in csv.DictReader(handle)]
+
+
+def last_epoch(run_dir):
+    return summary_rows(run_dir)[-1]
 
 
 def torchrun(options, log_path, cap, stop_at=None, script=MAIN):
@@ -247,15 +251,10 @@ def cached_run(options, run_dir, log_dir, cap, results):
     live_dir = os.path.join(os.path.dirname(run_dir), "gpu-decode")
     if results.get("gpu-decode", {}).get("exit") == 0 and os.path.isfile(
             os.path.join(run_dir, "summary.csv")):
-        live, cached = (epoch_losses(folder) for folder in (live_dir, run_dir))
+        live, cached = ([row["train_loss"] for row in summary_rows(folder)]
+                        for folder in (live_dir, run_dir))
         result["train_loss_rel_diff"] = [abs(a - b) / abs(a) for a, b in zip(live, cached)]
     return result
-
-
-def epoch_losses(run_dir):
-    """Each epoch's train loss, from summary.csv."""
-    with open(os.path.join(run_dir, "summary.csv"), newline="") as handle:
-        return [float(row["train_loss"]) for row in csv.DictReader(handle)]
 
 
 def targets(results, throughput):
