@@ -9,9 +9,10 @@ the options' loss fields (``options.loss_options()``); the distiller-only fields
 weight, a warm-up, the stages to tap) belong to the distillers, so as keywords they are refused.
 """
 
+import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import functional, validation
 from .methods.dkd import DKD, DKDOptions
 from .methods.hcd import HCD, HCDOptions
 from .methods.kd import KD, KDOptions
@@ -48,6 +49,24 @@ class _MethodLoss(nn.Module):
         # Named once here: torch.compile cannot trace the dataclasses.fields() call behind
         # options.loss_options().
         self.loss_fields = tuple(loss_fields)
+        self._refuse_bad_settings()
+
+    def _refuse_bad_settings(self):
+        """Refuse a bad option or setting now rather than at the first call: the functional loss
+        checks its arguments before any work, so one call on a small dummy batch (zero logits,
+        class-0 labels) on the torch backend raises what a real call would. The checks stay in
+        one place, the functional losses."""
+        functional.requested_backend(self.settings["backend"])
+        keywords = {**self.loss_keywords(), "backend": "torch"}
+        logits = torch.zeros(1, self.dummy_classes())
+        self.dummy_call(logits, torch.zeros(1, dtype=torch.long), **keywords)
+
+    def dummy_classes(self):
+        """The dummy batch's class count: one any valid setting takes."""
+        return 2
+
+    def dummy_call(self, logits, target, **keywords):
+        raise NotImplementedError
 
     def loss_keywords(self):
         """The keyword arguments of the loss function."""
@@ -70,6 +89,13 @@ class LDRLDLoss(_MethodLoss):
         super().__init__(options, overrides, reduction=reduction, backend=backend,
                          return_parts=return_parts)
 
+    def dummy_classes(self):
+        # As many classes as top_d asks for (a call with fewer is refused, rightly, then).
+        return max(validation.check_count("top_d", self.options.top_d), 2)
+
+    def dummy_call(self, logits, target, **keywords):
+        functional.ldrld_loss(logits, logits, target, **keywords)
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 target: Tensor | None) -> LossResult:
         return functional.ldrld_loss(student_logits, teacher_logits, target,
@@ -87,6 +113,9 @@ class KDLoss(_MethodLoss):
                  backend: str = "auto", **overrides):
         super().__init__(options, overrides, reduction=reduction, backend=backend)
 
+    def dummy_call(self, logits, target, **keywords):
+        functional.kd_loss(logits, logits, **keywords)
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return functional.kd_loss(student_logits, teacher_logits, **self.loss_keywords())
 
@@ -103,6 +132,9 @@ class DKDLoss(_MethodLoss):
                  backend: str = "auto", return_parts: bool = False, **overrides):
         super().__init__(options, overrides, reduction=reduction, backend=backend,
                          return_parts=return_parts)
+
+    def dummy_call(self, logits, target, **keywords):
+        functional.dkd_loss(logits, logits, target, **keywords)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 target: Tensor) -> LossResult:
@@ -123,6 +155,11 @@ class HCDLogitLoss(_MethodLoss):
                  **overrides):
         super().__init__(options, overrides, label_smoothing=label_smoothing,
                          reduction=reduction, backend=backend, return_parts=return_parts)
+
+    def dummy_call(self, logits, target, **keywords):
+        num_sub = validation.check_count("num_sub", self.options.num_sub)
+        shared = logits.new_zeros(len(logits), num_sub * logits.shape[1])
+        functional.hcd_logit_loss(shared, logits, logits, target, **keywords)
 
     def forward(self, shared_logits: Tensor, teacher_logits: Tensor, student_logits: Tensor,
                 target: Tensor) -> LossResult:

@@ -115,9 +115,7 @@ def check_ldrld_target(target, student_logits, ce_weight):
 def check_shared_logits(shared_logits, student_logits, num_sub):
     """HCD's shared logits ``[B, num_sub * C]``, floating, on the student logits' device.
     Returns ``num_sub`` as an int."""
-    num_sub = _number("num_sub", num_sub, "a positive integer", integral=True)
-    if num_sub < 1:
-        raise ValueError(f"num_sub must be a positive integer, got {num_sub!r}")
+    num_sub = check_count("num_sub", num_sub)
     check_float_tensor("shared_logits", shared_logits)
     batch, num_classes = student_logits.shape
     if shared_logits.dim() != 2 or shared_logits.shape[0] != batch:
@@ -207,6 +205,14 @@ def check_flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_count(name, value):
+    """``value`` as a positive int (numpy's integers included)."""
+    number = _number(name, value, "a positive integer", integral=True)
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
 
 
 def check_top_d(top_d, num_classes):

@@ -4,6 +4,7 @@ dtypes."""
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,36 @@ def test_module_refuses_unknown_and_distiller_only_options():
         HCDLogitLoss(stages=(4,), cfm="linear")
     with pytest.raises(TypeError, match=r"DKDLoss takes a DKDOptions, got LDRLDOptions"):
         DKDLoss(LDRLDOptions())
+
+
+@pytest.mark.parametrize("build, argument", [
+    (lambda: LDRLDLoss(temperature=0), "temperature"),
+    (lambda: LDRLDLoss(top_d=0), "top_d"),
+    (lambda: LDRLDLoss(top_d=2.5), "top_d"),
+    (lambda: LDRLDLoss(alpha=-1.0), "alpha"),
+    (lambda: LDRLDLoss(reduction="avg"), "reduction"),
+    (lambda: LDRLDLoss(backend="cuda"), "backend"),
+    (lambda: KDLoss(temperature=-4.0), "temperature"),
+    (lambda: DKDLoss(beta=float("nan")), "beta"),
+    (lambda: HCDLogitLoss(num_sub=0), "num_sub"),
+    (lambda: HCDLogitLoss(label_smoothing=1.5), "label_smoothing"),
+    (lambda: HCDLogitLoss(theta=float("inf")), "theta"),
+])
+def test_module_refuses_a_bad_setting_when_built(build, argument):
+    """Where the functional loss would refuse a setting at each call, the module refuses it at
+    construction, with the functional's message, before any batch is seen."""
+    with pytest.raises((ValueError, TypeError), match=rf"^{argument}\b"):
+        build()
+
+
+def test_module_checks_settings_without_knowing_the_class_count():
+    """top_d (a numpy integer here) may exceed any small dummy class count; the check at
+    construction does not refuse what a call with enough classes takes."""
+    student, teacher, target = random_logits(3, 40, seed=63)
+    loss = LDRLDLoss(top_d=np.int64(32), backend="torch")
+    torch.testing.assert_close(loss(student, teacher, target),
+                               ldrld_loss(student, teacher, target, top_d=32, backend="torch"),
+                               rtol=0, atol=0)
 
 
 def test_module_compiles_to_one_graph():
