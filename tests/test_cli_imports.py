@@ -71,6 +71,18 @@ def test_what_only_timm_or_the_loss_knows_is_checked_after_the_flags(argv, error
     assert refusal_without_torch(["--model", "resnet_nope", "--lr", "0"])[2] == []
 
 
+def test_under_torchrun_a_refusal_is_printed_once():
+    """Every process of the job refuses the same command line; the first alone says so, and
+    exits first (the others wait silently), so that torchrun cannot stop it before it printed."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(MAIN), "--epocs", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("(--epocs: did you mean --epochs?)") == 1, done.stderr
+    assert done.stderr.count("usage: fastkd-train") == 1, done.stderr
+    assert "(exitcode: 2) local_rank: 0" in done.stderr, done.stderr  # torchrun's report
+
+
 def test_importing_fastkd_imports_no_torch_until_its_losses_are_used():
     """Then timm, imported after fastkd, has the CIFAR nets (the import hook's order)."""
     assert python("import sys, fastkd; light = 'torch' not in sys.modules; "

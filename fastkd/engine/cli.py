@@ -1,11 +1,16 @@
 """``fastkd-train`` and ``train/main.py``: the command line is parsed and checked before the
 training job, and with it torch, is imported, so that a refused command line answers at once."""
 
+import contextlib
+import io
+import os
+import time
+
 
 def main(argv=None):
     from .config import parse_args
 
-    args = parse_args(argv)
+    args = parse_once_per_job(parse_args, argv)
     from .trainer import run_job_and_exit
 
     run_job_and_exit(args)
@@ -15,7 +20,29 @@ def cache_teacher(argv=None):
     """``fastkd-cache-teacher`` and ``train/cache_teacher.py``."""
     from .config import parse_cache_args
 
-    args = parse_cache_args(argv)
+    args = parse_once_per_job(parse_cache_args, argv)
     from .cache_teacher import run_and_exit
 
     run_and_exit(args)
+
+
+# How long another process of a refused job waits for the first to report and exit, which ends
+# the job (torchrun then stops the others), before it exits itself.
+REPORT_WAIT_S = 10
+
+
+def parse_once_per_job(parse, argv):
+    """``parse(argv)``, in which a refused command line is reported by the job's first process
+    alone: under torchrun every process reads the same command line and would refuse it alike,
+    and N copies of one message bury it. The others stay silent and wait (``REPORT_WAIT_S``):
+    had one exited first, torchrun could stop the first before it printed anything."""
+    if os.environ.get("RANK", "0") == "0":
+        return parse(argv)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return parse(argv)
+    except SystemExit as stop:
+        if stop.code in (None, 0):  # --help, --version: every process prints
+            raise
+        time.sleep(REPORT_WAIT_S)
+        raise SystemExit(stop.code if isinstance(stop.code, int) else 1) from None
