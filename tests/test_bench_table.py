@@ -155,9 +155,12 @@ def test_runs_share_baselines_and_teachers_and_a_rerun_skips_finished_rows(table
         ("kd-seed12", None),  # main job: seed 12's baseline
         ("hcd-vit-seed12", "teacher-vit_tiny_patch16_224.pth"),
         ("ldrld-seed12", "teacher-default.pth")]
-    assert commands[1][commands[1].index("--distiller"):][:7] == [
+    assert commands[1][commands[1].index("--distiller"):][:11] == [
         "--distiller", "hcd", "--teacher", "vit_tiny_patch16_224", "--teacher-kwargs",
-        "patch_size=4", "img_size=32"]
+        "patch_size=4", "img_size=32", "--hcd-temperature", "4", "--hcd-w-sdd", "0.33"]
+    # The glyphs' recipe changes HCD's settings alone.
+    assert not any(flag.startswith(("--hcd", "--kd-", "--ldrld")) for command in commands
+                   if "hcd" not in command for flag in command)
     assert all(command[command.index("--epochs") + 1] == "1" for command in commands)
     assert all(command[command.index("--warmup-epochs") + 1] == "0" for command in commands)
     runs = json.loads((output / "runs.json").read_text())
