@@ -32,7 +32,12 @@ import sys
 import time
 
 from fastkd.data.splits import FIXED_SPLITS
-from fastkd.engine.config import FOREIGN_ENTRIES, build_parser, unwritable_folder
+from fastkd.engine.config import (
+    FOREIGN_ENTRIES,
+    build_parser,
+    recipe_method_flags,
+    unwritable_folder,
+)
 from fastkd.files import atomic_write
 from fastkd.methods import methods
 
@@ -42,11 +47,6 @@ COLUMNS = ("method", "seed", "baseline_top1", "distilled_top1")
 # the CNN student.
 VIT_TEACHER = ("--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "patch_size=4",
                "img_size=32")
-# Per dataset, the distillers' settings in the table's recipe where they differ from the
-# method's defaults (the papers'), each chosen on the validation split (README, "HCD on the
-# glyphs"). HCD at the authors' T = 1, w_sdd = 6 is KD at T = 1 with weight 19 (the fused
-# logits start as the teacher's): on the glyphs' 5 epochs the student stays at chance.
-RECIPE_SETTINGS = {"glyphs": {"hcd": ("--hcd-temperature", "4", "--hcd-w-sdd", "0.33")}}
 
 
 def table_methods():
@@ -154,7 +154,7 @@ def training_command(args, method, seed, teacher_checkpoint=None):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(args.nproc_per_node),
                os.path.join(REPO, "train", "main.py"), "--distiller", distiller, *teacher_flags,
-               *RECIPE_SETTINGS.get(args.dataset, {}).get(distiller, ()),
+               *recipe_method_flags(args.dataset, distiller),
                "--amp", "--seed", str(seed), *passed_flags(args), "--output", args.output,
                "--experiment", f"{method}-seed{seed}", "--resume", "auto",
                *given_flags(args, ("epochs", "warmup_epochs"))]

@@ -12,7 +12,14 @@ from timm.scheduler import create_scheduler_v2
 
 from fastkd.distillers import method_options_classes
 from fastkd.engine import demo_teacher
-from fastkd.engine.config import DEMO_TEACHERS, build_parser, method_options, parse_args
+from fastkd.engine.config import (
+    DEMO_TEACHERS,
+    build_parser,
+    method_options,
+    off_recipe_warning,
+    parse_args,
+    recipe_method_flags,
+)
 from fastkd.engine.optim import create_optimizer, create_scheduler
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "train", "configs")
@@ -117,6 +124,24 @@ def test_help_names_the_defaults_each_dataset_gives():
                           "--distiller", "ce"])
     assert helps["epochs"].endswith(f"otherwise {general.epochs})")
     assert helps["decay_epochs"].endswith(f"(default: {general.decay_epochs:g})")
+
+
+def test_a_method_run_without_its_datasets_recipe_settings_is_warned():
+    """HCD's defaults (the authors') leave the glyphs' 5-epoch student at chance
+    (bench/results/glyphs-hcd-recipe-2026-12-05/): such a run is warned, naming the recipe's
+    flags; with them, or for another method or dataset, it is not."""
+    warning = off_recipe_warning(parse_args(["--distiller", "hcd"]))
+    assert warning == (
+        "warning: --distiller hcd with --hcd-temperature 1 --hcd-w-sdd 6 has not trained in the "
+        "--dataset glyphs recipe (its student stayed near chance); that recipe takes "
+        "--hcd-temperature 4 --hcd-w-sdd 0.33 (README's evidence section)")
+    assert "--hcd-temperature 4 --hcd-w-sdd 6" in off_recipe_warning(
+        parse_args(["--distiller", "hcd", "--hcd-temperature", "4"]))
+    recipe = recipe_method_flags("glyphs", "hcd")
+    assert recipe == ["--hcd-temperature", "4", "--hcd-w-sdd", "0.33"]
+    assert off_recipe_warning(parse_args(["--distiller", "hcd", *recipe])) is None
+    assert off_recipe_warning(parse_args(["--distiller", "kd"])) is None
+    assert off_recipe_warning(parse_args(["--distiller", "hcd", "--dataset", "demo"])) is None
 
 
 def test_timm_flags_parse_as_in_timm():

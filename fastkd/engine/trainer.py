@@ -26,7 +26,7 @@ from ..data.bad_images import logger as data_logger
 from ..data.loaders import create_loaders, resolve_loader
 from ..models import data_config as model_data_config
 from . import checkpoint, demo_teacher, teacher_cache
-from .config import DEMO_TEACHERS, check_method_options, crop_flip, distils
+from .config import DEMO_TEACHERS, check_method_options, crop_flip, distils, off_recipe_warning
 from .distributed import World
 from .evaluate import evaluate, last_and_best, report
 from .optim import autocast_settings, resolve_amp
@@ -231,6 +231,9 @@ def train_or_evaluate(args, world, loaders, data_config):
     check_method_options(args)
     if args.eval_only:
         return evaluate_checkpoint(args, world, loaders[1])
+    warning = off_recipe_warning(args)
+    if warning:
+        world.log(warning)
     if not len(loaders[0]):
         processes = f"{world.world_size} process{'es' if world.world_size > 1 else ''}"
         raise SystemExit(
