@@ -49,23 +49,30 @@ class _MethodLoss(nn.Module):
         # Named once here: torch.compile cannot trace the dataclasses.fields() call behind
         # options.loss_options().
         self.loss_fields = tuple(loss_fields)
-        self._refuse_bad_settings()
+        # Refused now rather than at the first call (``check``).
+        functional.requested_backend(settings["backend"])
+        self.check(self.options, self.check_classes(self.options), **settings)
 
-    def _refuse_bad_settings(self):
-        """Refuse a bad option or setting now rather than at the first call: the functional loss
-        checks its arguments before any work, so one call on a small dummy batch (zero logits,
-        class-0 labels) on the torch backend raises what a real call would. The checks stay in
-        one place, the functional losses."""
-        functional.requested_backend(self.settings["backend"])
-        keywords = {**self.loss_keywords(), "backend": "torch"}
-        logits = torch.zeros(1, self.dummy_classes())
-        self.dummy_call(logits, torch.zeros(1, dtype=torch.long), **keywords)
+    @classmethod
+    def check(cls, options, num_classes, **settings):
+        """Raise the ``TypeError`` or ``ValueError`` (its message starting with the argument's
+        name) that the functional loss gives ``options`` and ``settings`` on logits of
+        ``num_classes`` classes, before any work: one call on a dummy batch (zero logits,
+        class-0 labels) on the torch backend. The rules stay in one place, the functional
+        loss's checks; the distillers check their options through this too."""
+        logits, target = torch.zeros(2, num_classes), torch.zeros(2, dtype=torch.long)
+        cls.dummy_call(options, logits, target,
+                       **{**options.loss_options(), **settings, "backend": "torch"})
 
-    def dummy_classes(self):
-        """The dummy batch's class count: one any valid setting takes."""
+    @staticmethod
+    def check_classes(options):
+        """The dummy batch's class count at construction, where the data's is not known: one
+        any valid setting takes."""
         return 2
 
-    def dummy_call(self, logits, target, **keywords):
+    @staticmethod
+    def dummy_call(options, logits, target, **keywords):
+        """The functional loss on the dummy batch ``logits``, ``target``."""
         raise NotImplementedError
 
     def loss_keywords(self):
@@ -89,11 +96,13 @@ class LDRLDLoss(_MethodLoss):
         super().__init__(options, overrides, reduction=reduction, backend=backend,
                          return_parts=return_parts)
 
-    def dummy_classes(self):
+    @staticmethod
+    def check_classes(options):
         # As many classes as top_d asks for (a call with fewer is refused, rightly, then).
-        return max(validation.check_count("top_d", self.options.top_d), 2)
+        return max(validation.check_count("top_d", options.top_d), 2)
 
-    def dummy_call(self, logits, target, **keywords):
+    @staticmethod
+    def dummy_call(options, logits, target, **keywords):
         functional.ldrld_loss(logits, logits, target, **keywords)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
@@ -113,7 +122,8 @@ class KDLoss(_MethodLoss):
                  backend: str = "auto", **overrides):
         super().__init__(options, overrides, reduction=reduction, backend=backend)
 
-    def dummy_call(self, logits, target, **keywords):
+    @staticmethod
+    def dummy_call(options, logits, target, **keywords):
         functional.kd_loss(logits, logits, **keywords)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -133,7 +143,8 @@ class DKDLoss(_MethodLoss):
         super().__init__(options, overrides, reduction=reduction, backend=backend,
                          return_parts=return_parts)
 
-    def dummy_call(self, logits, target, **keywords):
+    @staticmethod
+    def dummy_call(options, logits, target, **keywords):
         functional.dkd_loss(logits, logits, target, **keywords)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
@@ -156,8 +167,9 @@ class HCDLogitLoss(_MethodLoss):
         super().__init__(options, overrides, label_smoothing=label_smoothing,
                          reduction=reduction, backend=backend, return_parts=return_parts)
 
-    def dummy_call(self, logits, target, **keywords):
-        num_sub = validation.check_count("num_sub", self.options.num_sub)
+    @staticmethod
+    def dummy_call(options, logits, target, **keywords):
+        num_sub = validation.check_count("num_sub", options.num_sub)
         shared = logits.new_zeros(len(logits), num_sub * logits.shape[1])
         functional.hcd_logit_loss(shared, logits, logits, target, **keywords)
 

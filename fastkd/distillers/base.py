@@ -58,12 +58,15 @@ class Distiller(TrainingTask):
     needs_teacher = True  # False: trains the student alone (CE, the baseline)
     needs_hard_labels = False  # True: a loss term indexes the true class (no mixup/cutmix)
     fixed_loss_options = {}  # loss arguments the method sets whatever its options say
+    loss_module = None  # the method's fastkd.losses module, whose check checks its options
 
     @classmethod
     def check_options(cls, options, num_classes):
         """Raise the ``TypeError`` or ``ValueError`` that the method's loss gives ``options``
         (its message starting with the option's name), before any work: the trainer names the
-        flag. The built-in methods run their loss on a dummy batch (``dummy_batch``)."""
+        flag. The built-in methods run their loss on a dummy batch (``loss_module.check``)."""
+        if cls.loss_module is not None:
+            cls.loss_module.check(options, num_classes)
 
     def __init__(self, student, teacher=None, options=None, *, label_smoothing=0.0,
                  student_mean=None, student_std=None, backend="auto", num_classes=None,
@@ -205,12 +208,6 @@ class Distiller(TrainingTask):
         if self.teacher is not None:
             self.teacher.compile(backend=backend, mode=mode, **compile_kwargs)
         return self.trainable_module
-
-
-def dummy_batch(num_classes, rows=2):
-    """``(logits, target)``: zero logits ``[rows, num_classes]`` and class-0 labels, for
-    ``check_options``."""
-    return torch.zeros(rows, num_classes), torch.zeros(rows, dtype=torch.long)
 
 
 def check_class_counts(student, teacher, num_classes=None):

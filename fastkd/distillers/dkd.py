@@ -1,8 +1,9 @@
 """Decoupled KD: CE + warm-up factor * (alpha TCKD + beta NCKD)."""
 
 from ..functional import dkd_loss
+from ..losses import DKDLoss
 from ..methods.dkd import DKDOptions
-from .base import Distiller, dummy_batch
+from .base import Distiller
 
 
 class DKD(Distiller):
@@ -11,12 +12,8 @@ class DKD(Distiller):
     splits off the true class, so the target must be class indices (no mixup/cutmix)."""
 
     options_class = DKDOptions
+    loss_module = DKDLoss
     needs_hard_labels = True
-
-    @classmethod
-    def check_options(cls, options, num_classes):
-        logits, target = dummy_batch(num_classes)
-        dkd_loss(logits, logits, target, **options.loss_options(), backend="torch")
 
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)

@@ -14,9 +14,10 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from ..functional import hcd_logit_loss, kd_loss
+from ..losses import HCDLogitLoss
 from ..methods.hcd import HCDOptions
 from ..models.taps import embedding_width, stage_taps, student_outputs, teacher_outputs
-from .base import Distiller, TeacherOutputs, dummy_batch
+from .base import Distiller, TeacherOutputs
 
 
 def sep_conv(in_channels, out_channels):
@@ -126,14 +127,8 @@ class HCD(Distiller):
     """
 
     options_class = HCDOptions
+    loss_module = HCDLogitLoss
     needs_hard_labels = True
-
-    @classmethod
-    def check_options(cls, options, num_classes):
-        logits, target = dummy_batch(num_classes)
-        shared = torch.zeros(len(logits), max(options.num_sub, 1) * num_classes)
-        hcd_logit_loss(shared, logits, logits, target, **options.loss_options(),
-                       backend="torch")
 
     def __init__(self, student, teacher, options=None, *, num_classes=None, teacher_width=None,
                  **settings):

@@ -1,17 +1,14 @@
 """Hinton KD: CE + weight * T^2 KL(softmax(zt/T) || softmax(zs/T))."""
 
 from ..functional import kd_loss
+from ..losses import KDLoss
 from ..methods.kd import KDOptions
-from .base import Distiller, dummy_batch
+from .base import Distiller
 
 
 class KD(Distiller):
     options_class = KDOptions
-
-    @classmethod
-    def check_options(cls, options, num_classes):
-        logits, _ = dummy_batch(num_classes)
-        kd_loss(logits, logits, **options.loss_options(), backend="torch")
+    loss_module = KDLoss
 
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)

@@ -1,8 +1,9 @@
 """LDRLD: ce_weight * CE + alpha L_local + beta L_rntk (shared/spec/ldrld.md)."""
 
 from ..functional import ldrld_loss
+from ..losses import LDRLDLoss
 from ..methods.ldrld import LDRLDOptions
-from .base import Distiller, dummy_batch
+from .base import Distiller
 
 
 class LDRLD(Distiller):
@@ -10,12 +11,8 @@ class LDRLD(Distiller):
     loss runs with ce_weight=0 and no label: its local and remainder terms never use one."""
 
     options_class = LDRLDOptions
+    loss_module = LDRLDLoss
     fixed_loss_options = {"ce_weight": 0.0}
-
-    @classmethod
-    def check_options(cls, options, num_classes):
-        logits, target = dummy_batch(num_classes)
-        ldrld_loss(logits, logits, target, **options.loss_options(), backend="torch")
 
     def compute(self, images, target, epoch):
         teacher_logits = self.teacher_logits(images)
