@@ -131,9 +131,7 @@ def method_flag(method, field_name):
 def recipe_method_flags(dataset, distiller):
     """``RECIPE_METHOD_SETTINGS``' flags for ``distiller`` on ``dataset``
     (``["--hcd-temperature", "4", ...]``); none where the method's defaults serve."""
-    settings = RECIPE_METHOD_SETTINGS.get(dataset, {}).get(distiller, {})
-    return [text for name, value in settings.items()
-            for text in (f"--{method_flag(distiller, name)}", f"{value:g}")]
+    return _method_flags(distiller, RECIPE_METHOD_SETTINGS.get(dataset, {}).get(distiller, {}))
 
 
 def off_recipe_warning(args):
@@ -143,12 +141,16 @@ def off_recipe_warning(args):
     given = {name: getattr(args, f"{args.distiller}_{name}") for name in settings}
     if given == settings:
         return None
-    given_flags = " ".join(f"--{method_flag(args.distiller, name)} {value:g}"
-                           for name, value in given.items())
-    return (f"warning: --distiller {args.distiller} with {given_flags} has not trained in the "
-            f"--dataset {args.dataset} recipe (its student stayed near chance); that recipe "
-            f"takes {' '.join(recipe_method_flags(args.dataset, args.distiller))} (README's "
-            "evidence section)")
+    return (f"warning: --distiller {args.distiller} with "
+            f"{' '.join(_method_flags(args.distiller, given))} has not trained in the --dataset "
+            f"{args.dataset} recipe (its student stayed near chance); that recipe takes "
+            f"{' '.join(_method_flags(args.distiller, settings))} (README's evidence section)")
+
+
+def _method_flags(method, settings):
+    """``{field: value}`` of ``method``'s options as its command-line flags."""
+    return [text for name, value in settings.items()
+            for text in (f"--{method_flag(method, name)}", f"{value:g}")]
 
 
 def build_parser():
