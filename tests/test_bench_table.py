@@ -153,11 +153,11 @@ def test_runs_share_baselines_and_teachers_and_a_rerun_skips_finished_rows(table
         ("hcd-vit-seed11", None),  # main job: its ViT teacher is new
         ("ldrld-seed11", "teacher-default.pth"),
         ("kd-seed12", None),  # main job: seed 12's baseline
-        ("hcd-vit-seed12", "teacher-vit_tiny_patch16_224.pth"),
+        ("hcd-vit-seed12", "teacher-vit_tiny_hybrid_cifar.pth"),
         ("ldrld-seed12", "teacher-default.pth")]
-    assert commands[1][commands[1].index("--distiller"):][:11] == [
-        "--distiller", "hcd", "--teacher", "vit_tiny_patch16_224", "--teacher-kwargs",
-        "patch_size=4", "img_size=32", "--hcd-temperature", "4", "--hcd-w-sdd", "0.33"]
+    assert commands[1][commands[1].index("--distiller"):][:8] == [
+        "--distiller", "hcd", "--teacher", "vit_tiny_hybrid_cifar", "--hcd-temperature", "4",
+        "--hcd-w-sdd", "0.33"]
     # The glyphs' recipe changes HCD's settings alone.
     assert not any(flag.startswith(("--hcd", "--kd-", "--ldrld")) for command in commands
                    if "hcd" not in command for flag in command)
@@ -176,7 +176,7 @@ def test_runs_share_baselines_and_teachers_and_a_rerun_skips_finished_rows(table
     commands.clear()
     table.main([*argv[:-4], "13", "--output", str(output)])  # seeds 11 12 13
     assert [summary(command) for command in commands] == [
-        ("kd-seed13", None), ("hcd-vit-seed13", "teacher-vit_tiny_patch16_224.pth"),
+        ("kd-seed13", None), ("hcd-vit-seed13", "teacher-vit_tiny_hybrid_cifar.pth"),
         ("ldrld-seed13", "teacher-default.pth")]
     assert len(table.read_rows(output / "table.csv")) == 9
 

@@ -29,6 +29,7 @@ FEATURE_SHAPES = {
     "mobilenetv2_cifar": [(12, 16), (16, 8), (48, 4), (1280, 2)],
     "shufflenetv1_cifar": [(24, 32), (240, 16), (480, 8), (960, 4)],
     "shufflenetv2_cifar": [(24, 32), (116, 16), (232, 8), (1024, 4)],
+    "vit_tiny_hybrid_cifar": [(192, 8)] * 4,  # its blocks' 8x8 tokens
 }
 
 
@@ -72,6 +73,19 @@ def test_stage_taps_and_hcd_with_cifar_students():
     assert all(parameter.grad is not None
                for modules in (trainable.projectors, trainable.mappers)
                for parameter in modules.parameters())
+
+
+def test_hcd_from_the_hybrid_vit_into_a_cifar_resnet():
+    """The evidence table's heterogeneous pair: the teacher's class-token embedding (192) beside
+    the student's stages."""
+    teacher = timm.create_model("vit_tiny_hybrid_cifar", num_classes=100)
+    assert teacher.patch_embed.num_patches == 64
+    distiller = HCD(timm.create_model("resnet20", num_classes=100), teacher,
+                    num_classes=100).train()
+    result = distiller(torch.randn(2, 3, 32, 32), torch.tensor([3, 99]))
+    result["loss"].backward()
+    assert result["output"].shape == (2, 100)
+    assert all(parameter.grad is None for parameter in teacher.parameters())
 
 
 def test_registration_errors():

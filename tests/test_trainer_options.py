@@ -13,6 +13,7 @@ from timm.scheduler import create_scheduler_v2
 from fastkd.distillers import method_options_classes
 from fastkd.engine import demo_teacher
 from fastkd.engine.config import (
+    DEMO_TEACHER_MODELS,
     DEMO_TEACHERS,
     build_parser,
     method_options,
@@ -245,15 +246,18 @@ def test_amp_on_the_cpu_is_recorded_as_it_trains(monkeypatch, has_bf16, amp, dty
 @pytest.mark.parametrize("argv", [[], ["--img-size", "24", "--scale", "0.3", "0.9", "--hflip",
                                        "0.25", "--seed", "3", "-b", "16", "--amp"],
                                   ["--distiller", "hcd", "--teacher", "vit_tiny_patch16_224",
-                                   "--teacher-kwargs", "patch_size=4", "img_size=32"]])
+                                   "--teacher-kwargs", "patch_size=4", "img_size=32"],
+                                  ["--distiller", "hcd", "--teacher", "vit_tiny_hybrid_cifar"]])
 def test_the_demo_teacher_options_are_its_command_lines(tmp_path, argv, dataset, classes):
     """Built in code (``default_args``), the demo teacher's options equal what the command line
-    that names its settings (its dataset's recipe with ``DEMO_TEACHERS``' changes) parses to."""
+    that names its settings (its dataset's recipe with ``DEMO_TEACHERS``' changes, then
+    ``DEMO_TEACHER_MODELS``') parses to."""
     args = parse_args(["--dataset", dataset, "--output", str(tmp_path), *argv])
     args.num_classes = classes  # the trainer sets it from the data before the teacher
     built = demo_teacher.teacher_args(args)
     low, high = args.scale
-    recipe = [text for key, value in DEMO_TEACHERS[dataset].items()
+    changes = {**DEMO_TEACHERS[dataset], **DEMO_TEACHER_MODELS.get(args.teacher, {})}
+    recipe = [text for key, value in changes.items()
               for text in (f"--{key.replace('_', '-')}", str(value))]
     parsed = parse_args(["--dataset", dataset, "--distiller", "ce", "--model", args.teacher,
                          "--model-kwargs", *(f"{key}={value}"

@@ -12,18 +12,19 @@ import os
 
 from ..files import atomic_write
 from .checkpoint import RUN_OPTIONS, RUN_RECORDS, changed_options
-from .config import DATASET_DEFAULTS, DEMO_TEACHERS, default_args
+from .config import DATASET_DEFAULTS, DEMO_TEACHER_MODELS, DEMO_TEACHERS, default_args
 from .run_folder import BEST
 
 COMPLETE = "complete.json"
 
 
 def teacher_args(args):
-    """The teacher run's options: its dataset's recipe (with ``DEMO_TEACHERS``' changes) for
-    ``args.teacher`` at the student's image size, classes and crop and flip, in a folder named
-    by those settings, resumed there if interrupted; the student's loaders (hence batch size)
-    and logging."""
-    recipe = {"epochs": DATASET_DEFAULTS[args.dataset]["epochs"], **DEMO_TEACHERS[args.dataset]}
+    """The teacher run's options: its dataset's recipe (with ``DEMO_TEACHERS``' changes, then
+    ``DEMO_TEACHER_MODELS``' for its model) for ``args.teacher`` at the student's image size,
+    classes and crop and flip, in a folder named by those settings, resumed there if
+    interrupted; the student's loaders (hence batch size) and logging."""
+    recipe = {"epochs": DATASET_DEFAULTS[args.dataset]["epochs"], **DEMO_TEACHERS[args.dataset],
+              **DEMO_TEACHER_MODELS.get(args.teacher, {})}
     low, high = args.scale
     # --teacher-kwargs make another model (a ViT's patch size): another teacher, another folder.
     kwargs = "".join(f"-{key}{value}" for key, value in sorted(args.teacher_kwargs.items()))
