@@ -43,8 +43,9 @@ from fastkd.methods import methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ("method", "seed", "baseline_top1", "distilled_top1")
-# HCD on a heterogeneous pair: a small ViT teacher (ViT-Tiny blocks on a convolutional stem's
-# 8x8 tokens, fastkd.models; trained by its own recipe, DEMO_TEACHER_MODELS) into the CNN student.
+# The heterogeneous pairs (METHOD-vit): a small ViT teacher (ViT-Tiny blocks on a convolutional
+# stem's 8x8 tokens, fastkd.models; trained by its own recipe, DEMO_TEACHER_MODELS) into the CNN
+# student.
 VIT_TEACHER = ("--teacher", "vit_tiny_hybrid_cifar")
 
 

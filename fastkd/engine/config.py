@@ -133,16 +133,22 @@ def method_flag(method, field_name):
     return f"{method}-{field_name}".replace("_", "-")
 
 
+def _recipe_settings(dataset, distiller):
+    """``RECIPE_METHOD_SETTINGS``' ``{field: value}`` for ``distiller`` on ``dataset``; empty
+    where the method's defaults serve."""
+    return RECIPE_METHOD_SETTINGS.get(dataset, {}).get(distiller, {})
+
+
 def recipe_method_flags(dataset, distiller):
-    """``RECIPE_METHOD_SETTINGS``' flags for ``distiller`` on ``dataset``
+    """The recipe's settings for ``distiller`` on ``dataset`` as flags
     (``["--hcd-temperature", "4", ...]``); none where the method's defaults serve."""
-    return _method_flags(distiller, RECIPE_METHOD_SETTINGS.get(dataset, {}).get(distiller, {}))
+    return _method_flags(distiller, _recipe_settings(dataset, distiller))
 
 
 def off_recipe_warning(args):
     """A warning for a run whose method settings differ from its dataset's recipe
     (``RECIPE_METHOD_SETTINGS``), naming the flags; None for a run that has them."""
-    settings = RECIPE_METHOD_SETTINGS.get(args.dataset, {}).get(args.distiller, {})
+    settings = _recipe_settings(args.dataset, args.distiller)
     given = {name: getattr(args, f"{args.distiller}_{name}") for name in settings}
     if given == settings:
         return None

@@ -297,8 +297,7 @@ class ConvStemEmbed(PatchEmbed):
         super().__init__(*args, **kwargs)  # patch_size 4: two stride-2 layers below
         layers, width = [], self.proj.in_channels
         for out_width, stride in ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1)):
-            layers += [conv3x3(width, out_width, stride), nn.BatchNorm2d(out_width),
-                       nn.ReLU(inplace=True)]
+            layers.append(conv_bn(width, out_width, 3, stride))
             width = out_width
         self.proj = nn.Sequential(*layers, nn.Conv2d(width, self.proj.out_channels, 1))
 
