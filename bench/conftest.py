@@ -10,6 +10,16 @@ def pytest_addoption(parser):
                           "'full' (B in 64, 256, 1024 x C in 100, 1000, 21843, fp32 and bf16)")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Timings run alone, in one process: naming bench/ (``pytest bench/``) turns off the
+    pytest-xdist workers that pyproject's ``-n auto`` starts for the test suite, under which
+    pytest-benchmark would time nothing. (Called before xdist's own hook: conftest hooks run
+    first.)"""
+    if config.args_source == pytest.Config.ArgsSource.ARGS:
+        config.option.numprocesses, config.option.dist = 0, "no"
+
+
 def pytest_generate_tests(metafunc):
     """Loss benchmarks take ``shape``, ``dtype`` and ``mode`` from the chosen matrix."""
     matrix = MATRICES[metafunc.config.getoption("bench_matrix")]

@@ -126,7 +126,7 @@ echo "=== environment" >>"$LOG"
 environment >>"$LOG" 2>&1
 if [ "$DRY_RUN" = 1 ]; then
     section trainer-e2e 120 "$PYTHON" bench/trainer_e2e.py --dry-run --output "$OUTDIR"
-    section gpu-tests 60 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q --collect-only
+    section gpu-tests 60 "$PYTHON" -m pytest -m gpu tests/ -n 0 -p no:cacheprovider -q --collect-only
     section bench-collect 60 "$PYTHON" -m pytest bench/ --bench-matrix targets -p no:cacheprovider \
         -q --collect-only
     grep "^=== .*\(exit\|not run\)" "$LOG"
@@ -140,7 +140,7 @@ if runs trainer; then
         --work /tmp/fastkd-e2e
 fi
 if runs kernels; then
-    section gpu-tests 150 "$PYTHON" -m pytest -m gpu tests/ -p no:cacheprovider -q \
+    section gpu-tests 150 "$PYTHON" -m pytest -m gpu tests/ -n 0 -p no:cacheprovider -q \
         --junitxml="$OUTDIR/gpu-tests.xml"
     bench ldrld 50 bench_ldrld.py --bench-matrix targets
     bench hcd 40 bench_hcd.py --bench-matrix targets

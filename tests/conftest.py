@@ -3,9 +3,43 @@ import os
 import shutil
 
 import pytest
+import torch
+from filelock import FileLock
 from trainer_helpers import FAST, run_main
 
 from fastkd.data.demo import MANIFEST, build_demo_dataset
+
+# The files whose tests start real processes (torchrun jobs, signals): the longest. pytest-xdist
+# hands whole files to its workers in collection order (--dist loadfile), so these go first and
+# the short files fill in beside them.
+PROCESS_FILES = ("test_preemption.py", "test_trainer_faults.py", "test_trainer.py",
+                 "test_teacher_cache.py", "test_gpu_check.py", "test_cli_imports.py")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker takes its share of the cores for torch's threads: two
+    workers that each spin two OpenMP threads on two cores take twice the CPU time."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in PROCESS_FILES)  # stable: order within
+
+
+def shared_once(tmp_path_factory, name, build):
+    """``build(folder)``, run once per test session however many xdist workers need it: the
+    first builds it in ``folder`` (in the session's temporary root, which the workers share)
+    while the others wait on a lock, then all read what it returned (JSON)."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    record = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not record.exists():
+            record.write_text(json.dumps(build(root / name)))
+    return json.loads(record.read_text())
+
 
 # Images per class and split kept in the trainer tests' demo tree: the trainer's cost is its
 # training steps, and most tests need a few of them on real JPEGs, not 1,442.
@@ -15,15 +49,19 @@ SMALL_DEMO = {"train": 24, "val": 8}
 @pytest.fixture(scope="session")
 def full_demo_dir(tmp_path_factory):
     """The demo digits as JPEGs (1,442 train, 355 val), written once per test session."""
-    return build_demo_dataset(str(tmp_path_factory.mktemp("digits")))
+    return shared_once(tmp_path_factory, "digits", lambda folder: build_demo_dataset(str(folder)))
 
 
 @pytest.fixture(scope="session")
-def demo_dir(full_demo_dir):
+def demo_dir(full_demo_dir, tmp_path_factory):
     """The demo tree with the first ``SMALL_DEMO`` images of each class and split (240 train,
     80 val). Its manifest lists just those, so the trainer's ``--dataset demo --data-dir`` takes
     it as complete rather than rebuilding it."""
-    root = os.path.join(os.path.dirname(full_demo_dir), "digits-small")
+    return shared_once(tmp_path_factory, "digits-small",
+                       lambda folder: small_demo_tree(full_demo_dir, str(folder)))
+
+
+def small_demo_tree(full_demo_dir, root):
     kept = []
     for split, count in SMALL_DEMO.items():
         for label in sorted(os.listdir(os.path.join(full_demo_dir, split))):
@@ -42,7 +80,11 @@ def demo_dir(full_demo_dir):
 @pytest.fixture(scope="session")
 def teacher_checkpoint(full_demo_dir, tmp_path_factory):
     """A resnet20 trained on the demo digits (CE, in this process), as a --teacher-checkpoint."""
-    output = str(tmp_path_factory.mktemp("teacher"))
+    return shared_once(tmp_path_factory, "teacher",
+                       lambda folder: train_teacher(full_demo_dir, str(folder)))
+
+
+def train_teacher(full_demo_dir, output):
     # Two epochs of all the digits at batch 64: clearly better than chance, which a teacher must
     # be. (The two-process runs are the trainer tests' subject, not this fixture's.)
     result = run_main(["--dataset", "demo", "--data-dir", full_demo_dir, "--distiller", "ce",

@@ -1,0 +1,83 @@
+"""Jobs of the trainer (``train/main.py``) or the cache builder (``train/cache_teacher.py``), one
+after another in each process of one launch: ``python run_jobs.py BATCH.json``, under torchrun
+for several processes. A launch costs each process its imports (torch, timm: ~4 s of CPU on 2
+cores); one launch pays them once for all its jobs.
+
+BATCH.json is ``{"folder": F, "jobs": [{"name": N, "entry": "main" | "cache_teacher", "argv":
+[...]}, ...]}``. Each job's file descriptors 1 and 2 (so its loader workers' lines too) go to
+F/N.rankR.out and F/N.rankR.err; F/N.rankR.json records its exit status, as the interpreter
+would give it, and what was still alive in the process after it: gloo threads and child
+processes (the test ``assert_nothing_outlives_the_run``)."""
+
+import contextlib
+import json
+import multiprocessing
+import os
+import sys
+import traceback
+
+from fastkd.engine import cli
+
+
+@contextlib.contextmanager
+def output_to(base):
+    """File descriptors 1 and 2 to ``base``.out and ``base``.err, then back."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(f"{base}.out", "w") as out, open(f"{base}.err", "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for descriptor, copy in zip((1, 2), saved):
+                os.dup2(copy, descriptor)
+                os.close(copy)
+
+
+def exit_status(entry, argv):
+    """``entry(argv)``'s exit status: a message is printed and gives 1, as the interpreter does;
+    so does an exception, whose traceback is printed, and the next job still runs."""
+    try:
+        entry(argv)
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - reported in the job's own file, as a process would
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def gloo_threads():
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as handle:
+                names.append(handle.read().strip())
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended after the listing
+            pass
+    return sorted(name for name in names if "gloo" in name)
+
+
+def main(path):
+    with open(path) as handle:
+        batch = json.load(handle)
+    rank = os.environ.get("RANK", "0")
+    for job in batch["jobs"]:
+        base = os.path.join(batch["folder"], f"{job['name']}.rank{rank}")
+        with output_to(base):
+            status = exit_status(getattr(cli, job.get("entry", "main")), job["argv"])
+        record = {"status": status, "gloo_threads": gloo_threads(),
+                  "processes": len(multiprocessing.active_children())}
+        with open(f"{base}.json", "w") as handle:
+            json.dump(record, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
