@@ -1,11 +1,13 @@
+import importlib
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from filelock import FileLock
-from trainer_helpers import FAST, run_main
+from trainer_helpers import FAST, job_result, run_jobs, run_main
 
 from fastkd.data.demo import MANIFEST, build_demo_dataset
 
@@ -92,3 +94,58 @@ def train_teacher(full_demo_dir, output):
                        "--lr", "0.05", "--warmup-epochs", "0"])
     assert result.returncode == 0, result.stderr[-3000:]
     return os.path.join(output, "teacher", "best.pth")
+
+
+@pytest.fixture(scope="session")
+def tree_with_bad_images(tmp_path_factory):
+    """Four classes of 10 training and 4 validation JPEGs, plus files that do not decode: in train
+    a truncated one, an empty one and one whose body is noise; in val a truncated one. The root
+    and the bad files' paths."""
+    from test_bad_images import BAD_FILES
+    from test_data import write_tree
+
+    def build(root):
+        write_tree(root, ["a", "b", "c", "d"], 10, 4)
+        bad = {"train/a/cut.jpg": "cut.jpg", "train/b/empty.jpg": "empty.jpg",
+               "train/c/noise.jpg": "noise.jpg", "val/a/cut.jpg": "cut.jpg"}
+        for name, kind in bad.items():
+            (root / name).write_bytes(BAD_FILES[kind])
+        return str(root), sorted(f"{root}/{name}" for name in bad)
+
+    return shared_once(tmp_path_factory, "bad", build)
+
+
+@pytest.fixture(scope="session")
+def built_caches(demo_dir, teacher_checkpoint, tmp_path_factory):
+    """test_teacher_cache's float32 caches of 2 views, built in this process: ``{name:
+    folder}``."""
+    from test_teacher_cache import build_caches
+
+    return shared_once(tmp_path_factory, "caches",
+                       lambda folder: build_caches(demo_dir, teacher_checkpoint, folder))
+
+
+# The modules whose tests read uninterrupted two-process jobs: each has ``two_process_jobs(inputs)``
+# giving its jobs, ``{name: argv}`` (see ``run_jobs``), beside the tests that read them.
+JOB_MODULES = ("test_trainer", "test_trainer_faults", "test_teacher_cache", "test_preemption")
+
+
+@pytest.fixture(scope="session")
+def two_process_jobs(tmp_path_factory, demo_dir, teacher_checkpoint, built_caches,
+                     tree_with_bad_images):
+    """``two_process_jobs(name)``: a job of the modules' ``two_process_jobs``, all run in one
+    torchrun launch of two processes (``run_jobs``), as ``(job_result, its --output folder)``.
+    A torchrun launch costs ~9 s of CPU in imports; a dozen launches were a sixth of the
+    suite."""
+    def launch(folder):
+        inputs = SimpleNamespace(demo_dir=demo_dir, teacher_checkpoint=teacher_checkpoint,
+                                 caches=built_caches, bad_tree=tree_with_bad_images,
+                                 output=lambda name: str(folder / name))
+        jobs = {}
+        for module in JOB_MODULES:
+            jobs.update(importlib.import_module(module).two_process_jobs(inputs))
+        run_jobs(folder, jobs, processes=2)
+        return str(folder)
+
+    folder = shared_once(tmp_path_factory, "two-process-jobs", launch)
+    return lambda name: (job_result(folder, name, processes=2), os.path.join(folder, name))

@@ -38,6 +38,23 @@ def output_to(base):
                 os.close(copy)
 
 
+@contextlib.contextmanager
+def as_attempt(number):
+    """Under torchrun, each job as another attempt of the job: a process group made after an
+    earlier one was destroyed reuses its key names in torchrun's store, and would read the
+    earlier group's addresses (gloo then connects to closed ports); the trainer keeps each
+    attempt's keys apart (``distributed.init_process_group``), as after torchrun's restarts."""
+    saved = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = str(number)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TORCHELASTIC_RESTART_COUNT"]
+        else:
+            os.environ["TORCHELASTIC_RESTART_COUNT"] = saved
+
+
 def exit_status(entry, argv):
     """``entry(argv)``'s exit status: a message is printed and gives 1, as the interpreter does;
     so does an exception, whose traceback is printed, and the next job still runs."""
@@ -69,9 +86,9 @@ def main(path):
     with open(path) as handle:
         batch = json.load(handle)
     rank = os.environ.get("RANK", "0")
-    for job in batch["jobs"]:
+    for number, job in enumerate(batch["jobs"]):
         base = os.path.join(batch["folder"], f"{job['name']}.rank{rank}")
-        with output_to(base):
+        with output_to(base), as_attempt(number):
             status = exit_status(getattr(cli, job.get("entry", "main")), job["argv"])
         record = {"status": status, "gloo_threads": gloo_threads(),
                   "processes": len(multiprocessing.active_children())}

@@ -12,6 +12,7 @@ import pytest
 from test_data import needs_dali
 from trainer_helpers import children, command, start, wait_until
 
+from fastkd.data.loaders import dali_available
 from fastkd.engine import checkpoint
 from fastkd.engine.cli import main
 
@@ -26,23 +27,40 @@ JOBS = {  # name: (processes, loader options, training options)
 }
 
 
+def job_arguments(demo_dir, output, job, experiment, *extra):
+    _, loading, training = JOBS[job]
+    return ["--dataset", "demo", "--data-dir", demo_dir, "--output", str(output),
+            "--experiment", experiment, *SETTINGS, *loading, *training, *extra]
+
+
 def job_command(demo_dir, output, job, experiment, *extra):
-    processes, loading, training = JOBS[job]
-    return command(["--dataset", "demo", "--data-dir", demo_dir, "--output", str(output),
-                    "--experiment", experiment, *SETTINGS, *loading, *training, *extra],
-                   processes)
+    return command(job_arguments(demo_dir, output, job, experiment, *extra), JOBS[job][0])
+
+
+def two_process_jobs(inputs):
+    """The two-process jobs run without interruption (conftest's one launch)."""
+    return {f"uninterrupted-{job}": job_arguments(inputs.demo_dir,
+                                                  inputs.output(f"uninterrupted-{job}"), job, job)
+            for job, (processes, loading, _) in JOBS.items()
+            if processes == 2 and ("dali" not in loading or dali_available())}
 
 
 @pytest.fixture(scope="module")
-def reference(demo_dir, tmp_path_factory):
+def reference(demo_dir, tmp_path_factory, two_process_jobs):
     """``reference(job)``: the last.pth of the job run without interruption (made once)."""
     output, made = tmp_path_factory.mktemp("uninterrupted"), {}
 
     def last_of(job):
         if job not in made:
-            process = start(job_command(demo_dir, output, job, job), log=output / f"{job}.txt")
-            assert process.wait(timeout=300) == 0, (output / f"{job}.txt").read_text()[-3000:]
-            made[job] = checkpoint.load(str(output / job / "last.pth"))
+            if JOBS[job][0] == 2:
+                result, folder = two_process_jobs(f"uninterrupted-{job}")
+                assert result.returncode == 0, result.stderr[-3000:]
+            else:
+                folder = output
+                process = start(job_command(demo_dir, output, job, job),
+                                log=output / f"{job}.txt")
+                assert process.wait(timeout=300) == 0, (output / f"{job}.txt").read_text()[-3000:]
+            made[job] = checkpoint.load(os.path.join(folder, job, "last.pth"))
         return made[job]
 
     return last_of

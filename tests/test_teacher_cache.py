@@ -6,13 +6,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import timm
 import torch
-from trainer_helpers import CACHE_TEACHER, FAST, command, in_process
+from trainer_helpers import FAST, in_process
 
 from fastkd.data.loaders import create_loaders
 from fastkd.distillers import build_distiller
@@ -160,14 +159,14 @@ def run_settings(demo_dir, teacher_checkpoint, loader):
             "--batch-size", "32", "--epochs", "2", "--seed", "3"]
 
 
-@pytest.fixture(scope="module")
-def built_caches(demo_dir, teacher_checkpoint, tmp_path_factory):
+def build_caches(demo_dir, teacher_checkpoint, root):
     """Float32 caches of 2 views, built in this process: ``{name: folder}``, one per loader
-    (``"torch"``, ``"dali"``) and ``"hcd"`` (torch, with the teacher's embedding)."""
+    (``"torch"``, ``"dali"``) and ``"hcd"`` (torch, with the teacher's embedding); conftest's
+    ``built_caches``."""
     folders = {}
     for name, loader, extra in (("torch", "torch", []), ("dali", "dali", []),
                                 ("hcd", "torch", ["--distiller", "hcd"])):
-        folder = str(tmp_path_factory.mktemp(f"cache-{name}"))
+        folder = str(root / name)
         result = in_process([*run_settings(demo_dir, teacher_checkpoint, loader), *extra,
                              "--teacher-cache", folder, "--cache-dtype", "float32"],
                             cache_teacher)
@@ -181,16 +180,11 @@ def step_lines(output):
     return re.findall(r"epoch \d+ \[\d+/\d+\] (.*?) lr", output)
 
 
-def trained_steps(arguments, folder, processes=1):
+def trained_steps(result, folder):
     """Each step's logged loss parts, then summary.csv's rows, then the logged teacher accuracy
-    (top-1, top-5) of a run of ``train/main.py``."""
-    if processes == 1:
-        result = in_process(arguments)
-    else:
-        result = subprocess.run(command(arguments, processes), capture_output=True, text=True,
-                                timeout=300)
+    (top-1, top-5) of a run of ``train/main.py`` that ended as ``result``."""
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(folder / "summary.csv") as handle:
+    with open(os.path.join(folder, "summary.csv")) as handle:
         rows = list(csv.DictReader(handle))
     teacher = re.search(r"teacher resnet20: top-1 ([\d.]+) top-5 ([\d.]+)", result.stdout)
     return step_lines(result.stdout), rows, teacher and teacher.groups()
@@ -199,22 +193,49 @@ def trained_steps(arguments, folder, processes=1):
 PART = {"kd": "train_kd", "dkd": "train_kd", "ldrld": "train_local", "hcd": "train_sdd"}
 
 
+def run_arguments(demo_dir, teacher_checkpoint, loader, distiller, output, experiment, *extra):
+    return [*run_settings(demo_dir, teacher_checkpoint, loader), *extra, "--distiller",
+            distiller, "--log-interval", "1", "--output", output, "--experiment", experiment]
+
+
+def two_process_jobs(inputs):
+    """A live and a cached KD run under torchrun, and a killed build resumed under torchrun
+    (conftest's one launch)."""
+    jobs = {f"kd-{name}": run_arguments(inputs.demo_dir, inputs.teacher_checkpoint, "torch",
+                                        "kd", inputs.output(f"kd-{name}"), name, *extra)
+            for name, extra in (("live", []),
+                                ("cached", ["--teacher-cache", inputs.caches["torch"]]))}
+    # What a kill after view 0 leaves: view 1 never finished, no manifest.
+    resumed = inputs.output("resumed-cache")
+    shutil.copytree(inputs.caches["torch"], resumed)
+    shutil.rmtree(os.path.join(resumed, "view-1"))
+    os.remove(os.path.join(resumed, "manifest.json"))
+    jobs["resumed-cache"] = ("cache_teacher", [
+        *run_settings(inputs.demo_dir, inputs.teacher_checkpoint, "torch"), "--teacher-cache",
+        resumed, "--cache-dtype", "float32"])
+    return jobs
+
+
 @pytest.mark.parametrize("distiller, cache, processes, options", [
     ("kd", "torch", 1, []), ("ldrld", "dali", 1, []), ("hcd", "hcd", 1, []),
     ("kd", "torch", 2, []), ("dkd", "torch", 1, ["--augment-views", "1"])],
     ids=["kd", "ldrld-dali", "hcd", "kd-2-processes", "dkd-augment-views-1"])
 def test_a_cached_run_trains_as_the_live_one(built_caches, demo_dir, teacher_checkpoint,
-                                            tmp_path, distiller, cache, processes, options):
+                                            two_process_jobs, tmp_path, distiller, cache,
+                                            processes, options):
     """Per step and per epoch, the losses of a run reading a float32 cache are a live run's
     (the teacher's rows differ only by the rounding of another batch composition); with
     ``--augment-views 1`` both runs' second epoch draws the first's augmentations."""
     loader = "dali" if cache == "dali" else "torch"
     runs = {}
     for name, extra in (("live", []), ("cached", ["--teacher-cache", built_caches[cache]])):
-        runs[name] = trained_steps(
-            [*run_settings(demo_dir, teacher_checkpoint, loader), *extra, *options,
-             "--distiller", distiller, "--log-interval", "1", "--output", str(tmp_path),
-             "--experiment", name], tmp_path / name, processes)
+        if processes == 2:  # two_process_jobs above
+            result, output = two_process_jobs(f"kd-{name}")
+        else:
+            output = str(tmp_path)
+            result = in_process(run_arguments(demo_dir, teacher_checkpoint, loader, distiller,
+                                              output, name, *extra, *options))
+        runs[name] = trained_steps(result, os.path.join(output, name))
     (live_steps, live_rows, live_teacher), (cached_steps, cached_rows, cached_teacher) = (
         runs["live"], runs["cached"])
     # The teacher's accuracy is the build's measurement, logged and checked as a live run's.
@@ -226,18 +247,10 @@ def test_a_cached_run_trains_as_the_live_one(built_caches, demo_dir, teacher_che
             assert float(cached[column]) == pytest.approx(float(live[column]), rel=1e-5)
 
 
-def test_a_killed_build_resumes_under_torchrun_to_the_same_files(built_caches, demo_dir,
-                                                                 teacher_checkpoint, tmp_path):
+def test_a_killed_build_resumes_under_torchrun_to_the_same_files(built_caches,
+                                                                 two_process_jobs):
     whole = built_caches["torch"]
-    resumed = str(tmp_path / "cache")
-    shutil.copytree(whole, resumed)
-    # What a kill after view 0 leaves: view 1 never finished, no manifest.
-    shutil.rmtree(os.path.join(resumed, "view-1"))
-    os.remove(os.path.join(resumed, "manifest.json"))
-    result = subprocess.run(
-        command([*run_settings(demo_dir, teacher_checkpoint, "torch"), "--teacher-cache",
-                 resumed, "--cache-dtype", "float32"], processes=2, script=CACHE_TEACHER),
-        capture_output=True, text=True, timeout=300)
+    result, resumed = two_process_jobs("resumed-cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "in 2 shards (1 done before)" in result.stdout
     shards = [json.loads(open(os.path.join(folder, "manifest.json")).read())["shards"]

@@ -16,7 +16,6 @@ from trainer_helpers import (
     FAST,
     MAIN,
     assert_nothing_outlives_the_run,
-    exit_probe,
     run_main,
     start,
     wait_for,
@@ -27,35 +26,43 @@ from fastkd.engine.config import parse_args
 from fastkd.engine.run_folder import check_not_behind
 from fastkd.methods import methods
 
+DISTILLERS = [name for name, method in methods().items() if method.needs_teacher]
 
-@pytest.mark.parametrize("distiller", [name for name, method in methods().items()
-                                       if method.needs_teacher])
-def test_two_process_run_of_each_distiller(demo_dir, teacher_checkpoint, tmp_path, distiller):
-    """Each distiller under torchrun, with a loader worker a process, to a clean end: its files,
-    its parts in summary.csv, and nothing alive after main() in either process."""
-    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", distiller,
-                       "--teacher", "resnet20", "--teacher-checkpoint", teacher_checkpoint,
-                       "--output", str(tmp_path), "--experiment", "run", *FAST,
-                       "--workers", "1"], processes=2, script=exit_probe(tmp_path))
+
+def two_process_jobs(inputs):
+    """Each distiller under torchrun, with a loader worker a process (conftest's one launch)."""
+    return {distiller: ["--dataset", "demo", "--data-dir", inputs.demo_dir, "--distiller",
+                        distiller, "--teacher", "resnet20", "--teacher-checkpoint",
+                        inputs.teacher_checkpoint, "--output", inputs.output(distiller),
+                        "--experiment", "run", *FAST, "--workers", "1"]
+            for distiller in DISTILLERS}
+
+
+@pytest.mark.parametrize("distiller", DISTILLERS)
+def test_two_process_run_of_each_distiller(demo_dir, two_process_jobs, distiller):
+    """Each distiller under torchrun to a clean end: its files, its parts in summary.csv, and
+    nothing alive after main() in either process."""
+    result, output = two_process_jobs(distiller)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_nothing_outlives_the_run(result, processes=2)
-    folder = tmp_path / "run"
+    assert_nothing_outlives_the_run(result)
+    folder = os.path.join(output, "run")
     assert {"args.yaml", "summary.csv", "last.pth", "best.pth", "curves.png"} <= set(
         os.listdir(folder))
-    with open(folder / "summary.csv") as handle:
+    with open(os.path.join(folder, "summary.csv")) as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and 0 <= float(rows[0]["eval_top1"]) <= 100
     a_part = {"kd": "train_kd", "dkd": "train_kd", "ldrld": "train_rntk", "hcd": "train_sce"}
     assert {"train_loss", "train_ce", a_part[distiller]} <= set(rows[0])
-    state = torch.load(folder / "last.pth", weights_only=True)
+    state = torch.load(os.path.join(folder, "last.pth"), weights_only=True)
     assert state["epoch"] == 1 and state["args"]["distiller"] == distiller
-    assert yaml.safe_load(open(folder / "args.yaml"))["distiller"] == distiller
+    assert yaml.safe_load(open(os.path.join(folder, "args.yaml")))["distiller"] == distiller
     assert "teacher   resnet20" in result.stdout and "student   resnet20" in result.stdout
     if distiller == "kd":
         # The two ranks' BatchNorm statistics are averaged before evaluation (timm's dist-bn
         # reduce), so the saved student scores what the run recorded.
         evaluation = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--eval-only",
-                               str(folder / "best.pth"), "--workers", "0", "--loader", "torch"])
+                               os.path.join(folder, "best.pth"), "--workers", "0", "--loader",
+                               "torch"])
         assert evaluation.returncode == 0, evaluation.stderr[-3000:]
         assert f"top-1 {float(rows[0]['eval_top1']):.2f}" in evaluation.stdout
 

@@ -10,8 +10,7 @@ import socket
 import pytest
 import torch
 import yaml
-from test_bad_images import BAD_FILES
-from test_data import needs_dali, write_tree
+from test_data import needs_dali
 from trainer_helpers import (
     FAST,
     MAIN,
@@ -19,13 +18,15 @@ from trainer_helpers import (
     children,
     command,
     environment_of,
-    exit_probe,
+    job_result,
+    run_jobs,
     run_main,
     start,
     torchrun,
     wait_until,
 )
 
+from fastkd.data.loaders import dali_available
 from fastkd.files import atomic_write
 
 
@@ -39,19 +40,41 @@ def summary_epochs(folder):
         return [row["epoch"] for row in csv.DictReader(handle)]
 
 
+def non_finite_loss_job(demo_dir, output):
+    return ["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce", "--output", output,
+            *FAST, "--workers", "2", "--lr", "1e30", "--warmup-epochs", "0", "--batch-size", "16"]
+
+
+def bad_images_job(root, output, loader):
+    return ["--dataset", "folder", "--data-dir", root, "--distiller", "ce", "--model",
+            "resnet20", "--img-size", "32", "--epochs", "2", "--batch-size", "7", "--workers",
+            "1", "--loader", loader, "--output", output, "--experiment", "run"]
+
+
+def two_process_jobs(inputs):
+    """A run stopped by a non-finite loss, and runs over bad images (conftest's one launch)."""
+    jobs = {"non-finite-loss": non_finite_loss_job(inputs.demo_dir, inputs.output("non-finite-loss"))}
+    for loader in ("torch", "dali") if dali_available() else ("torch",):
+        jobs[f"bad-images-{loader}"] = bad_images_job(inputs.bad_tree[0],
+                                                      inputs.output(f"bad-images-{loader}"),
+                                                      loader)
+    return jobs
+
+
 # A clean two-process finish is checked by test_trainer's run of each distiller.
-@pytest.mark.parametrize("stop,processes", [("non-finite loss", 2), ("finished", 1)])
-def test_no_gloo_thread_or_loader_worker_outlives_the_run(demo_dir, tmp_path, stop, processes):
-    """After main() nothing may be alive (``assert_nothing_outlives_the_run``), on a stop and in a
-    plain process too. (Under torchrun the process group's closing collects the cycle that held
-    the loader workers; a plain process had nothing to.)"""
-    extra = ["--lr", "1e30", "--warmup-epochs", "0", "--batch-size", "16"] if (
-        stop == "non-finite loss") else []
-    result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "ce",
-                       "--output", str(tmp_path), *FAST, "--workers", "2", *extra],
-                      processes=processes, script=exit_probe(tmp_path))
-    assert result.returncode == (0 if stop == "finished" else 1), result.stderr[-3000:]
-    assert_nothing_outlives_the_run(result, processes)
+def test_no_gloo_thread_or_loader_worker_outlives_the_run(demo_dir, tmp_path, two_process_jobs):
+    """After main() nothing may be alive (``assert_nothing_outlives_the_run``), on a stop under
+    torchrun and at a plain process's finish. (Under torchrun the process group's closing
+    collects the cycle that held the loader workers; a plain process had nothing to.)"""
+    stopped, _ = two_process_jobs("non-finite-loss")
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert_nothing_outlives_the_run(stopped)
+    run_jobs(tmp_path, {"finished": ["--dataset", "demo", "--data-dir", demo_dir, "--distiller",
+                                     "ce", "--output", str(tmp_path / "run"), *FAST,
+                                     "--workers", "2"]}, processes=1)
+    finished = job_result(tmp_path, "finished", processes=1)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_nothing_outlives_the_run(finished)
 
 
 def test_interrupted_demo_teacher_is_resumed_not_reused(demo_dir, tmp_path):
@@ -170,36 +193,22 @@ def test_a_run_folder_is_used_by_one_job_at_a_time(demo_dir, tmp_path):
     assert f"error: {tmp_path}/run is in use by another running job" in second.stderr
 
 
-@pytest.fixture(scope="module")
-def tree_with_bad_images(tmp_path_factory):
-    """Four classes of 10 training and 4 validation JPEGs, plus files that do not decode: in train
-    a truncated one, an empty one and one whose body is noise; in val a truncated one."""
-    root = write_tree(tmp_path_factory.mktemp("bad"), ["a", "b", "c", "d"], 10, 4)
-    bad = {"train/a/cut.jpg": "cut.jpg", "train/b/empty.jpg": "empty.jpg",
-           "train/c/noise.jpg": "noise.jpg", "val/a/cut.jpg": "cut.jpg"}
-    for name, kind in bad.items():
-        (root / name).write_bytes(BAD_FILES[kind])
-    return root, sorted(f"{root}/{name}" for name in bad)
-
-
 @pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=needs_dali)])
-def test_bad_images_are_skipped_named_once_and_listed(tree_with_bad_images, tmp_path, loader):
+def test_bad_images_are_skipped_named_once_and_listed(tree_with_bad_images, two_process_jobs,
+                                                      tmp_path, loader):
     root, bad = tree_with_bad_images
-    args = ["--dataset", "folder", "--data-dir", str(root), "--distiller", "ce", "--model",
-            "resnet20", "--img-size", "32", "--epochs", "2", "--batch-size", "7",
-            "--workers", "1", "--loader", loader, "--output", str(tmp_path),
-            "--experiment", "run"]
-    result = run_main(args, processes=2)
+    result, output = two_process_jobs(f"bad-images-{loader}")
     assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
+    text = result.stdout + result.stderr
     for path in bad:
-        assert output.count(f"skipping bad image {path}: ") == 1, output[-3000:]
-    with open(tmp_path / "run" / "bad_images.txt") as handle:
+        assert text.count(f"skipping bad image {path}: ") == 1, text[-3000:]
+    with open(os.path.join(output, "run", "bad_images.txt")) as handle:
         assert [line.split("\t")[0] for line in handle] == bad
-    with open(tmp_path / "run" / "summary.csv", newline="") as handle:
+    with open(os.path.join(output, "run", "summary.csv"), newline="") as handle:
         assert [row["bad_images"] for row in csv.DictReader(handle)] == ["4", "4"]
 
-    refused = run_main([*args, "--bad-images", "error", "--experiment", "refused"])
+    refused = run_main([*bad_images_job(root, str(tmp_path), loader), "--bad-images", "error",
+                        "--experiment", "refused"])
     assert refused.returncode == 1
     assert "error: --bad-images error: 4 bad image file(s)" in refused.stderr
     for path in bad:  # named up front, all of them

@@ -3,6 +3,7 @@ or under torchrun."""
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -102,45 +103,46 @@ def environment_of(pid):
     return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
 
 
-# Runs fastkd's trainer, then names the gloo threads and counts the child processes this process
-# still has: what is alive when the interpreter shuts down.
-EXIT_PROBE = """
-import multiprocessing, os, sys
-from fastkd.engine.cli import main
-try:
-    main()
-except SystemExit as stop:
-    status = stop.code
-names = []
-for task in os.listdir("/proc/self/task"):
-    try:
-        with open(f"/proc/self/task/{task}/comm") as handle:
-            names.append(handle.read().strip())
-    except (FileNotFoundError, ProcessLookupError):  # a thread that ended after the listing
-        pass  # (a queue's feeder): gone before its open, or between the open and the read
-# One write per line (print writes its pieces apart, unbuffered under PYTHONUNBUFFERED): the
-# ranks of a job share the pipe, and their pieces interleave.
-gloo = sorted(name for name in names if "gloo" in name)
-sys.stdout.write(f"threads left: {gloo}\\n")
-sys.stdout.write(f"processes left: {len(multiprocessing.active_children())}\\n")
-sys.stdout.flush()
-sys.exit(status)
-"""
+RUN_JOBS = os.path.join(os.path.dirname(__file__), "run_jobs.py")
 
 
-
-def exit_probe(folder):
-    """A script, written in ``folder``, that runs ``train/main.py``'s job and then prints what
-    is still alive in its process: for ``run_main(..., script=exit_probe(folder))``."""
-    path = os.path.join(folder, "exit_probe.py")
+def run_jobs(folder, jobs, processes):
+    """``jobs`` (``{name: argv}``, or ``{name: (entry, argv)}`` for ``cli.cache_teacher``) one
+    after another in each process of one launch of ``run_jobs.py`` (torchrun for several
+    processes): one launch's imports for all of them. Their outputs and records go to
+    ``folder``; read each with ``job_result``."""
+    os.makedirs(folder, exist_ok=True)
+    batch = {"folder": str(folder), "jobs": [
+        {"name": name, "entry": job[0], "argv": job[1]} if isinstance(job, tuple) else
+        {"name": name, "argv": job} for name, job in jobs.items()]}
+    path = os.path.join(folder, "batch.json")
     with open(path, "w") as handle:
-        handle.write(EXIT_PROBE)
-    return path
+        json.dump(batch, handle)
+    launch = subprocess.run(command([path], processes, script=RUN_JOBS), capture_output=True,
+                            text=True, timeout=600, env=ENV)
+    assert launch.returncode == 0, launch.stderr[-3000:]
 
 
-def assert_nothing_outlives_the_run(result, processes):
+def job_result(folder, name, processes):
+    """A job of ``run_jobs``: its ranks' stdout and stderr (rank order) and the first non-zero
+    exit status as a ``CompletedProcess``, with ``alive``: each rank's record of what was still
+    alive in its process after the job."""
+    def read(rank, suffix):
+        with open(os.path.join(folder, f"{name}.rank{rank}.{suffix}")) as handle:
+            return handle.read()
+
+    records = [json.loads(read(rank, "json")) for rank in range(processes)]
+    status = next((record["status"] for record in records if record["status"]), 0)
+    result = subprocess.CompletedProcess(
+        [RUN_JOBS, name], status, "".join(read(rank, "out") for rank in range(processes)),
+        "".join(read(rank, "err") for rank in range(processes)))
+    result.alive = [(record["gloo_threads"], record["processes"]) for record in records]
+    return result
+
+
+def assert_nothing_outlives_the_run(result):
     """What is still alive at interpreter shutdown misbehaves there: after main() no gloo thread
-    and no loader worker may be, in any of the ``processes``.
+    and no loader worker may be, in any of the job's processes (``job_result``).
     - The abort at exit (`terminate called without an active exception`, SIGABRT, in about one
       run in five): a gloo worker thread released a collective's tensor while the interpreter
       was shutting down, because the process group could never be freed.
@@ -148,5 +150,4 @@ def assert_nothing_outlives_the_run(result, processes):
       stopped only when a reference cycle was collected at shutdown, each joined after a 5 s
       time-out."""
     assert "terminate called" not in result.stderr
-    assert result.stdout.count("threads left: []") == processes, result.stdout[-2000:]
-    assert result.stdout.count("processes left: 0") == processes, result.stdout[-2000:]
+    assert result.alive == [([], 0)] * len(result.alive), result.alive
