@@ -71,16 +71,37 @@ def test_what_only_timm_or_the_loss_knows_is_checked_after_the_flags(argv, error
     assert refusal_without_torch(["--model", "resnet_nope", "--lr", "0"])[2] == []
 
 
-def test_under_torchrun_a_refusal_is_printed_once():
-    """Every process of the job refuses the same command line; the first alone says so, and
-    exits first (the others wait silently), so that torchrun cannot stop it before it printed."""
+@pytest.mark.parametrize("argv, error", [
+    (["--epocs", "3"], "(--epocs: did you mean --epochs?)"),
+    # Refused after the flags, with torch imported: the loss's own check of its options.
+    (["--dataset", "synthetic", "--num-classes", "10", "--img-size", "32", "--model",
+      "resnet20", "--distiller", "ldrld", "--ldrld-top-d", "0", "--teacher", "resnet20",
+      "--allow-untrained-teacher"],
+     "error: --ldrld-top-d: top_d must be an integer in 1..10 (the classes), got 0"),
+])
+def test_under_torchrun_a_refusal_is_printed_once(tmp_path, argv, error):
+    """Every process of the job refuses the same settings; the first alone says so, and exits
+    first (the others wait silently), so that torchrun cannot stop it before it printed."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", str(MAIN), "--epocs", "3"],
+                           "--nproc-per-node", "2", str(MAIN), *argv, "--output", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert done.stderr.count("(--epocs: did you mean --epochs?)") == 1, done.stderr
-    assert done.stderr.count("usage: fastkd-train") == 1, done.stderr
-    assert "(exitcode: 2) local_rank: 0" in done.stderr, done.stderr  # torchrun's report
+    output = done.stdout + done.stderr
+    assert output.count(error) == 1, output
+    assert "(process 1 of the job" not in output
+    assert "(exitcode: " in done.stderr and "local_rank: 0" in done.stderr, done.stderr
+
+
+def test_a_refusal_met_by_another_process_alone_is_still_said(monkeypatch):
+    """Had the first process not refused (settings that differ by node, a file missing on
+    one), torchrun does not stop the others, which then say it themselves."""
+    from fastkd.engine import refusal
+
+    monkeypatch.setattr(refusal, "REPORT_WAIT_S", 0)
+    refused = refusal.Refused("error: --resume x.pth: no such file")
+    assert refusal.exit_status(refused, 0) == "error: --resume x.pth: no such file"
+    assert refusal.exit_status(refused, 1).startswith(
+        "error: --resume x.pth: no such file (process 1 of the job, pid ")
 
 
 def test_importing_fastkd_imports_no_torch_until_its_losses_are_used():

@@ -17,9 +17,10 @@ import torch
 from .. import __version__
 from ..models import data_config as model_data_config
 from ..models.taps import embedding_width
-from . import teacher_cache
+from . import refusal, teacher_cache
 from .distributed import World
 from .optim import autocast_settings, resolve_amp
+from .refusal import Refused
 from .run import build_task, measure_teacher
 from .stop import Stopped
 from .teacher_cache import BUILD, MANIFEST, SHARD_ROWS, CacheError, TeacherCache
@@ -44,7 +45,7 @@ class TeacherRunner:
         self.loader, self.val_loader = open_loaders(args, world, self.data_config)
         self.loader.start()
         if args.num_classes not in (None, self.loader.num_classes):
-            raise SystemExit(f"error: --num-classes {args.num_classes} but the data has "
+            raise Refused(f"error: --num-classes {args.num_classes} but the data has "
                              f"{self.loader.num_classes} classes")
         args.num_classes = self.loader.num_classes
         seed_everything(args, world)  # an untrained teacher's weights: the trainer's draw
@@ -151,7 +152,7 @@ def check_resumable(directory, fields):
     if os.path.isfile(path):
         found = teacher_cache.differences(teacher_cache.read_json(path), fields)
         if found:
-            raise SystemExit(f"error: --teacher-cache {directory} holds a cache built with other "
+            raise Refused(f"error: --teacher-cache {directory} holds a cache built with other "
                              f"settings ({'; '.join(found)}): give another folder, or remove "
                              "it to build again")
 
@@ -225,6 +226,7 @@ def run_and_exit(args):
     """Build or verify in this process's place in the process group, then exit."""
     world = World()
     world.stop.install()
+    refused = None
     try:
         (verify if args.verify else build)(args, world)
         status = 0
@@ -233,8 +235,10 @@ def run_and_exit(args):
         status = 128 + stop.number
     except CacheError as error:
         status = f"error: {error}"
+    except Refused as error:  # settings every process refuses alike: said once (below)
+        refused, status = error, 1
     except SystemExit as stop:
         status = stop.code
     world.stop.uninstall()
     world.close()
-    sys.exit(status)
+    sys.exit(refusal.exit_status(refused, world.rank) if refused else status)

@@ -19,6 +19,7 @@ import timm.models
 import torch
 
 from ..files import atomic_write
+from .refusal import Refused
 
 # Options that say how a job runs, not what it trains: a resumed run may change them. Every
 # other option is the checkpoint's (``check_resumable``); the loader's worker count is one of
@@ -50,7 +51,7 @@ def load(path, flag=None):
         with torch.serialization.safe_globals(READABLE_CLASSES):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises whatever unpickling a bad file raises
-        raise SystemExit(_cannot_read(path, _reason(path, error), flag)) from None
+        raise Refused(_cannot_read(path, _reason(path, error), flag)) from None
 
 
 # What resuming reads of a checkpoint before its parts are loaded one by one.
@@ -117,11 +118,11 @@ def load_weights(model, path, *, flag="--teacher-checkpoint", use_ema=True, arch
     default timm's record of it) the file should be a checkpoint of.
     """
     if not os.path.isfile(path):  # before timm, which would log an error of its own
-        raise SystemExit(_cannot_read(path, "no such file", flag))
+        raise Refused(_cannot_read(path, "no such file", flag))
     try:
         weights = timm.models.load_state_dict(path, use_ema=use_ema, weights_only=True)
     except Exception as error:  # whatever torch, safetensors or timm raise on a bad file
-        raise SystemExit(_cannot_read(path, _reason(path, error), flag)) from None
+        raise Refused(_cannot_read(path, _reason(path, error), flag)) from None
     _check_fits(model, weights, f"{flag} {path}", arch)
     model.load_state_dict(weights)
 
@@ -144,7 +145,7 @@ def _check_fits(model, weights, source, arch):
         name = name or type(model).__name__
         classes = getattr(model, "num_classes", None)
         with_classes = f" with {classes} classes" if classes else ""
-        raise SystemExit(f"error: {source} does not fit the model: {'; '.join(problems)}; "
+        raise Refused(f"error: {source} does not fit the model: {'; '.join(problems)}; "
                          f"is it a checkpoint of {name}{with_classes}?")
 
 
@@ -206,7 +207,7 @@ def check_resumable(saved_args, args, saved_processes, processes):
                        f"{processes} processes (the global batch must stay "
                        f"{saved_batch * saved_processes})")
     if changed:
-        raise SystemExit("error: --resume refuses a run with different settings: "
+        raise Refused("error: --resume refuses a run with different settings: "
                          + "; ".join(changed))
 
 

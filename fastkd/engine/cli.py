@@ -26,16 +26,13 @@ def cache_teacher(argv=None):
     run_and_exit(args)
 
 
-# How long another process of a refused job waits for the first to report and exit, which ends
-# the job (torchrun then stops the others), before it exits itself.
-REPORT_WAIT_S = 10
-
-
 def parse_once_per_job(parse, argv):
     """``parse(argv)``, in which a refused command line is reported by the job's first process
     alone: under torchrun every process reads the same command line and would refuse it alike,
     and N copies of one message bury it. The others stay silent and wait (``REPORT_WAIT_S``):
     had one exited first, torchrun could stop the first before it printed anything."""
+    from .refusal import REPORT_WAIT_S
+
     if os.environ.get("RANK", "0") == "0":
         return parse(argv)
     try:

@@ -24,6 +24,7 @@ from ..data.demo import foreign_demo_entries
 from ..data.glyphs import foreign_glyph_entries
 from ..data.splits import eval_split_problem
 from ..methods import method_options_classes, methods
+from .refusal import Refused
 
 # Dataset-specific defaults used when the corresponding option is not given.
 # The demo's learning rate is low for its 8 epochs because LDRLD's loss weights (alpha 10.5,
@@ -878,4 +879,4 @@ def check_method_options(args):
         names = sorted((item.name for item in dataclasses.fields(options_class)
                         if message.startswith(item.name)), key=len, reverse=True)
         flag = f"--{method_flag(args.distiller, names[0])}: " if names else ""
-        raise SystemExit(f"error: {flag}{message}") from None
+        raise Refused(f"error: {flag}{message}") from None

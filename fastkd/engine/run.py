@@ -23,6 +23,7 @@ from . import checkpoint
 from .config import method_options
 from .evaluate import evaluate
 from .optim import autocast_settings, create_mixup, create_optimizer, create_scheduler
+from .refusal import Refused
 from .run_folder import BEST, LAST, describe, plot_curves, write_bad_images, write_summary
 from .stop import Stopped
 
@@ -58,7 +59,7 @@ def build_task(args, data_config, teacher_checkpoint=None, cached_teacher=None):
                                label_smoothing=args.smoothing, student_mean=data_config["mean"],
                                student_std=data_config["std"], **settings)
     except ValueError as error:  # e.g. --hcd-stages beyond the student's stages
-        raise SystemExit(f"error: --distiller {args.distiller} on --model {args.model}: "
+        raise Refused(f"error: --distiller {args.distiller} on --model {args.model}: "
                          f"{error}") from None
 
 
@@ -69,13 +70,13 @@ def create_model(name, kwargs, flag, num_classes, pretrained=False):
         return timm.create_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError) as error:
         given = " ".join(f"{key}={value}" for key, value in kwargs.items())
-        raise SystemExit(f"error: {flag} {name} {f'(kwargs {given}) ' if given else ''}"
+        raise Refused(f"error: {flag} {name} {f'(kwargs {given}) ' if given else ''}"
                          f"cannot be built: {error}") from None
     except Exception as error:  # the hub's and the network's errors, whatever their class
         if not pretrained:
             raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise SystemExit(f"error: --teacher-pretrained: cannot get {name}'s pretrained weights "
+        raise Refused(f"error: --teacher-pretrained: cannot get {name}'s pretrained weights "
                          f"({type(error).__name__}: {reason}); with no network they must be in "
                          "the Hugging Face cache already, or give --teacher-checkpoint "
                          "FILE") from None
@@ -93,7 +94,7 @@ def check_input_size(name, kwargs, flag, num_classes, size):
             return
         except (AssertionError, RuntimeError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise SystemExit(f"error: {flag} {name} does not take {size}x{size} inputs "
+            raise Refused(f"error: {flag} {name} does not take {size}x{size} inputs "
                              f"(--img-size {size}): {reason}; timm's ViTs take {flag}-kwargs "
                              f"img_size={size}") from None
 
@@ -175,7 +176,7 @@ def check_teacher_accuracy(args, world, accuracy, source=""):
     chance = 1 / args.num_classes
     threshold = 100 * (chance + 3 * math.sqrt(chance * (1 - chance) / accuracy["samples"]))
     if top1 <= threshold and not args.allow_untrained_teacher:
-        raise SystemExit(
+        raise Refused(
             f"error: the teacher {args.teacher} scores {top1:.2f}% top-1, no better than chance "
             f"({100 * chance:.2f}%): are its weights loaded (--teacher-checkpoint, "
             "--teacher-pretrained)? --allow-untrained-teacher distils from it anyway")

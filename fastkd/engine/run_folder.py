@@ -14,6 +14,7 @@ from timm.utils import get_outdir
 
 from ..files import atomic_write
 from . import checkpoint
+from .refusal import Refused
 
 LAST = "last.pth"
 BEST = "best.pth"
@@ -38,7 +39,7 @@ def check_not_behind(path, position):
     state = checkpoint.load(last)
     later = (state["epoch"], state.get("step", 0))
     if later > tuple(position):
-        raise SystemExit(
+        raise Refused(
             f"error: --resume {path} was saved at {describe(*position)} but {last} at "
             f"{describe(*later)}: resuming in that folder would overwrite the later steps; "
             f"resume {last}, or copy {os.path.basename(path)} into a new folder to continue "

@@ -34,6 +34,7 @@ import torch
 from ..data.order import augment_view, train_indices
 from ..distillers.base import TeacherOutputs
 from ..files import atomic_write
+from .refusal import Refused
 
 MANIFEST, BUILD = "manifest.json", "build.json"
 FORMAT = 1
@@ -292,7 +293,7 @@ def open_for_run(args, world, train_loader, data_config):
                   f"{views} views' files")
         cache.open_views(range(views))
     except CacheError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise Refused(f"error: {error}") from None
     return CachedTeacher(cache, args, world, train_loader.dataset_size)
 
 

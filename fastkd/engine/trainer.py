@@ -25,11 +25,12 @@ from ..data.bad_images import BadImageError
 from ..data.bad_images import logger as data_logger
 from ..data.loaders import create_loaders, resolve_loader
 from ..models import data_config as model_data_config
-from . import checkpoint, demo_teacher, teacher_cache
+from . import checkpoint, demo_teacher, refusal, teacher_cache
 from .config import DEMO_TEACHERS, check_method_options, crop_flip, distils, off_recipe_warning
 from .distributed import World
 from .evaluate import evaluate, last_and_best, report
 from .optim import autocast_settings, resolve_amp
+from .refusal import Refused
 from .run import Run, build_task
 from .run_folder import (
     BEST,
@@ -51,7 +52,7 @@ def resume_point(args, world):
     state = checkpoint.load(path, "--resume")
     missing = checkpoint.missing_resume_entry(state)
     if missing:
-        raise SystemExit(f"error: --resume {path} is not a fastkd checkpoint to resume (no "
+        raise Refused(f"error: --resume {path} is not a fastkd checkpoint to resume (no "
                          f"{missing!r} entry): give a last.pth that fastkd's trainer wrote")
     saved_processes = len(state.get("ranks") or state["rng"])
     checkpoint.check_resumable(state["args"], args, saved_processes, world.world_size)
@@ -97,7 +98,7 @@ def train_demo_teacher(args, world, loaders, data_config):
         demo_teacher.finished(teacher_args) if world.main else None)
     if changed:  # never silently reused, nor overwritten
         folder = os.path.join(teacher_args.output, teacher_args.experiment)
-        raise SystemExit(f"error: {folder} holds the {args.dataset} teacher trained with other "
+        raise Refused(f"error: {folder} holds the {args.dataset} teacher trained with other "
                          f"settings ({'; '.join(changed)}): remove that folder to train it "
                          "again, or give another --output")
     if finished:
@@ -169,7 +170,7 @@ def open_loaders(args, world, data_config):
         try:
             args.loader = resolve_loader(args.loader, args.dataset, world.device)
         except ValueError as error:
-            raise SystemExit(f"error: --loader {args.loader}: {error}") from None
+            raise Refused(f"error: --loader {args.loader}: {error}") from None
     if not world.main:
         # Bad-image warnings come from rank 0 alone: share_bad_images relays other ranks' finds.
         data_logger.setLevel(logging.ERROR)
@@ -189,9 +190,9 @@ def open_loaders(args, world, data_config):
     except BadImageError:
         raise
     except ValueError as error:  # a setting the loaders refuse (--aa, ...), before any file
-        raise SystemExit(f"error: {error}") from None
+        raise Refused(f"error: {error}") from None
     except FileNotFoundError as error:  # a split's folder
-        raise SystemExit(f"error: --data-dir {args.data_dir}: {error}") from None
+        raise Refused(f"error: --data-dir {args.data_dir}: {error}") from None
     finally:
         if world.main:
             world.barrier()
@@ -222,10 +223,10 @@ def run_job(args, world):
 def train_or_evaluate(args, world, loaders, data_config):
     data_classes = loaders[0].num_classes
     if data_classes < 2:
-        raise SystemExit(f"error: --data-dir {args.data_dir} has {data_classes} class folder: "
+        raise Refused(f"error: --data-dir {args.data_dir} has {data_classes} class folder: "
                          "classification needs at least 2")
     if args.num_classes not in (None, data_classes):
-        raise SystemExit(f"error: --num-classes {args.num_classes} but the data has "
+        raise Refused(f"error: --num-classes {args.num_classes} but the data has "
                          f"{data_classes} classes")
     args.num_classes = data_classes
     check_method_options(args)
@@ -236,7 +237,7 @@ def train_or_evaluate(args, world, loaders, data_config):
         world.log(warning)
     if not len(loaders[0]):
         processes = f"{world.world_size} process{'es' if world.world_size > 1 else ''}"
-        raise SystemExit(
+        raise Refused(
             f"error: --batch-size {args.batch_size} x {processes} = "
             f"{args.batch_size * world.world_size} is more than the "
             f"{loaders[0].dataset_size} training samples: an epoch trains full global batches")
@@ -289,17 +290,20 @@ def run_job_and_exit(args):
     place in the process group, then exit with its status."""
     world = World()
     world.stop.install()
+    refused = None
     try:
         run_job(args, world)
         status = 0
     except Stopped as stop:  # a signal outside training, where there is nothing to save
         world.log(f"{stop.name}: exiting")
         status = 128 + stop.number
-    except SystemExit as stop:  # the run's own stops: a signal, a non-finite loss, bad settings
+    except Refused as error:  # settings every process refuses alike: said once (below)
+        refused, status = error, 1
+    except SystemExit as stop:  # the run's own stops: a signal, a non-finite loss
         status = stop.code
     except BadImageError as error:  # with --bad-images error: at start, or met while reading
         status = f"error: --bad-images error: {error}"
     world.stop.uninstall()  # the job is ending
     # Only now are run_job's frames, and the DDP modules that hold the process group, gone.
     world.close()
-    sys.exit(status)
+    sys.exit(refusal.exit_status(refused, world.rank) if refused else status)
