@@ -324,10 +324,17 @@ def train(args, method, seed, runs):
     os.makedirs(os.path.join(args.output, "logs"), exist_ok=True)
     log_path = os.path.join(args.output, "logs", f"{name}.log")
     with open(log_path, "a") as log:
+        start = log.tell()
         status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if status.returncode:
+        with open(log_path) as log:
+            log.seek(start)
+            refusals = [line.strip() for line in log if line.startswith("error: ")]
+        # A refusal (the trainer's "error: ..." line) wants other settings; anything else (a
+        # signal, a crash) is resumed by the same command.
         raise SystemExit(f"error: {name} stopped with status {status.returncode} (its log: "
-                         f"{log_path}); the same command resumes the table there")
+                         f"{log_path}): " + (f"{refusals[-1]}" if refusals else
+                                             "the same command resumes the table there"))
     folder = os.path.join(args.output, name)
     # The seconds of this command (a run resumed after an interruption: of its last part).
     return {"method": method, "seed": seed, "seconds": round(time.perf_counter() - started, 1),

@@ -182,8 +182,24 @@ def test_runs_share_baselines_and_teachers_and_a_rerun_skips_finished_rows(table
 
 
 def test_a_failed_run_stops_the_table_naming_its_log(table, tmp_path, monkeypatch):
-    monkeypatch.setattr(table.subprocess, "run",
-                        lambda command, **options: table.subprocess.CompletedProcess(command, 1))
-    with pytest.raises(SystemExit, match="kd-seed1 stopped with status 1 .*logs/kd-seed1.log"):
+    """A refused run's message is the trainer's own error line (of this attempt, not an earlier
+    one in the same log); any other stop is resumed by the same command."""
+    def failing(message):
+        def run(command, stdout, **options):
+            stdout.write(f"starting\n{message}")
+            stdout.flush()
+            return table.subprocess.CompletedProcess(command, 1)
+        return run
+
+    log = tmp_path / "logs" / "kd-seed1.log"
+    monkeypatch.setattr(table.subprocess, "run", failing("error: --data-dir x has 1 class\n"))
+    with pytest.raises(SystemExit) as stop:
         table.main(["--methods", "kd", "--seeds", "1", "2", "--output", str(tmp_path)])
+    assert str(stop.value) == (f"error: kd-seed1 stopped with status 1 (its log: {log}): "
+                               "error: --data-dir x has 1 class")
+    monkeypatch.setattr(table.subprocess, "run", failing("Traceback: killed\n"))
+    with pytest.raises(SystemExit) as stop:
+        table.main(["--methods", "kd", "--seeds", "1", "2", "--output", str(tmp_path)])
+    assert str(stop.value) == (f"error: kd-seed1 stopped with status 1 (its log: {log}): the "
+                               "same command resumes the table there")
     assert not (tmp_path / "table.csv").exists()
