@@ -27,19 +27,20 @@ def cache_teacher(argv=None):
 
 
 def parse_once_per_job(parse, argv):
-    """``parse(argv)``, in which a refused command line is reported by the job's first process
-    alone: under torchrun every process reads the same command line and would refuse it alike,
-    and N copies of one message bury it. The others stay silent and wait (``REPORT_WAIT_S``):
-    had one exited first, torchrun could stop the first before it printed anything."""
+    """``parse(argv)``, in which a refused command line (and ``--help``, ``--version``) is
+    printed by the job's first process alone: under torchrun every process reads the same
+    command line and would print alike, and N copies of one message bury it. On a refusal the
+    others stay silent and wait (``REPORT_WAIT_S``): had one exited first, torchrun could stop
+    the first before it printed anything."""
     from .refusal import REPORT_WAIT_S
 
     if os.environ.get("RANK", "0") == "0":
         return parse(argv)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return parse(argv)
     except SystemExit as stop:
-        if stop.code in (None, 0):  # --help, --version: every process prints
+        if stop.code in (None, 0):  # --help, --version: the first process printed them
             raise
         time.sleep(REPORT_WAIT_S)
         raise SystemExit(stop.code if isinstance(stop.code, int) else 1) from None
