@@ -89,7 +89,7 @@ def test_under_torchrun_a_refusal_is_printed_once(tmp_path, argv, error):
                           capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
     assert output.count(error) == 1, output
-    assert "(process 1 of the job" not in output
+    assert "(process 1 of the node" not in output
     if argv == ["--version"]:
         assert done.returncode == 0, output
         return
@@ -106,7 +106,7 @@ def test_a_refusal_met_by_another_process_alone_is_still_said(monkeypatch):
     refused = refusal.Refused("error: --resume x.pth: no such file")
     assert refusal.exit_status(refused, 0) == "error: --resume x.pth: no such file"
     assert refusal.exit_status(refused, 1).startswith(
-        "error: --resume x.pth: no such file (process 1 of the job, pid ")
+        "error: --resume x.pth: no such file (process 1 of the node, pid ")
 
 
 def test_importing_fastkd_imports_no_torch_until_its_losses_are_used():

@@ -241,4 +241,4 @@ def run_and_exit(args):
         status = stop.code
     world.stop.uninstall()
     world.close()
-    sys.exit(refusal.exit_status(refused, world.rank) if refused else status)
+    sys.exit(refusal.exit_status(refused, world.local_rank) if refused else status)

@@ -28,13 +28,13 @@ def cache_teacher(argv=None):
 
 def parse_once_per_job(parse, argv):
     """``parse(argv)``, in which a refused command line (and ``--help``, ``--version``) is
-    printed by the job's first process alone: under torchrun every process reads the same
-    command line and would print alike, and N copies of one message bury it. On a refusal the
-    others stay silent and wait (``REPORT_WAIT_S``): had one exited first, torchrun could stop
-    the first before it printed anything."""
+    printed by each node's first process alone (each node has its own log): under torchrun
+    every process reads the same command line and would print alike, and N copies of one
+    message bury it. On a refusal the others stay silent and wait (``REPORT_WAIT_S``): had one
+    exited first, torchrun could stop the first before it printed anything."""
     from .refusal import REPORT_WAIT_S
 
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         return parse(argv)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

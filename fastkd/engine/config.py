@@ -481,6 +481,7 @@ def parse_cache_args(argv=None):
     args, changed = _parse(parser, argv)
     given = {key for key, value in vars(args).items() if value is not None}
     fill_defaults(args)
+    check_launch(parser)
     unused = sorted(changed - _builder_options(parser))
     if unused:
         parser.error(f"{_flags(unused)} would change nothing in a teacher cache")
@@ -581,9 +582,30 @@ def check_args(parser, args, given=()):
     """Errors a user can fix from the message, before any model or data is built, one concern
     after another. ``given``: the options the user set (command line or config), as opposed to
     defaults."""
-    for check in (check_required, check_data, check_teacher_weights, check_teacher_cache,
-                  check_run_folder, check_numbers, check_optimisation):
+    for check in (check_launch, check_required, check_data, check_teacher_weights,
+                  check_teacher_cache, check_run_folder, check_numbers, check_optimisation):
         check(parser, args, given)
+
+
+def restarts_problem(environ):
+    """Why torchrun cannot restart this job's workers (``distributed.init_process_group``), or
+    None: across nodes an agent restarts its workers without counting the restart when another
+    node failed, so the attempt's keys in the store the agents share would not match."""
+    if (environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(environ.get("GROUP_WORLD_SIZE", 1)) > 1
+            and int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
+        return ("torchrun --max-restarts across several nodes needs "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: its shared "
+                "rendezvous store keeps the failed attempt's keys, so restarted workers cannot "
+                "connect")
+    return None
+
+
+def check_launch(parser, args=None, given=()):
+    """How torchrun started this process."""
+    problem = restarts_problem(os.environ)
+    if problem:
+        parser.error(problem)
 
 
 def check_required(parser, args, given):

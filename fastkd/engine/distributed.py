@@ -16,6 +16,7 @@ import torch.distributed as dist
 # Imported here, before any group can exist, its defaults hold None.
 import torch.distributed.nn  # noqa: F401
 
+from .config import restarts_problem
 from .stop import StopVote
 
 
@@ -28,18 +29,14 @@ def init_process_group(backend, rank, world_size):
     with "Connection refused" in connectFullMesh. Each attempt's keys go under its own prefix.
     The agent counts its restarts, which is one count for the whole job on one node; across
     nodes an agent restarts its workers without counting when another node failed, so there the
-    prefix would not match and such a job is refused up front.
+    prefix would not match and such a job is refused up front (``config.restarts_problem``).
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend)
         return
-    if (int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1
-            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
-        raise SystemExit(
-            "error: torchrun --max-restarts across several nodes needs "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: its shared "
-            "rendezvous store keeps the failed attempt's keys, so restarted workers cannot "
-            "connect")
+    problem = restarts_problem(os.environ)  # the command line's check, for callers in code
+    if problem:
+        raise SystemExit(f"error: {problem}")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           world_size, is_master=False)
     attempt = f"fastkd/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"

@@ -306,4 +306,4 @@ def run_job_and_exit(args):
     world.stop.uninstall()  # the job is ending
     # Only now are run_job's frames, and the DDP modules that hold the process group, gone.
     world.close()
-    sys.exit(refusal.exit_status(refused, world.rank) if refused else status)
+    sys.exit(refusal.exit_status(refused, world.local_rank) if refused else status)
