@@ -100,6 +100,7 @@ def test_the_trainer_tells_its_version():
     """``--version`` is the installed package's (``test_cli_imports`` covers ``import fastkd``
     registering the nets)."""
     repo = Path(__file__).resolve().parents[1]
-    told = subprocess.run([sys.executable, str(repo / "train" / "main.py"), "--version"],
-                          capture_output=True, text=True, check=True)
-    assert told.stdout.strip() == f"fastkd-train {version('fastkd')}"
+    for entry in ([str(repo / "train" / "main.py")], ["-m", "fastkd.engine.cli"]):
+        told = subprocess.run([sys.executable, *entry, "--version"], capture_output=True,
+                              text=True, check=True)
+        assert told.stdout.strip() == f"fastkd-train {version('fastkd')}", entry

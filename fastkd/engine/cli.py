@@ -44,3 +44,7 @@ def parse_once_per_job(parse, argv):
             raise
         time.sleep(REPORT_WAIT_S)
         raise SystemExit(stop.code if isinstance(stop.code, int) else 1) from None
+
+
+if __name__ == "__main__":  # python -m fastkd.engine.cli, as train/main.py
+    main()
