@@ -15,6 +15,9 @@ import multiprocessing
 import os
 import sys
 import traceback
+from unittest import mock
+
+from trainer_helpers import exit_status
 
 from fastkd.engine import cli
 
@@ -38,37 +41,22 @@ def output_to(base):
                 os.close(copy)
 
 
-@contextlib.contextmanager
 def as_attempt(number):
     """Under torchrun, each job as another attempt of the job: a process group made after an
     earlier one was destroyed reuses its key names in torchrun's store, and would read the
     earlier group's addresses (gloo then connects to closed ports); the trainer keeps each
     attempt's keys apart (``distributed.init_process_group``), as after torchrun's restarts."""
-    saved = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    os.environ["TORCHELASTIC_RESTART_COUNT"] = str(number)
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TORCHELASTIC_RESTART_COUNT"]
-        else:
-            os.environ["TORCHELASTIC_RESTART_COUNT"] = saved
+    return mock.patch.dict(os.environ, {"TORCHELASTIC_RESTART_COUNT": str(number)})
 
 
-def exit_status(entry, argv):
-    """``entry(argv)``'s exit status: a message is printed and gives 1, as the interpreter does;
-    so does an exception, whose traceback is printed, and the next job still runs."""
+def job_status(entry, argv):
+    """``entry(argv)``'s exit status (``trainer_helpers.exit_status``); an exception's traceback
+    is printed and gives 1, as in a process, and the next job still runs."""
     try:
-        entry(argv)
-    except SystemExit as stop:
-        if stop.code is None or isinstance(stop.code, int):
-            return stop.code or 0
-        print(stop.code, file=sys.stderr)
-        return 1
+        return exit_status(entry, argv)
     except Exception:  # noqa: BLE001 - reported in the job's own file, as a process would
         traceback.print_exc()
         return 1
-    return 0
 
 
 def gloo_threads():
@@ -89,7 +77,7 @@ def main(path):
     for number, job in enumerate(batch["jobs"]):
         base = os.path.join(batch["folder"], f"{job['name']}.rank{rank}")
         with output_to(base), as_attempt(number):
-            status = exit_status(getattr(cli, job.get("entry", "main")), job["argv"])
+            status = job_status(getattr(cli, job.get("entry", "main")), job["argv"])
         record = {"status": status, "gloo_threads": gloo_threads(),
                   "processes": len(multiprocessing.active_children())}
         with open(f"{base}.json", "w") as handle:

@@ -71,16 +71,16 @@ def test_what_only_timm_or_the_loss_knows_is_checked_after_the_flags(argv, error
     assert refusal_without_torch(["--model", "resnet_nope", "--lr", "0"])[2] == []
 
 
-@pytest.mark.parametrize("argv, error", [
-    (["--epocs", "3"], "(--epocs: did you mean --epochs?)"),
-    (["--version"], "fastkd-train "),  # not a refusal: exit 0, said once too
+@pytest.mark.parametrize("argv, error, status, usage_lines", [
+    (["--epocs", "3"], "(--epocs: did you mean --epochs?)", 2, 1),
+    (["--version"], "fastkd-train ", 0, 0),  # not a refusal: said once too
     # Refused after the flags, with torch imported: the loss's own check of its options.
     (["--dataset", "synthetic", "--num-classes", "10", "--img-size", "32", "--model",
       "resnet20", "--distiller", "ldrld", "--ldrld-top-d", "0", "--teacher", "resnet20",
       "--allow-untrained-teacher"],
-     "error: --ldrld-top-d: top_d must be an integer in 1..10 (the classes), got 0"),
+     "error: --ldrld-top-d: top_d must be an integer in 1..10 (the classes), got 0", 1, 0),
 ])
-def test_under_torchrun_a_refusal_is_printed_once(tmp_path, argv, error):
+def test_under_torchrun_a_refusal_is_printed_once(tmp_path, argv, error, status, usage_lines):
     """Every process of the job refuses the same settings; the first alone says so, and exits
     first (the others wait silently), so that torchrun cannot stop it before it printed.
     ``--version`` and ``--help`` are printed once too."""
@@ -89,12 +89,13 @@ def test_under_torchrun_a_refusal_is_printed_once(tmp_path, argv, error):
                           capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
     assert output.count(error) == 1, output
+    assert output.count("usage: fastkd-train") == usage_lines, output
     assert "(process 1 of the node" not in output
-    if argv == ["--version"]:
+    if status == 0:
         assert done.returncode == 0, output
-        return
-    assert done.returncode != 0
-    assert "(exitcode: " in done.stderr and "local_rank: 0" in done.stderr, done.stderr
+    else:  # torchrun's report of the first process's exit
+        assert done.returncode != 0
+        assert f"(exitcode: {status}) local_rank: 0" in done.stderr, done.stderr
 
 
 def test_a_refusal_met_by_another_process_alone_is_still_said(monkeypatch):

@@ -53,7 +53,8 @@ def bad_images_job(root, output, loader):
 
 def two_process_jobs(inputs):
     """A run stopped by a non-finite loss, and runs over bad images (conftest's one launch)."""
-    jobs = {"non-finite-loss": non_finite_loss_job(inputs.demo_dir, inputs.output("non-finite-loss"))}
+    jobs = {"non-finite-loss": non_finite_loss_job(inputs.demo_dir,
+                                                   inputs.output("non-finite-loss"))}
     for loader in ("torch", "dali") if dali_available() else ("torch",):
         jobs[f"bad-images-{loader}"] = bad_images_job(inputs.bad_tree[0],
                                                       inputs.output(f"bad-images-{loader}"),

@@ -12,7 +12,6 @@ import time
 from fastkd.engine.cli import main
 
 MAIN = os.path.join(os.path.dirname(__file__), os.pardir, "train", "main.py")
-CACHE_TEACHER = os.path.join(os.path.dirname(__file__), os.pardir, "train", "cache_teacher.py")
 # One short epoch on the demo digits, in the test process's own threads (at most 2 processes of
 # 64: the 240-image tree holds one global batch of 128).
 FAST = ["--epochs", "1", "--batch-size", "64", "--workers", "0", "--loader", "torch",
@@ -49,18 +48,22 @@ def in_process(args, entry=main):
     The job's state is its own (seeds, signal handlers, run folder), set and undone by the job."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            entry(list(args))
-            status = 0
-        except SystemExit as stop:
-            status = stop.code
-            if status is None:
-                status = 0
-            elif not isinstance(status, int):
-                print(status, file=sys.stderr)
-                status = 1
+        status = exit_status(entry, args)
     return subprocess.CompletedProcess([MAIN, *args], status, stdout.getvalue(),
                                        stderr.getvalue())
+
+
+def exit_status(entry, args):
+    """``entry(args)``'s exit status as the interpreter would give it: a message is printed on
+    stderr and gives 1."""
+    try:
+        entry(list(args))
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 def start(argv, log=None):

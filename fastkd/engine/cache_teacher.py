@@ -46,7 +46,7 @@ class TeacherRunner:
         self.loader.start()
         if args.num_classes not in (None, self.loader.num_classes):
             raise Refused(f"error: --num-classes {args.num_classes} but the data has "
-                             f"{self.loader.num_classes} classes")
+                          f"{self.loader.num_classes} classes")
         args.num_classes = self.loader.num_classes
         seed_everything(args, world)  # an untrained teacher's weights: the trainer's draw
         self.task = build_task(args, self.data_config, args.teacher_checkpoint).to(world.device)
@@ -153,8 +153,8 @@ def check_resumable(directory, fields):
         found = teacher_cache.differences(teacher_cache.read_json(path), fields)
         if found:
             raise Refused(f"error: --teacher-cache {directory} holds a cache built with other "
-                             f"settings ({'; '.join(found)}): give another folder, or remove "
-                             "it to build again")
+                          f"settings ({'; '.join(found)}): give another folder, or remove "
+                          "it to build again")
 
 
 def start(directory, fields):

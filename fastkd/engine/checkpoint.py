@@ -146,7 +146,7 @@ def _check_fits(model, weights, source, arch):
         classes = getattr(model, "num_classes", None)
         with_classes = f" with {classes} classes" if classes else ""
         raise Refused(f"error: {source} does not fit the model: {'; '.join(problems)}; "
-                         f"is it a checkpoint of {name}{with_classes}?")
+                      f"is it a checkpoint of {name}{with_classes}?")
 
 
 def _first_few(keys, what):
@@ -208,7 +208,7 @@ def check_resumable(saved_args, args, saved_processes, processes):
                        f"{saved_batch * saved_processes})")
     if changed:
         raise Refused("error: --resume refuses a run with different settings: "
-                         + "; ".join(changed))
+                      + "; ".join(changed))
 
 
 def changed_options(saved_args, args, skip=()):

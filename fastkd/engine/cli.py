@@ -6,6 +6,8 @@ import io
 import os
 import time
 
+from .refusal import REPORT_WAIT_S
+
 
 def main(argv=None):
     from .config import parse_args
@@ -32,8 +34,6 @@ def parse_once_per_job(parse, argv):
     every process reads the same command line and would print alike, and N copies of one
     message bury it. On a refusal the others stay silent and wait (``REPORT_WAIT_S``): had one
     exited first, torchrun could stop the first before it printed anything."""
-    from .refusal import REPORT_WAIT_S
-
     if os.environ.get("LOCAL_RANK", "0") == "0":
         return parse(argv)
     try:

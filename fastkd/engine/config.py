@@ -587,25 +587,18 @@ def check_args(parser, args, given=()):
         check(parser, args, given)
 
 
-def restarts_problem(environ):
-    """Why torchrun cannot restart this job's workers (``distributed.init_process_group``), or
-    None: across nodes an agent restarts its workers without counting the restart when another
-    node failed, so the attempt's keys in the store the agents share would not match."""
-    if (environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and int(environ.get("GROUP_WORLD_SIZE", 1)) > 1
-            and int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
-        return ("torchrun --max-restarts across several nodes needs "
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: its shared "
-                "rendezvous store keeps the failed attempt's keys, so restarted workers cannot "
-                "connect")
-    return None
-
-
 def check_launch(parser, args=None, given=()):
-    """How torchrun started this process."""
-    problem = restarts_problem(os.environ)
-    if problem:
-        parser.error(problem)
+    """How torchrun started this process: what it cannot restart. Across nodes an agent
+    restarts its workers without counting the restart when another node failed, so the
+    attempt's keys in the store the agents share would not match
+    (``distributed.init_process_group``)."""
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
+        parser.error("torchrun --max-restarts across several nodes needs "
+                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: its shared "
+                     "rendezvous store keeps the failed attempt's keys, so restarted workers "
+                     "cannot connect")
 
 
 def check_required(parser, args, given):

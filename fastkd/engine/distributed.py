@@ -16,7 +16,6 @@ import torch.distributed as dist
 # Imported here, before any group can exist, its defaults hold None.
 import torch.distributed.nn  # noqa: F401
 
-from .config import restarts_problem
 from .stop import StopVote
 
 
@@ -29,14 +28,12 @@ def init_process_group(backend, rank, world_size):
     with "Connection refused" in connectFullMesh. Each attempt's keys go under its own prefix.
     The agent counts its restarts, which is one count for the whole job on one node; across
     nodes an agent restarts its workers without counting when another node failed, so there the
-    prefix would not match and such a job is refused up front (``config.restarts_problem``).
+    prefix would not match and such a job is refused with its command line
+    (``config.check_launch``, in both entry points' parsers).
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend)
         return
-    problem = restarts_problem(os.environ)  # the command line's check, for callers in code
-    if problem:
-        raise SystemExit(f"error: {problem}")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           world_size, is_master=False)
     attempt = f"fastkd/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"

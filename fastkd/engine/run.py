@@ -60,7 +60,7 @@ def build_task(args, data_config, teacher_checkpoint=None, cached_teacher=None):
                                student_std=data_config["std"], **settings)
     except ValueError as error:  # e.g. --hcd-stages beyond the student's stages
         raise Refused(f"error: --distiller {args.distiller} on --model {args.model}: "
-                         f"{error}") from None
+                      f"{error}") from None
 
 
 def create_model(name, kwargs, flag, num_classes, pretrained=False):
@@ -71,15 +71,15 @@ def create_model(name, kwargs, flag, num_classes, pretrained=False):
     except (TypeError, ValueError) as error:
         given = " ".join(f"{key}={value}" for key, value in kwargs.items())
         raise Refused(f"error: {flag} {name} {f'(kwargs {given}) ' if given else ''}"
-                         f"cannot be built: {error}") from None
+                      f"cannot be built: {error}") from None
     except Exception as error:  # the hub's and the network's errors, whatever their class
         if not pretrained:
             raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise Refused(f"error: --teacher-pretrained: cannot get {name}'s pretrained weights "
-                         f"({type(error).__name__}: {reason}); with no network they must be in "
-                         "the Hugging Face cache already, or give --teacher-checkpoint "
-                         "FILE") from None
+                      f"({type(error).__name__}: {reason}); with no network they must be in "
+                      "the Hugging Face cache already, or give --teacher-checkpoint "
+                      "FILE") from None
 
 
 def check_input_size(name, kwargs, flag, num_classes, size):
@@ -95,8 +95,8 @@ def check_input_size(name, kwargs, flag, num_classes, size):
         except (AssertionError, RuntimeError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise Refused(f"error: {flag} {name} does not take {size}x{size} inputs "
-                             f"(--img-size {size}): {reason}; timm's ViTs take {flag}-kwargs "
-                             f"img_size={size}") from None
+                          f"(--img-size {size}): {reason}; timm's ViTs take {flag}-kwargs "
+                          f"img_size={size}") from None
 
 
 class StepMeter:

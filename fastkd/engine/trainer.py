@@ -53,7 +53,7 @@ def resume_point(args, world):
     missing = checkpoint.missing_resume_entry(state)
     if missing:
         raise Refused(f"error: --resume {path} is not a fastkd checkpoint to resume (no "
-                         f"{missing!r} entry): give a last.pth that fastkd's trainer wrote")
+                      f"{missing!r} entry): give a last.pth that fastkd's trainer wrote")
     saved_processes = len(state.get("ranks") or state["rng"])
     checkpoint.check_resumable(state["args"], args, saved_processes, world.world_size)
     if args.resume != "auto":  # auto restarts a job where it was
@@ -99,8 +99,8 @@ def train_demo_teacher(args, world, loaders, data_config):
     if changed:  # never silently reused, nor overwritten
         folder = os.path.join(teacher_args.output, teacher_args.experiment)
         raise Refused(f"error: {folder} holds the {args.dataset} teacher trained with other "
-                         f"settings ({'; '.join(changed)}): remove that folder to train it "
-                         "again, or give another --output")
+                      f"settings ({'; '.join(changed)}): remove that folder to train it "
+                      "again, or give another --output")
     if finished:
         world.log(f"using the cached {args.dataset} teacher {finished}")
         return finished
@@ -224,10 +224,10 @@ def train_or_evaluate(args, world, loaders, data_config):
     data_classes = loaders[0].num_classes
     if data_classes < 2:
         raise Refused(f"error: --data-dir {args.data_dir} has {data_classes} class folder: "
-                         "classification needs at least 2")
+                      "classification needs at least 2")
     if args.num_classes not in (None, data_classes):
         raise Refused(f"error: --num-classes {args.num_classes} but the data has "
-                         f"{data_classes} classes")
+                      f"{data_classes} classes")
     args.num_classes = data_classes
     check_method_options(args)
     if args.eval_only:
