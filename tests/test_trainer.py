@@ -151,7 +151,7 @@ def test_resume_refuses_changed_settings_before_any_work(demo_dir, tmp_path,
         in result.stderr
     # Every setting that changes training is named with both values: the optimiser's too.
     for change in ("--lr 0.05 -> 0.02", "--warmup-epochs 0 -> 1",
-                   "--epochs 2 -> 1 (it may only grow)"):
+                   "--epochs 6 -> 1 (it may only grow)"):
         assert change in result.stderr
     assert "demo teacher" not in result.stdout  # refused before it would train one
     assert os.listdir(tmp_path) == []

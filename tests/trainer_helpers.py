@@ -5,10 +5,12 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
+from fastkd.data.demo import MANIFEST
 from fastkd.engine.cli import main
 
 MAIN = os.path.join(os.path.dirname(__file__), os.pardir, "train", "main.py")
@@ -154,3 +156,22 @@ def assert_nothing_outlives_the_run(result):
       time-out."""
     assert "terminate called" not in result.stderr
     assert result.alive == [([], 0)] * len(result.alive), result.alive
+
+
+def small_demo_tree(full_demo_dir, root, counts):
+    """The first ``counts[split]`` images of each class and split of the demo tree at
+    ``full_demo_dir``, copied to ``root`` with a manifest that lists just those: the trainer's
+    ``--dataset demo --data-dir root`` takes the tree as complete rather than rebuilding it."""
+    kept = []
+    for split, count in counts.items():
+        for label in sorted(os.listdir(os.path.join(full_demo_dir, split))):
+            names = sorted(os.listdir(os.path.join(full_demo_dir, split, label)))[:count]
+            os.makedirs(os.path.join(root, split, label))
+            for name in names:
+                relative = f"{split}/{label}/{name}"
+                shutil.copyfile(os.path.join(full_demo_dir, relative),
+                                os.path.join(root, relative))
+                kept.append(relative)
+    with open(os.path.join(root, MANIFEST), "w") as handle:
+        json.dump({"files": kept}, handle)
+    return root
