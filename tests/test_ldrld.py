@@ -95,20 +95,35 @@ def test_spec_worked_example_gradient(backend):
 # Random inputs against the float64 reference.
 
 # (batch, classes, top_d, temperature): every listed B, C, top_d and T appears; 5000 classes
-# exceed one kernel block (4096), so that row is streamed in blocks.
+# exceed one kernel block (4096), so that row is streamed in blocks. The interpreter runs a
+# program per row: batches stay small, but the larger ones hold rows whose target is among the
+# student's top_d and rows whose target is not (test_random_rows_put_the_target_on_both_sides).
 RANDOM_CASES = [
-    (1, 2, 1, 4.0), (3, 2, 2, 1.0), (3, 5, 1, 1.0), (1, 5, 2, 4.0), (64, 5, 2, 4.0),
-    (3, 100, 7, 4.0), (1, 100, 10, 1.0), (64, 100, 7, 1.0), (3, 1000, 7, 4.0),
+    (1, 2, 1, 4.0), (3, 2, 2, 1.0), (3, 5, 1, 1.0), (1, 5, 2, 4.0), (16, 5, 2, 4.0),
+    (3, 100, 7, 4.0), (1, 100, 10, 1.0), (20, 100, 7, 1.0), (3, 1000, 7, 4.0),
     (1, 1000, 10, 1.0), (3, 1003, 2, 4.0), (3, 1003, 10, 4.0), (1, 1003, 7, 1.0),
     (3, 5000, 7, 4.0), (1, 5000, 10, 1.0),
 ]
 
 
+def random_case(batch, num_classes, top_d):
+    return random_logits(batch, num_classes, seed=batch * 100003 + num_classes * 31 + top_d)
+
+
+def test_random_rows_put_the_target_on_both_sides():
+    """In the cases of 5 and of 100 classes, some rows have the target among the student's top_d
+    classes and some do not."""
+    for batch, num_classes, top_d, _ in RANDOM_CASES:
+        if batch > 10:
+            student, _, target = random_case(batch, num_classes, top_d)
+            inside = (student.topk(top_d, dim=1).indices == target[:, None]).any(dim=1)
+            assert 0 < int(inside.sum()) < batch, (batch, num_classes, top_d)
+
+
 @pytest.mark.parametrize("batch,num_classes,top_d,temperature", RANDOM_CASES)
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_fp32_matches_reference(backend, batch, num_classes, top_d, temperature):
-    seed = batch * 100003 + num_classes * 31 + top_d
-    student, teacher, target = random_logits(batch, num_classes, seed)
+    student, teacher, target = random_case(batch, num_classes, top_d)
     options = dict(top_d=top_d, temperature=temperature)
     rows, parts, grad = loss_and_grad(ldrld_parts, student, teacher, target, backend=backend,
                                       **options)
