@@ -1,6 +1,7 @@
 """What a run tells its user: the log's lines, summary.csv, args.yaml and curves.png."""
 
 import csv
+import importlib
 import re
 
 import pytest
@@ -14,6 +15,7 @@ from fastkd.engine import checkpoint
 from fastkd.engine.cli import main
 from fastkd.engine.config import parse_args
 from fastkd.engine.evaluate import verdict
+from fastkd.optional import importable
 
 TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 
@@ -83,6 +85,11 @@ def test_args_yaml_names_versions_and_commit_and_reads_back_as_a_config(run):
     text = (folder / "args.yaml").read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert f"torch {torch.__version__}" in header[0]
+    # Read without importing them (from their packages' metadata): as the modules say.
+    for name, module in (("triton", "triton"), ("dali", "nvidia.dali")):
+        version = importlib.import_module(module).__version__ if importable(module) else (
+            "not installed")
+        assert f"{name} {version}" in header[0]
     assert re.match(r"# fastkd commit ([0-9a-f]{40}(-dirty)?|unknown)$", header[1])
     saved = yaml.safe_load(text)
     assert saved["num_classes"] == 10 and saved["distiller"] == "ldrld"

@@ -4,9 +4,10 @@ calls these."""
 
 import csv
 import fcntl
-import importlib
+import importlib.metadata
 import os
 import subprocess
+import sys
 import time
 
 import yaml
@@ -105,12 +106,22 @@ def provenance():
     versions = {"python": platform.python_version()}
     for name, module in (("torch", "torch"), ("timm", "timm"), ("triton", "triton"),
                          ("dali", "nvidia.dali"), ("torchvision", "torchvision")):
-        try:
-            versions[name] = importlib.import_module(module).__version__
-        except ImportError:
-            versions[name] = "not installed"
+        versions[name] = installed_version(module)
     return [", ".join(f"{name} {version}" for name, version in versions.items()),
             f"fastkd commit {git_commit()}"]
+
+
+def installed_version(module):
+    """``module``'s version, or "not installed". A module not yet imported is not imported for
+    it (triton, or DALI with its CUDA libraries, in a run that uses neither): its package's
+    metadata is read instead. DALI's package is named for its CUDA (nvidia-dali-cuda130, ...)."""
+    if module in sys.modules:
+        return sys.modules[module].__version__
+    for package in importlib.metadata.distributions():
+        name = (package.metadata["Name"] or "").lower()
+        if name == module or module == "nvidia.dali" and name.startswith("nvidia-dali"):
+            return package.version
+    return "not installed"
 
 
 def git_commit():
