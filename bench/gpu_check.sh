@@ -95,23 +95,26 @@ section() {  # section NAME CAP_SECONDS COMMAND...: run within min(cap, time lef
 environment() {
     [ "$DRY_RUN" = 1 ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
         --format=csv
+    # fastkd without its dependencies (the machine has torch, triton and timm, and no internet).
+    # Found, not imported: the report below imports it (with torch) once.
+    if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not u.find_spec('fastkd.kernels'))" \
+            2>/dev/null &&
+        ! "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
+        # No installer at hand: import from the checkout, with kernels/ where it installs.
+        ln -sfn ../kernels fastkd/kernels
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     "$PYTHON" - <<'PY'
 import os, platform, timm, torch, torchvision, triton
+import fastkd, fastkd.kernels
 gpu = (f"{torch.cuda.get_device_name()} "
        f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs"
        if torch.cuda.is_available() else "no GPU")
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA",
       torch.version.cuda, "| triton", triton.__version__, "| torchvision",
       torchvision.__version__, "| timm", timm.__version__, "|", gpu, "|", os.cpu_count(), "CPUs")
+print("fastkd from", fastkd.__file__)
 PY
-    # fastkd without its dependencies (the machine has torch, triton and timm, and no internet).
-    if ! "$PYTHON" -c "import fastkd.kernels" 2>/dev/null &&
-        ! "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
-        # No installer at hand: import from the checkout, with kernels/ where it installs.
-        ln -sfn ../kernels fastkd/kernels
-        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-    "$PYTHON" -c "import fastkd, fastkd.kernels; print('fastkd from', fastkd.__file__)"
 }
 
 bench() {  # bench NAME CAP_SECONDS FILE [PYTEST ARGS]: one benchmark file's matrix, as JSON
@@ -126,9 +129,9 @@ echo "=== environment" >>"$LOG"
 environment >>"$LOG" 2>&1
 if [ "$DRY_RUN" = 1 ]; then
     section trainer-e2e 120 "$PYTHON" bench/trainer_e2e.py --dry-run --output "$OUTDIR"
-    section gpu-tests 60 "$PYTHON" -m pytest -m gpu tests/ -n 0 -p no:cacheprovider -q --collect-only
-    section bench-collect 60 "$PYTHON" -m pytest bench/ --bench-matrix targets -p no:cacheprovider \
-        -q --collect-only
+    # The GPU tests' and the benchmarks' collection, in one pytest (each costs its imports).
+    section collect 60 "$PYTHON" -m pytest tests/ bench/ --bench-matrix targets -n 0 \
+        -p no:cacheprovider -q --collect-only
     grep "^=== .*\(exit\|not run\)" "$LOG"
     exit $FAILED
 fi
