@@ -185,7 +185,9 @@ def plot_curves(folder, rows, title):
     curve(rate, "lr", "lr")
     rate.set(xlabel="epoch", ylabel="learning rate")
     figure.suptitle(title)
-    figure.tight_layout()
+    # Fixed margins: tight_layout would draw the figure once more to measure it (a third of the
+    # plot's time, which every epoch pays).
+    figure.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.87, wspace=0.25)
     with atomic_write(os.path.join(folder, "curves.png"), "wb") as handle:
         figure.savefig(handle, format="png")
     plt.close(figure)
