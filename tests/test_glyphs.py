@@ -139,6 +139,14 @@ def test_a_foreign_folder_is_refused_with_nothing_written(tmp_path, capsys):
     empty.mkdir()
     args = parse_args(["--dataset", "glyphs", "--distiller", "ce", "--data-dir", str(empty)])
     assert args.data_dir == str(empty)
+    # A new folder too (README: --data-dir DIR writes the glyphs into DIR); parsing writes none.
+    new = tmp_path / "new" / "glyphs"
+    for dataset in ("glyphs", "demo"):
+        args = parse_args(["--dataset", dataset, "--distiller", "ce", "--data-dir", str(new)])
+        assert args.data_dir == str(new) and not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit):  # a file is not a folder, for these datasets too
+        parse_args(["--dataset", "glyphs", "--distiller", "ce", "--data-dir", str(mine / "notes.txt")])
+    assert f"--data-dir {mine / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_a_half_written_tree_is_rebuilt(tmp_path):
