@@ -145,7 +145,8 @@ def test_a_foreign_folder_is_refused_with_nothing_written(tmp_path, capsys):
         args = parse_args(["--dataset", dataset, "--distiller", "ce", "--data-dir", str(new)])
         assert args.data_dir == str(new) and not (tmp_path / "new").exists()
     with pytest.raises(SystemExit):  # a file is not a folder, for these datasets too
-        parse_args(["--dataset", "glyphs", "--distiller", "ce", "--data-dir", str(mine / "notes.txt")])
+        parse_args(["--dataset", "glyphs", "--distiller", "ce", "--data-dir",
+                    str(mine / "notes.txt")])
     assert f"--data-dir {mine / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
 
 

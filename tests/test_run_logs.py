@@ -3,6 +3,7 @@
 import csv
 import importlib
 import re
+import sys
 
 import pytest
 import timm
@@ -15,6 +16,7 @@ from fastkd.engine import checkpoint
 from fastkd.engine.cli import main
 from fastkd.engine.config import parse_args
 from fastkd.engine.evaluate import verdict
+from fastkd.engine.run_folder import installed_version
 from fastkd.optional import importable
 
 TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
@@ -80,16 +82,28 @@ def test_summary_has_timm_columns_the_loss_parts_and_eval_loss(run):
     assert float(rows[-1]["eval_loss"]) == pytest.approx(expected, rel=1e-5)
 
 
+def module_version(module):
+    """What ``module`` itself says its version is (importing it), or "not installed"."""
+    return importlib.import_module(module).__version__ if importable(module) else "not installed"
+
+
+def test_versions_of_modules_not_imported_are_read_without_importing_them(monkeypatch):
+    """args.yaml names triton's and DALI's versions; a run that has not imported them reads their
+    packages' metadata rather than importing them (DALI loads its CUDA libraries)."""
+    for module in ("triton", "nvidia.dali"):
+        expected = module_version(module)
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        assert installed_version(module) == expected
+        assert module not in sys.modules
+
+
 def test_args_yaml_names_versions_and_commit_and_reads_back_as_a_config(run):
     folder, _ = run
     text = (folder / "args.yaml").read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert f"torch {torch.__version__}" in header[0]
-    # Read without importing them (from their packages' metadata): as the modules say.
     for name, module in (("triton", "triton"), ("dali", "nvidia.dali")):
-        version = importlib.import_module(module).__version__ if importable(module) else (
-            "not installed")
-        assert f"{name} {version}" in header[0]
+        assert f"{name} {module_version(module)}" in header[0]
     assert re.match(r"# fastkd commit ([0-9a-f]{40}(-dirty)?|unknown)$", header[1])
     saved = yaml.safe_load(text)
     assert saved["num_classes"] == 10 and saved["distiller"] == "ldrld"
