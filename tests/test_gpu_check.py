@@ -47,9 +47,12 @@ def test_bad_options_are_refused_before_any_work(tmp_path, arguments, message):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_run_is_measured_from_its_summary(tmp_path):
+def test_a_run_is_measured_from_its_summary(tmp_path, monkeypatch):
     """A real (CPU, gloo) trainer run under torchrun: its closing report is recognised, it is not
     taken for a hang, and its figures come from summary.csv."""
+    # One thread, as the suite's other runs (trainer_helpers.ENV): torchrun leaves a single
+    # process's thread count alone, and two threads beside the other xdist worker's spin idle.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     options = ["--dataset", "synthetic", "--model", "resnet20", "--distiller", "ce",
                "--num-classes", "10", "--img-size", "32", "--synthetic-samples", "64", "-b", "16",
                "--epochs", "2", "--log-interval", "2"]
