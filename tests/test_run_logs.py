@@ -13,6 +13,7 @@ import yaml
 
 from fastkd.data.loaders import create_loaders
 from fastkd.engine import checkpoint
+from fastkd.engine import run as run_module
 from fastkd.engine.cli import main
 from fastkd.engine.config import parse_args
 from fastkd.engine.evaluate import verdict
@@ -24,11 +25,20 @@ TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 2-epoch LDRLD run on synthetic data, 4 steps an epoch, a log line every 2."""
+    """A 2-epoch LDRLD run on synthetic data, 4 steps an epoch, a log line every 2: its folder,
+    its log lines and the epochs curves.png was drawn at."""
     output = tmp_path_factory.mktemp("runs")
     capture = pytest.MonkeyPatch()
-    lines = []
+    lines, drawn = [], []
     capture.setattr("sys.stdout", _Lines(lines))
+
+    plot_curves = run_module.plot_curves
+
+    def drawing(folder, rows, title):
+        drawn.append(rows[-1]["epoch"])
+        plot_curves(folder, rows, title)
+
+    capture.setattr(run_module, "plot_curves", drawing)
     try:
         with pytest.raises(SystemExit) as stop:
             main(["--dataset", "synthetic", "--num-classes", "10", "--img-size", "32",
@@ -38,7 +48,7 @@ def run(tmp_path_factory):
     finally:
         capture.undo()
     assert stop.value.code == 0
-    return output / "run", "".join(lines).splitlines()
+    return output / "run", "".join(lines).splitlines(), drawn
 
 
 class _Lines:
@@ -53,7 +63,7 @@ class _Lines:
 
 
 def test_each_line_is_timestamped_and_steps_are_logged_at_the_interval(run):
-    _, lines = run
+    _, lines, _ = run
     logged = [line for line in lines if re.match(TIMESTAMP, line)]
     assert logged and lines[0] == logged[0]
     steps = [line for line in logged if re.search(r"epoch \d \[\d/4\]", line)]
@@ -64,7 +74,7 @@ def test_each_line_is_timestamped_and_steps_are_logged_at_the_interval(run):
 
 
 def test_summary_has_timm_columns_the_loss_parts_and_eval_loss(run):
-    folder, _ = run
+    folder, _, _ = run
     with open(folder / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["0", "1"]
@@ -98,7 +108,7 @@ def test_versions_of_modules_not_imported_are_read_without_importing_them(monkey
 
 
 def test_args_yaml_names_versions_and_commit_and_reads_back_as_a_config(run):
-    folder, _ = run
+    folder, _, _ = run
     text = (folder / "args.yaml").read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert f"torch {torch.__version__}" in header[0]
@@ -111,14 +121,16 @@ def test_args_yaml_names_versions_and_commit_and_reads_back_as_a_config(run):
     assert (again.model, again.lr, again.synthetic_samples) == ("resnet20", 0.01, 32)
 
 
-def test_curves_png_is_written(run):
-    folder, _ = run
+def test_curves_png_is_written_after_the_last_epoch(run):
+    """Not after each epoch: at most every ``CURVES_EVERY_S`` (60 s), which this run is not."""
+    folder, _, drawn = run
+    assert drawn == [1]
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_best_pth_is_the_epoch_the_closing_table_calls_best(run):
     """The first of tied epochs is the best, in best.pth as in the table (and in timm)."""
-    folder, lines = run
+    folder, lines, _ = run
     with open(folder / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     best = max(rows, key=lambda row: float(row["eval_top1"]))

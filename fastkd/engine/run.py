@@ -27,6 +27,11 @@ from .refusal import Refused
 from .run_folder import BEST, LAST, describe, plot_curves, write_bad_images, write_summary
 from .stop import Stopped
 
+# curves.png is redrawn at an epoch's end at most this often, and always after the last epoch:
+# drawing takes ~0.2 s of CPU, 2 % of a 10 s epoch (CIFAR on a GPU); summary.csv is rewritten
+# every epoch.
+CURVES_EVERY_S = 60
+
 
 def build_task(args, data_config, teacher_checkpoint=None, cached_teacher=None):
     """The distiller of ``args.distiller`` around fresh timm models, the teacher's weights loaded.
@@ -217,6 +222,7 @@ class Run:
         self.meter = None  # the epoch in progress's StepMeter
         self.teacher_accuracy = None  # (top-1, top-5), from check_teacher
         self.rows = []  # summary.csv's rows, one per finished epoch
+        self.curves_drawn = time.monotonic()  # when curves.png was last drawn (or the run began)
         self.bad_images = {}  # {path: reason}: image files skipped so far, found by any rank
 
     def eval_models(self):
@@ -530,9 +536,12 @@ class Run:
             self.save(epoch + 1, best=new_best)
             if world.main:
                 write_summary(self.run_dir, self.rows)
-                teacher = f" <- {args.teacher}" if self.task.teacher is not None else ""
-                plot_curves(self.run_dir, self.rows,
-                            f"{args.distiller}: {args.model}{teacher} ({args.dataset})")
+                last = epoch == args.epochs - 1
+                if last or time.monotonic() - self.curves_drawn >= CURVES_EVERY_S:
+                    teacher = f" <- {args.teacher}" if self.task.teacher is not None else ""
+                    plot_curves(self.run_dir, self.rows,
+                                f"{args.distiller}: {args.model}{teacher} ({args.dataset})")
+                    self.curves_drawn = time.monotonic()
             world.log(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, eval loss "
                       f"{accuracy['eval_loss']:.4f} top-1 {accuracy['eval_top1']:.2f} top-5 "
                       f"{accuracy['eval_top5']:.2f} ({images_per_second:.0f} img/s)")
