@@ -297,14 +297,16 @@ def test_presets_parse():
 
 
 def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path, capsys):
-    """A ViT student at 32 px from the command line, distilled from a CIFAR-net teacher (another
-    normalisation) with EMA, gradient clipping, mixup/cutmix, RandAugment, random erasing and
-    torch.compile; its best.pth loads with timm and evaluates with --eval-only."""
+    """A ViT student at 32 px from the command line (two blocks: its model kwargs travel in the
+    checkpoint), distilled from a CIFAR-net teacher (another normalisation) with EMA, gradient
+    clipping, mixup/cutmix, RandAugment, random erasing and torch.compile; its best.pth loads
+    with timm and evaluates with --eval-only."""
     result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "kd",
                        "--teacher", "resnet20", "--teacher-checkpoint", teacher_checkpoint,
                        "--output", str(tmp_path), "--experiment", "vit", *FAST,
                        "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32",
-                       "patch_size=8", "--img-size", "32", "--model-ema", "--clip-grad", "1",
+                       "patch_size=8", "depth=2", "--img-size", "32", "--model-ema",
+                       "--clip-grad", "1",
                        "--mixup", "0.2", "--cutmix", "1.0", "--aa", "rand-m9-mstd0.5",
                        "--reprob", "0.25", "--torchcompile", "eager", "-j", "0"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -315,7 +317,7 @@ def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path, capsys):
     saved = torch.load(folder / "best.pth", weights_only=True)
     assert saved["data_config"]["mean"] == (0.5, 0.5, 0.5)  # the ViT's own normalisation
     student = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32,
-                                patch_size=8)
+                                patch_size=8, depth=2)
     timm.models.load_checkpoint(student, str(folder / "best.pth"))  # the EMA weights
     for key, value in saved["state_dict_ema"].items():
         assert torch.equal(student.state_dict()[key], value), key
