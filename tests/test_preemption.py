@@ -11,9 +11,11 @@ import time
 import pytest
 from test_data import needs_dali
 from trainer_helpers import (
+    MAIN,
     assert_nothing_outlives_the_run,
     children,
     command,
+    environment_of,
     job_result,
     run_jobs,
     start,
@@ -145,15 +147,17 @@ def test_a_signalled_job_saves_where_it_is_and_resumes_bit_identical(
     assert_resumes_identical(argv, tmp_path / "run", reference(job), tmp_path / "resumed.txt")
 
 
-def test_sigterm_to_every_process_then_kill_9_of_torchrun_then_of_the_whole_job(
+def test_sigterm_to_every_process_then_kill_9_of_torchrun_of_the_job_then_of_a_worker(
         demo_dir, tmp_path, reference):
-    """One job preempted three ways, each time requeued with the same command, ending
+    """One job preempted four ways, each time requeued with the same command, ending
     bit-identical to the uninterrupted run:
     - SIGTERM to every process (SLURM: the job's cgroup, loader workers too): saved where it is;
     - torchrun killed alone: its workers notice (the kernel sends them SIGTERM), save and end,
       freeing the run folder for the requeued job;
     - the whole job killed: the last recovery checkpoint (--recovery-interval 3, which changes
-      nothing else) is at most 3 steps back."""
+      nothing else) is at most 3 steps back;
+    - requeued as an elastic job (``torchrun --max-restarts 1``), a worker killed as it
+      resumes: torchrun restarts both, and they resume from last.pth (``--resume auto``)."""
     argv = job_command(demo_dir, tmp_path, "torch", "run", "--recovery-interval", "3")
 
     signal_and_check_saved(argv, tmp_path / "run", tmp_path / "stopped.txt", "every process",
@@ -183,7 +187,18 @@ def test_sigterm_to_every_process_then_kill_9_of_torchrun_then_of_the_whole_job(
                if "epoch 1 [" in line)
     saved = checkpoint.load(str(tmp_path / "run" / "last.pth"))
     assert saved["epoch"] == 1 and done - 3 <= saved["step"] <= done and saved["step"] % 3 == 0
-    assert_resumes_identical(argv, tmp_path / "run", reference("torch"), tmp_path / "third.txt")
+
+    log = tmp_path / "elastic.txt"
+    script = argv.index(MAIN)
+    process = start([*argv[:script], "--max-restarts=1", *argv[script:]], log=log)
+    resumed = f"resumed {tmp_path}/run/last.pth at epoch 1"
+    wait_until(log_has(log, resumed), process, "the requeued job's resume", 300)
+    worker = next(pid for pid in children(process.pid) if environment_of(pid)["RANK"] == "1")
+    os.kill(worker, signal.SIGKILL)
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert log.read_text().count(resumed) == 2  # then again after torchrun's restart
+    assert checkpoint.differences(checkpoint.load(str(tmp_path / "run" / "last.pth")),
+                                  reference("torch")) == []
 
 
 def in_process(demo_dir, output, experiment, *extra):
