@@ -149,6 +149,7 @@ def test_torchvision_loader_error_names_a_file_that_breaks_during_the_run(tmp_pa
     (root / "train" / "a" / "1.jpeg").write_bytes(BAD_FILES["cut.jpg"])  # after the check
     with pytest.raises(BadImageError, match=f"{root}/train/a/1.jpeg: OSError: .+ \\(bad_images=.error.; fastkd-verify-data lists every bad file\\)"):
         list(train)
+    train.close()  # its worker, else stopped when collected in a later test (a 5 s join there)
 
 
 @needs_dali
