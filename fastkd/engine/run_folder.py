@@ -117,11 +117,14 @@ def installed_version(module):
     metadata is read instead. DALI's package is named for its CUDA (nvidia-dali-cuda130, ...)."""
     if module in sys.modules:
         return sys.modules[module].__version__
-    for package in importlib.metadata.distributions():
-        name = (package.metadata["Name"] or "").lower()
-        if name == module or module == "nvidia.dali" and name.startswith("nvidia-dali"):
-            return package.version
-    return "not installed"
+    if module == "nvidia.dali":
+        return next((package.version for package in importlib.metadata.distributions()
+                     if (package.metadata["Name"] or "").lower().startswith("nvidia-dali")),
+                    "not installed")
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def git_commit():
@@ -186,7 +189,7 @@ def plot_curves(folder, rows, title):
     rate.set(xlabel="epoch", ylabel="learning rate")
     figure.suptitle(title)
     # Fixed margins: tight_layout would draw the figure once more to measure it (a third of the
-    # plot's time, which every epoch pays).
+    # plot's time).
     figure.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.87, wspace=0.25)
     with atomic_write(os.path.join(folder, "curves.png"), "wb") as handle:
         figure.savefig(handle, format="png")
