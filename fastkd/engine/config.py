@@ -639,11 +639,11 @@ def check_data(parser, args, given):
                          f"{args.num_classes}")
     elif args.synthetic_samples is not None:
         parser.error(f"--synthetic-samples is for --dataset synthetic, not {args.dataset}")
-    if args.data_dir and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-        parser.error(f"--data-dir {args.data_dir} is a file, not a folder")
-    # The datasets fastkd writes itself (FOREIGN_ENTRIES) may go to a new folder.
-    if args.data_dir and not os.path.exists(args.data_dir) and args.dataset not in FOREIGN_ENTRIES:
-        parser.error(f"--data-dir {args.data_dir} does not exist")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        if os.path.exists(args.data_dir):
+            parser.error(f"--data-dir {args.data_dir} is a file, not a folder")
+        if args.dataset not in FOREIGN_ENTRIES:  # the datasets fastkd writes may go to a new one
+            parser.error(f"--data-dir {args.data_dir} does not exist")
     if args.dataset in FOREIGN_ENTRIES and args.data_dir:
         problem = FOREIGN_ENTRIES[args.dataset](args.data_dir)
         if problem:
