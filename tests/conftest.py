@@ -72,8 +72,8 @@ def demo_dir(full_demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def teacher_checkpoint(demo_dir, tmp_path_factory):
-    """A resnet20 trained on the small demo tree (CE, in this process), as a
-    --teacher-checkpoint."""
+    """A ``trainer_helpers.MODEL`` net trained on the small demo tree (CE, in this process), as
+    a --teacher-checkpoint."""
     return shared_once(tmp_path_factory, "teacher",
                        lambda folder: train_teacher(demo_dir, str(folder)))
 

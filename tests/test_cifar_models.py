@@ -23,6 +23,7 @@ PUBLISHED_MILLIONS = {
 # (stem/stage channels) per feature_info entry, for 32x32 inputs.
 FEATURE_SHAPES = {
     "resnet8x4": [(32, 32), (64, 32), (128, 16), (256, 8)],
+    "resnet8": [(16, 32), (16, 32), (32, 16), (64, 8)],
     "resnet20": [(16, 32), (16, 32), (32, 16), (64, 8)],
     "wrn_40_2": [(16, 32), (32, 32), (64, 16), (128, 8)],
     "vgg8": [(64, 32), (128, 16), (256, 8), (512, 4), (512, 4)],
@@ -38,6 +39,18 @@ def test_parameter_count_and_logits(name):
     model = timm.create_model(name, num_classes=100)
     millions = sum(parameter.numel() for parameter in model.parameters()) / 1e6
     assert millions == pytest.approx(PUBLISHED_MILLIONS[name], abs=0.01)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_resnet8_has_one_basic_block_a_stage():
+    """RepDistiller's resnet8 (the tests' fast student): its parameters counted by hand from
+    the architecture, 100 classes. Stem conv 3x3x3x16 and its batch norm: 464; stage 1, a block
+    16 -> 16: 2 x (2,304 + 32) = 4,672; stage 2, 16 -> 32 at stride 2 with a 1x1 projection:
+    4,608 + 9,216 + 2 x 64 + 512 + 64 = 14,528; stage 3, 32 -> 64 likewise: 18,432 + 36,864 +
+    2 x 128 + 2,048 + 128 = 57,728; the classifier 64 x 100 + 100 = 6,500."""
+    model = timm.create_model("resnet8", num_classes=100)
+    assert sum(parameter.numel() for parameter in model.parameters()) == 83_892
+    assert [len(stage) for stage in model.stages] == [1, 1, 1]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from PIL import Image, ImageFont
+from trainer_helpers import MODEL
 
 from fastkd.data import glyphs
 from fastkd.data.glyphs import MANIFEST, build_glyph_dataset
@@ -219,16 +220,16 @@ def test_eval_only_scores_the_split_asked_for(full_tree, tmp_path):
     from fastkd.engine.trainer import run_job
     from fastkd.models import data_config
 
-    model = timm.create_model("resnet20", num_classes=100)
+    model = timm.create_model(MODEL, num_classes=100)
     path = str(tmp_path / "last.pth")
     save_atomic({"state_dict": model.state_dict(),
-                 "args": {"model": "resnet20", "model_kwargs": {}, "num_classes": 100,
+                 "args": {"model": MODEL, "model_kwargs": {}, "num_classes": 100,
                           "img_size": 32, "input_size": None, "distiller": "ce"}}, path)
     world = World()
     scores = run_job(parse_args(["--eval-only", path, "--dataset", "glyphs", "--data-dir",
                                  full_tree, "--val-split", "test", "--workers", "0",
                                  "--loader", "torch"]), world)
-    config = data_config("resnet20")
+    config = data_config(MODEL)
     _, test = create_loaders("glyphs", full_tree, batch_size=128, loader="torch", workers=0,
                              mean=config["mean"], std=config["std"], val_split="test")
     expected = evaluate(model, test, world, Autocast(False))

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from trainer_helpers import MODEL
 
 from fastkd import ops, validation
 from fastkd.data.loaders import create_loaders
@@ -126,10 +127,10 @@ def synthetic_run(tmp_path, monkeypatch, distiller, samples, log_interval, extra
         return result
 
     monkeypatch.setattr(Run, "train_epoch", counted)
-    teacher = [] if distiller == "ce" else ["--teacher", "resnet20", "--allow-untrained-teacher"]
+    teacher = [] if distiller == "ce" else ["--teacher", MODEL, "--allow-untrained-teacher"]
     with pytest.raises(SystemExit) as stop:
         main(["--dataset", "synthetic", "--num-classes", "10", "--img-size", "32",
-              "--model", "resnet20", "--distiller", distiller, *teacher,
+              "--model", MODEL, "--distiller", distiller, *teacher,
               "--synthetic-samples", str(samples), "-b", "8", "--epochs", "2", "--lr", "0.01",
               "--log-interval", str(log_interval), "--output", str(tmp_path), *extra])
     assert stop.value.code == 0
@@ -173,7 +174,7 @@ def test_a_non_finite_loss_stops_within_a_log_interval_keeping_the_good_checkpoi
     # Epoch 0 warms up at 1e-6 and saves; epoch 1's rate of 1e30 blows the weights up.
     with pytest.raises(SystemExit) as stop:
         main(["--dataset", "synthetic", "--num-classes", "10", "--img-size", "32",
-              "--model", "resnet20", "--distiller", "ce", "--synthetic-samples", "96", "-b", "8",
+              "--model", MODEL, "--distiller", "ce", "--synthetic-samples", "96", "-b", "8",
               "--epochs", "2", "--lr", "1e30", "--warmup-epochs", "1", "--warmup-lr", "1e-6",
               "--log-interval", "5", "--output", str(tmp_path), "--experiment", "run"])
     message = str(stop.value.code)
@@ -217,7 +218,7 @@ def test_synthetic_loaders_shard_the_epoch_and_repeat_one_batch():
 ])
 def test_synthetic_refusals(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
-        main(["--dataset", "synthetic", "--model", "resnet20", "--distiller", "ce",
+        main(["--dataset", "synthetic", "--model", MODEL, "--distiller", "ce",
               "--output", str(tmp_path), *argv])
     assert message in capsys.readouterr().err
     assert os.listdir(tmp_path) == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from trainer_helpers import FAST, in_process
+from trainer_helpers import FAST, MODEL, in_process
 
 import fastkd
 from fastkd.distillers import CE, Distiller, build_distiller, methods
@@ -98,13 +98,13 @@ def test_an_installed_entry_point_trains_with_the_trainer(tmp_path, demo_dir, te
         help_text = in_process(["--help"])
         assert "--rkd-weight" in help_text.stdout, help_text.stderr[-2000:]
         refused = in_process(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "rkd",
-                              "--rkd-temperature", "0", "--teacher", "resnet20", "--output",
+                              "--rkd-temperature", "0", "--teacher", MODEL, "--output",
                               str(tmp_path / "refused"), *FAST])
         assert refused.returncode == 1 and (
             "error: --rkd-temperature: temperature must be positive, got 0.0" in refused.stderr)
         assert not (tmp_path / "refused").exists()  # refused before any work
         result = in_process(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "rkd",
-                             "--rkd-weight", "2", "--teacher", "resnet20",
+                             "--rkd-weight", "2", "--teacher", MODEL,
                              "--teacher-checkpoint", teacher_checkpoint, "--output",
                              str(tmp_path), "--experiment", "rkd", *FAST])
     finally:  # the other tests see the built-in methods only

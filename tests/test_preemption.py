@@ -26,7 +26,10 @@ from fastkd.data.loaders import dali_available
 from fastkd.engine import checkpoint
 from fastkd.engine.cli import main
 
-# Two epochs of the 240-image demo tree; 8 images a step and process.
+# Two epochs of the 240-image demo tree; 8 images a step and process. resnet20, not the other
+# tests' trainer_helpers.MODEL: the signals below race the job's steps (sent a few steps into an
+# epoch, checked to land before its end), and resnet20's steps, three times resnet8's, keep that
+# margin well beyond the log polling's reaction time.
 SETTINGS = ["--distiller", "ce", "--model", "resnet20", "--epochs", "2", "--batch-size", "8",
             "--log-interval", "1", "--resume", "auto"]
 JOBS = {  # name: (processes, loader options, training options)

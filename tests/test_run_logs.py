@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
+from trainer_helpers import MODEL
 
 from fastkd.data.loaders import create_loaders
 from fastkd.engine import checkpoint
@@ -42,7 +43,7 @@ def run(tmp_path_factory):
     try:
         with pytest.raises(SystemExit) as stop:
             main(["--dataset", "synthetic", "--num-classes", "10", "--img-size", "32",
-                  "--model", "resnet20", "--teacher", "resnet20", "--allow-untrained-teacher",
+                  "--model", MODEL, "--teacher", MODEL, "--allow-untrained-teacher",
                   "--synthetic-samples", "32", "-b", "8", "--epochs", "2", "--lr", "0.01",
                   "--log-interval", "2", "--output", str(output), "--experiment", "run"])
     finally:
@@ -82,7 +83,7 @@ def test_summary_has_timm_columns_the_loss_parts_and_eval_loss(run):
                    "eval_top1", "eval_top5", "data_wait"):
         assert all(float(row[column]) >= 0 for row in rows), column
     # eval_loss: the saved student's mean cross-entropy over the (regenerated) evaluation batch.
-    student = timm.create_model("resnet20", num_classes=10)
+    student = timm.create_model(MODEL, num_classes=10)
     checkpoint.load_weights(student, str(folder / "last.pth"))
     _, val = create_loaders("synthetic", batch_size=8, image_size=32, num_classes=10,
                             synthetic_samples=32, seed=42)
@@ -118,7 +119,7 @@ def test_args_yaml_names_versions_and_commit_and_reads_back_as_a_config(run):
     saved = yaml.safe_load(text)
     assert saved["num_classes"] == 10 and saved["distiller"] == "ldrld"
     again = parse_args(["--config", str(folder / "args.yaml")])
-    assert (again.model, again.lr, again.synthetic_samples) == ("resnet20", 0.01, 32)
+    assert (again.model, again.lr, again.synthetic_samples) == (MODEL, 0.01, 32)
 
 
 def test_curves_png_is_written_after_the_last_epoch(run):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from trainer_helpers import FAST, in_process
+from trainer_helpers import FAST, MODEL, in_process
 
 from fastkd.data.loaders import create_loaders
 from fastkd.distillers import build_distiller
@@ -154,7 +154,7 @@ def test_chosen_slots_and_augment_views_draw_the_training_epochs_augmentations(d
 # -- the builder and the trainer ---------------------------------------------------------------
 def run_settings(demo_dir, teacher_checkpoint, loader):
     """The data, teacher and augmentation flags a cache and its runs share."""
-    return ["--dataset", "demo", "--data-dir", demo_dir, "--teacher", "resnet20",
+    return ["--dataset", "demo", "--data-dir", demo_dir, "--teacher", MODEL,
             "--teacher-checkpoint", teacher_checkpoint, *FAST, "--loader", loader,
             "--batch-size", "32", "--epochs", "2", "--seed", "3"]
 
@@ -186,7 +186,7 @@ def trained_steps(result, folder):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(folder, "summary.csv")) as handle:
         rows = list(csv.DictReader(handle))
-    teacher = re.search(r"teacher resnet20: top-1 ([\d.]+) top-5 ([\d.]+)", result.stdout)
+    teacher = re.search(rf"teacher {MODEL}: top-1 ([\d.]+) top-5 ([\d.]+)", result.stdout)
     return step_lines(result.stdout), rows, teacher and teacher.groups()
 
 
@@ -327,7 +327,7 @@ def test_builder_refusals(demo_dir, teacher_checkpoint, tmp_path):
     settings = run_settings(demo_dir, teacher_checkpoint, "torch")
     untrained = str(tmp_path / "untrained.pth")
     torch.manual_seed(0)
-    torch.save(timm.create_model("resnet20", num_classes=10).state_dict(), untrained)
+    torch.save(timm.create_model(MODEL, num_classes=10).state_dict(), untrained)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     cases = [

@@ -15,6 +15,7 @@ import yaml
 from trainer_helpers import (
     FAST,
     MAIN,
+    MODEL,
     assert_nothing_outlives_the_run,
     run_main,
     start,
@@ -32,7 +33,7 @@ DISTILLERS = [name for name, method in methods().items() if method.needs_teacher
 def two_process_jobs(inputs):
     """Each distiller under torchrun, with a loader worker a process (conftest's one launch)."""
     return {distiller: ["--dataset", "demo", "--data-dir", inputs.demo_dir, "--distiller",
-                        distiller, "--teacher", "resnet20", "--teacher-checkpoint",
+                        distiller, "--teacher", MODEL, "--teacher-checkpoint",
                         inputs.teacher_checkpoint, "--output", inputs.output(distiller),
                         "--experiment", "run", *FAST, "--workers", "1"]
             for distiller in DISTILLERS}
@@ -56,7 +57,7 @@ def test_two_process_run_of_each_distiller(demo_dir, two_process_jobs, distiller
     state = torch.load(os.path.join(folder, "last.pth"), weights_only=True)
     assert state["epoch"] == 1 and state["args"]["distiller"] == distiller
     assert yaml.safe_load(open(os.path.join(folder, "args.yaml")))["distiller"] == distiller
-    assert "teacher   resnet20" in result.stdout and "student   resnet20" in result.stdout
+    assert f"teacher   {MODEL}" in result.stdout and f"student   {MODEL}" in result.stdout
     if distiller == "kd":
         # The two ranks' BatchNorm statistics are averaged before evaluation (timm's dist-bn
         # reduce), so the saved student scores what the run recorded.
@@ -86,7 +87,7 @@ def test_killed_run_resumes_where_it_stopped(demo_dir, tmp_path, monkeypatch):
     from fastkd.data.loaders import create_loaders
     from fastkd.models import data_config
 
-    config = data_config("resnet20")
+    config = data_config(MODEL)
     loaders = create_loaders("demo", demo_dir, batch_size=128, loader="torch", workers=0,
                              mean=config["mean"], std=config["std"])
     resumed_args.num_classes = loaders[0].num_classes  # as run_job resolves it
@@ -146,7 +147,7 @@ def test_resume_refuses_changed_settings_before_any_work(demo_dir, tmp_path,
                        "--teacher", "resnet20", "--output", str(tmp_path), *FAST, "--model",
                        "resnet8x4", "--resume", teacher_checkpoint])
     assert result.returncode != 0
-    assert ("--resume refuses a run with different settings: --model 'resnet20' -> "
+    assert (f"--resume refuses a run with different settings: --model '{MODEL}' -> "
             "'resnet8x4'; --teacher 'wrn_16_2' -> 'resnet20'; --distiller 'ce' -> 'kd'; ") \
         in result.stderr
     # Every setting that changes training is named with both values: the optimiser's too.
@@ -302,7 +303,7 @@ def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path, capsys):
     clipping, mixup/cutmix, RandAugment, random erasing and torch.compile; its best.pth loads
     with timm and evaluates with --eval-only."""
     result = run_main(["--dataset", "demo", "--data-dir", demo_dir, "--distiller", "kd",
-                       "--teacher", "resnet20", "--teacher-checkpoint", teacher_checkpoint,
+                       "--teacher", MODEL, "--teacher-checkpoint", teacher_checkpoint,
                        "--output", str(tmp_path), "--experiment", "vit", *FAST,
                        "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32",
                        "patch_size=8", "depth=2", "--img-size", "32", "--model-ema",
@@ -339,10 +340,10 @@ def test_timm_flags_end_to_end(demo_dir, teacher_checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--distiller", "hcd", "--hcd-stages", "1", "2", "3", "4"],
-     "error: --distiller hcd on --model resnet20: stages must be a subset of (1, 2, 3) for "
+     f"error: --distiller hcd on --model {MODEL}: stages must be a subset of (1, 2, 3) for "
      "CifarNet, got (1, 2, 3, 4)"),
     (["--distiller", "ce", "--model-kwargs", "drop_rate=0.1"],
-     "error: --model resnet20 (kwargs drop_rate=0.1) cannot be built: resnet20 takes no options"),
+     f"error: --model {MODEL} (kwargs drop_rate=0.1) cannot be built: {MODEL} takes no options"),
     (["--aa", "nonsense"], "error: auto_augment (--aa) 'nonsense' is not a timm auto-augment "
      "string"),
     (["--aa", "original", "--loader", "dali"], "DALI has no such policy (of timm's auto-augment "

@@ -15,6 +15,7 @@ from test_data import needs_dali
 from trainer_helpers import (
     FAST,
     MAIN,
+    MODEL,
     assert_nothing_outlives_the_run,
     command,
     run_main,
@@ -45,7 +46,7 @@ def non_finite_loss_job(demo_dir, output):
 
 def bad_images_job(root, output, loader):
     return ["--dataset", "folder", "--data-dir", root, "--distiller", "ce", "--model",
-            "resnet20", "--img-size", "32", "--epochs", "2", "--batch-size", "7", "--workers",
+            MODEL, "--img-size", "32", "--epochs", "2", "--batch-size", "7", "--workers",
             "1", "--loader", loader, "--output", output, "--experiment", "run"]
 
 
@@ -116,7 +117,7 @@ def test_interrupted_demo_teacher_is_resumed_not_reused(tiny_demo_dir, tmp_path)
     assert settings["distiller"] == "ce" and student["distiller"] == "kd"
     assert all(settings[key] == student[key] for key in ("model", "seed", "epochs", "lr"))
     gain = (summary_top1(tmp_path / "student") - summary_top1(baseline))
-    assert "baseline  resnet20 (ce)" in result.stdout
+    assert f"baseline  {MODEL} (ce)" in result.stdout
     assert f"kd - ce top-1: {gain:+.2f} last, {gain:+.2f} best" in result.stdout
 
     # Resumed from its checkpoint for one more epoch: the cached teacher, and the baseline that
@@ -127,7 +128,7 @@ def test_interrupted_demo_teacher_is_resumed_not_reused(tiny_demo_dir, tmp_path)
     assert f"resumed {baseline}/last.pth at epoch 1" in again.stdout
     assert summary_epochs(baseline) == summary_epochs(tmp_path / "student") == ["0", "1"]
     gain = (summary_top1(tmp_path / "student") - summary_top1(baseline))
-    assert "baseline  resnet20 (ce)" in again.stdout
+    assert f"baseline  {MODEL} (ce)" in again.stdout
     assert f"kd - ce top-1: {gain:+.2f} last" in again.stdout
 
     # A teacher finished with another recipe (as if the dataset's defaults had changed since)

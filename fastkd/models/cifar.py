@@ -312,6 +312,7 @@ def vit_tiny_hybrid(num_classes, depth=4):
 CIFAR_MODELS = {
     "resnet8x4": lambda classes: cifar_resnet(8, (32, 64, 128, 256), classes),
     "resnet32x4": lambda classes: cifar_resnet(32, (32, 64, 128, 256), classes),
+    "resnet8": lambda classes: cifar_resnet(8, (16, 16, 32, 64), classes),
     "resnet20": lambda classes: cifar_resnet(20, (16, 16, 32, 64), classes),
     "resnet56": lambda classes: cifar_resnet(56, (16, 16, 32, 64), classes),
     "resnet110": lambda classes: cifar_resnet(110, (16, 16, 32, 64), classes),
