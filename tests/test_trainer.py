@@ -389,6 +389,7 @@ def one_class_data(demo_dir, tmp_path_factory):
     ("num classes", "error: --num-classes 5 but the data has 10 classes"),
     ("top d", "error: --ldrld-top-d: top_d must be an integer in 1..10 (the classes), got 20"),
     ("nan weight", "error: --dkd-beta: beta must be a finite number >= 0, got nan"),
+    ("hcd weight", "error: --hcd-w-ol: w_ol must be a finite number >= 0, got -1.0"),
     ("warm-up", "error: --dkd-warmup-epochs: warmup_epochs must be an integer >= 0, got -1"),
     ("one class", "has 1 class folder: classification needs at least 2"),
     ("no train split", "/no-train: image folder {data}/train does not exist (expected "
@@ -397,7 +398,9 @@ def one_class_data(demo_dir, tmp_path_factory):
 def test_mistakes_found_with_the_data_leave_no_folder(demo_dir, untrained_teacher,
                                                       one_class_data, tmp_path, case, message):
     """Refused in one line before the first step and before any folder: a teacher at chance
-    level, classes that do not match the data, a loss setting the loss refuses."""
+    level, classes that do not match the data, a loss setting the loss refuses (its own rules,
+    one source of them, checked on a batch of the data's classes: after the flags, which
+    ``parse_args`` takes)."""
     data = {"one class": one_class_data, "no train split": str(tmp_path / "no-train")}.get(
         case, demo_dir)
     os.makedirs(data, exist_ok=True)
@@ -406,14 +409,19 @@ def test_mistakes_found_with_the_data_leave_no_folder(demo_dir, untrained_teache
              "num classes": ["--num-classes", "5"],
              "top d": ["--ldrld-top-d", "20"],
              "nan weight": ["--dkd-beta", "nan"],
+             "hcd weight": ["--hcd-w-ol", "-1"],
              "warm-up": ["--dkd-warmup-epochs", "-1"],
              "one class": ["--distiller", "ce"],
              "no train split": ["--distiller", "ce"]}[case]
-    if case in ("num classes", "top d", "nan weight", "warm-up"):  # not the teacher's check
-        distiller = "dkd" if case in ("nan weight", "warm-up") else "ldrld"
-        extra += ["--distiller", distiller, "--teacher", "resnet20", "--allow-untrained-teacher"]
-    result = run_main(["--dataset", "folder", "--data-dir", data, "--output",
-                       str(tmp_path / "out"), *FAST, *extra])
+    loss_options = {"top d": "ldrld", "nan weight": "dkd", "warm-up": "dkd", "hcd weight": "hcd"}
+    if case in ("num classes", *loss_options):  # not the teacher's check
+        extra += ["--distiller", loss_options.get(case, "ldrld"), "--teacher", "resnet20",
+                  "--allow-untrained-teacher"]
+    argv = ["--dataset", "folder", "--data-dir", data, "--output", str(tmp_path / "out"), *FAST,
+            *extra]
+    if case in loss_options:
+        parse_args(argv)
+    result = run_main(argv)
     assert result.returncode == 1, result.stderr[-2000:]
     assert message.format(data=data) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
