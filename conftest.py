@@ -1,4 +1,3 @@
-import inspect
 import os
 
 import torch
@@ -16,40 +15,54 @@ import numpy as np  # noqa: E402
 np.seterr(over="raise", invalid="raise", divide="raise", under="ignore")
 
 
-def _memoise_the_interpreters_member_scan():
-    """triton 3.8's interpreter patches ``triton.language`` for a kernel launch, and again at each
-    call of a ``@triton.jit`` helper inside it (``_patch_builtin``: ``inspect.getmembers`` over
-    four namespaces, ~0.6 ms a call, about 40% of the kernel tests' time once the kernels were
-    split into phase helpers). The scan's result, which names are triton builtins, is computed
-    here once per namespace before any launch; each call then patches the same names in the
-    same states as before (a member already patched is no builtin: skipped). Another triton
-    keeps its own interpreter."""
+def _patch_triton_language_once_per_launch():
+    """triton 3.8's interpreter patches ``triton.language`` for a kernel launch (for its whole
+    duration), and again at each call of a ``@triton.jit`` helper inside it, ours and triton's
+    own (``tl.max``, ``tl.sum``): ``_patch_lang``, ``inspect.getmembers`` over four namespaces,
+    ~0.6 ms a call. Here a helper call inside a launch that has patched the namespaces the
+    helper sees patches nothing more: the same kernels run on the same patched language. The
+    kernel tests (test_ldrld, _hcd, _masked_classes, _ops, _kd_dkd, _options) took 66 s in one
+    process, 38 s with this. Another triton keeps its own interpreter."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
         return
-    original = getattr(interpreter, "_patch_builtin", None)
-    if (original is None or not hasattr(interpreter, "_patch_attr")
-            or list(inspect.signature(original).parameters) != ["pkg", "builder", "scope"]):
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    run = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
+    if patch_lang is None or run is None or not hasattr(interpreter, "_LangPatchScope"):
         return
-    namespaces = [tl, tl.core, tl.tensor, tl.math,
-                  getattr(tl.core, "tensor_descriptor_base", None)]
-    builtin_names = {id(pkg): [name for name, member in inspect.getmembers(pkg)
-                               if tl.core.is_builtin(member)]
-                     for pkg in namespaces if pkg is not None}
+    launches = []  # per launch in progress: the namespaces it has patched (None until then)
+    # A helper's patch is never restored (the interpreter drops its scope): triton.language.core,
+    # which the launch does not patch but triton's own helpers (tl.max, tl.sum) see, stays
+    # patched from their first call on.
+    kept = set()
 
-    def patch_builtin(pkg, builder, scope):
-        names = builtin_names.get(id(pkg))
-        if names is None:
-            return original(pkg, builder, scope)
-        for name in names:
-            member = getattr(pkg, name)
-            if tl.core.is_builtin(member):
-                interpreter._patch_attr(pkg, name, member, builder, scope)
+    def namespaces(fn):
+        return frozenset(id(value) for value in fn.__globals__.values()
+                         if value is tl or value is tl.core)
 
-    interpreter._patch_builtin = patch_builtin
+    def patch_once(fn):
+        seen = namespaces(fn)
+        if launches and launches[-1] is not None and seen <= launches[-1] | kept:
+            return interpreter._LangPatchScope()  # nothing to restore
+        scope = patch_lang(fn)
+        if launches and launches[-1] is None:  # the launch's own patch, restored at its end
+            launches[-1] = seen
+        elif launches:
+            kept.update(seen - launches[-1])
+        return scope
+
+    def launch(self, *args, **kwargs):
+        launches.append(None)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    interpreter._patch_lang = patch_once
+    interpreter.GridExecutor.__call__ = launch
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _memoise_the_interpreters_member_scan()
+    _patch_triton_language_once_per_launch()
