@@ -4,6 +4,7 @@ command that end bit-identical to an uninterrupted run (``checkpoint.differences
 optimiser, scaler, place, summary rows but for timings)."""
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -27,14 +28,16 @@ from fastkd.data.loaders import dali_available
 from fastkd.engine import checkpoint
 from fastkd.engine.cli import main
 
-# Two epochs of the 240-image demo tree; 8 images a step and process. resnet20, not the other
-# tests' trainer_helpers.MODEL: the signals below race the job's steps (sent a few steps into an
-# epoch, checked to land before its end), and resnet20's steps, three times resnet8's, keep that
-# margin well beyond the log polling's reaction time.
-SETTINGS = ["--distiller", "ce", "--model", "resnet20", "--epochs", "2", "--batch-size", "8",
+# Two epochs of the 240-image demo tree; 8 images a step and process (15 steps an epoch for two
+# processes). The signals below race the job's steps: each is sent a step or three after the
+# log shows the run under way (polled every 50 ms, ``wait_until``) and must land before the
+# epoch ends. The four-way chain's job takes 4 images a step, 30 steps an epoch: a killed
+# torchrun's workers, under load, stop up to 6 steps after the kill.
+SETTINGS = ["--distiller", "ce", "--model", MODEL, "--epochs", "2", "--batch-size", "8",
             "--log-interval", "1", "--resume", "auto"]
 JOBS = {  # name: (processes, loader options, training options)
-    "torch": (2, ["--loader", "torch", "--workers", "2"], ["--model-ema", "--mixup", "0.2"]),
+    "torch": (2, ["--loader", "torch", "--workers", "2"],
+              ["--model-ema", "--mixup", "0.2", "--batch-size", "4"]),
     "dali": (2, ["--loader", "dali", "--workers", "2"], ["--aa", "v0", "--reprob", "0.5"]),
     "plain": (1, ["--loader", "torch", "--workers", "2"],
               ["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.5"]),
@@ -116,12 +119,12 @@ def assert_resumes_identical(argv, folder, expected, log):
 
 
 def signal_and_check_saved(argv, folder, log, target, number):
-    """Start ``argv``; once a few of epoch 0's 15 steps are done (before any checkpoint), send
+    """Start ``argv``; once a few of epoch 0's steps are done (before any checkpoint), send
     signal ``number`` to ``target``: "every process" of the job, the "launcher" or its "process
     group". The job must save where it is and end without a loader worker dying of the
     signal."""
     process = start(argv, log=log)
-    wait_until(log_has(log, "epoch 0 [5/"), process, "a few steps of epoch 0", 300)
+    wait_until(log_has(log, "epoch 0 [2/"), process, "a few steps of epoch 0", 300)
     if target == "every process":
         for pid in the_job(process):
             os.kill(pid, number)
@@ -137,7 +140,8 @@ def signal_and_check_saved(argv, folder, log, target, number):
     assert f"{signal.Signals(number).name}: saved {folder}/last.pth (resumes at epoch 0 " \
            "step " in output
     stopped = checkpoint.load(str(folder / "last.pth"))
-    assert stopped["epoch"] == 0 and 5 <= stopped["step"] < 15
+    steps = int(re.search(r"epoch 0 \[\d+/(\d+)\]", output).group(1))
+    assert stopped["epoch"] == 0 and 2 <= stopped["step"] < steps
 
 
 @pytest.mark.parametrize("job, target, number", [
@@ -168,7 +172,7 @@ def test_sigterm_to_every_process_then_kill_9_of_torchrun_of_the_job_then_of_a_w
                            signal.SIGTERM)
     log = tmp_path / "first.txt"
     process = start(argv, log=log)
-    wait_until(log_has(log, "epoch 1 [2/"), process, "a few steps of epoch 1", 300)
+    wait_until(log_has(log, "epoch 1 [1/"), process, "a step of epoch 1", 300)
     workers = children(process.pid)
     process.kill()
     process.wait()
@@ -180,10 +184,13 @@ def test_sigterm_to_every_process_then_kill_9_of_torchrun_of_the_job_then_of_a_w
     output = log.read_text()
     assert f"resumed {tmp_path}/run/last.pth at epoch 0" in output
     assert f"SIGTERM: saved {tmp_path}/run/last.pth (resumes at epoch 1 step" in output
+    first_stop = checkpoint.load(str(tmp_path / "run" / "last.pth"))["step"]
 
     log = tmp_path / "second.txt"
     process = start(argv, log=log)
-    wait_until(log_has(log, "epoch 1 [8/"), process, "a few steps of epoch 1", 300)
+    # Three steps on from where it resumed: past a recovery point.
+    wait_until(log_has(log, f"epoch 1 [{first_stop + 3}/"), process,
+               "three steps of epoch 1 after the resume", 300)
     for pid in the_job(process):
         os.kill(pid, signal.SIGKILL)
     process.wait()

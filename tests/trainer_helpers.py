@@ -84,12 +84,13 @@ def start(argv, log=None):
 
 
 def wait_until(ready, process, what, seconds=240):
-    """Poll ``ready()`` until it is true; fail if ``process`` exits first or time runs out."""
+    """Poll ``ready()`` every 50 ms (a demo-tree step takes about as long) until it is true; fail
+    if ``process`` exits first or time runs out."""
     deadline = time.time() + seconds
     while not ready():
         assert process.poll() is None, f"exited ({process.returncode}) before {what}"
         assert time.time() < deadline, f"{what} never happened"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def wait_for(path, process, seconds=240):
