@@ -213,12 +213,11 @@ def test_sigterm_to_every_process_then_kill_9_of_torchrun_of_the_job_then_of_a_w
 
 
 def in_process(demo_dir, output, experiment, *extra):
-    """``main()`` in this process on the demo tree (7 steps an epoch); its exit status. Its
-    signals come at chosen points, racing no step: it trains ``trainer_helpers.MODEL``."""
+    """``main()`` in this process on the demo tree (7 steps an epoch); its exit status."""
     with pytest.raises(SystemExit) as stop:
         main(["--dataset", "demo", "--data-dir", demo_dir, "--output", str(output),
-              "--experiment", experiment, *SETTINGS, "--model", MODEL, "--loader", "torch",
-              "--workers", "0", "--batch-size", "32", "--model-ema", *extra])
+              "--experiment", experiment, *SETTINGS, "--loader", "torch", "--workers", "0",
+              "--batch-size", "32", "--model-ema", *extra])
     return stop.value.code
 
 
