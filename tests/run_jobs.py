@@ -73,6 +73,10 @@ def gloo_threads():
 def main(path):
     with open(path) as handle:
         batch = json.load(handle)
+    # What each job's own process would do (``cli.start_up``), once for all the jobs.
+    with cli.start_up(own_process=True):
+        import fastkd.engine.cache_teacher  # noqa: F401
+        import fastkd.engine.trainer  # noqa: F401
     rank = os.environ.get("RANK", "0")
     for number, job in enumerate(batch["jobs"]):
         base = os.path.join(batch["folder"], f"{job['name']}.rank{rank}")

@@ -121,6 +121,25 @@ def test_importing_timm_then_fastkd_registers_the_nets():
         "True fastkd.models.cifar")
 
 
+def test_a_process_of_its_own_starts_up_without_the_collector_then_freezes_it():
+    """``main()`` on the process's own command line (``train/main.py``, ``fastkd-train``)
+    parses and imports with the garbage collector off, then freezes what is alive
+    (``cli.start_up``); ``main(argv)`` from a caller's code leaves its collector alone."""
+    assert python(
+        "import gc, sys; from fastkd.engine import cli; parse = cli.parse_once_per_job; seen = []\n"
+        "def watched(*args):\n"
+        "    seen.append(gc.isenabled())\n"
+        "    return parse(*args)\n"
+        "cli.parse_once_per_job = watched\n"
+        "for argv in (['--version'], None):\n"
+        "    sys.argv = ['fastkd-train', '--version']\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        seen += [gc.isenabled(), gc.get_freeze_count() > 1000]\n"
+        "print(seen)").splitlines()[-1] == "[True, True, False, False, True, True]"
+
+
 def test_the_registry_describes_each_built_in_method_as_its_class_declares():
     """The command line reads each method's record before its class is imported; loading the
     class checks that the two agree."""
