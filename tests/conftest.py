@@ -1,4 +1,3 @@
-import gc
 import importlib
 import json
 import os
@@ -35,14 +34,6 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file is kept
-
-
-def pytest_collection_finish():
-    """What the collection imported (torch, timm, triton, DALI, the test modules: ~700,000
-    objects) lives as long as the worker: frozen out of the garbage collector's full
-    collections, which scanned it all some 15 times a worker (~0.3 s each), as the trainer's own
-    process does (``cli.start_up``)."""
-    gc.freeze()
 
 
 def shared_once(tmp_path_factory, name, build):
