@@ -80,9 +80,8 @@ def pytest_collection():
     """What the collection imported (torch, timm, triton, DALI, the test modules: ~700,000
     objects) lives as long as the process: Python's full collections scanned it all, ~10 times
     during the imports and some 15 times more in each xdist worker's tests (~0.3 s each)."""
-    try:
+    from fastkd.engine.cli import start_up
+
+    with start_up(own_process=True):  # the collector is already off since this file's import
         return (yield)
-    finally:
-        gc.freeze()
-        gc.enable()
 
